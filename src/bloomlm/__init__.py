@@ -1,0 +1,39 @@
+"""bloomlm: BLOOM language models in PyTorch and JAX/Flax, a drop-in for transformers' BLOOM classes.
+
+Names are resolved lazily (PEP 562), so `import bloomlm` imports neither torch nor jax until a model
+class is touched, and never imports transformers.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "BloomConfig": "bloomlm.config",
+    "BloomTokenizerFast": "bloomlm.tokenizer",
+    "AutoTokenizer": "bloomlm.tokenizer",
+    "BatchEncoding": "bloomlm.tokenizer",
+    "BloomPreTrainedModel": "bloomlm.torch.pretrained",
+    "BloomModel": "bloomlm.torch.model",
+    "BloomForCausalLM": "bloomlm.torch.model",
+    "BloomForSequenceClassification": "bloomlm.torch.model",
+    "BloomForTokenClassification": "bloomlm.torch.model",
+    "BloomForQuestionAnswering": "bloomlm.torch.model",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'bloomlm' has no attribute '{name}'")
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + __all__)

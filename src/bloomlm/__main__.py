@@ -1,0 +1,3 @@
+from bloomlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,253 @@
+"""BloomConfig: the hyperparameters of a BLOOM checkpoint, read from and written to `config.json`.
+
+Framework-free on purpose (no torch, no jax), so the Flax side, the CLI and tools can import it alone.
+Field names and defaults are transformers 4.37's, so a folder written by either library reads in the other.
+Hub configs of the original bigscience checkpoints use Megatron-era names (`n_embed`,
+`num_attention_heads`) and carry keys transformers never declared (`seq_length`, `offset_alibi`, ...):
+the names are mapped, the extra keys kept as attributes and written back unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "config.json"
+
+# Declared fields and their defaults, grouped as the architecture uses them.
+_DEFAULTS: dict[str, Any] = {
+    # shapes
+    "vocab_size": 250880,
+    "hidden_size": 64,
+    "n_layer": 2,
+    "n_head": 8,
+    # numerics and regularisation
+    "layer_norm_epsilon": 1e-5,
+    "initializer_range": 0.02,
+    "apply_residual_connection_post_layernorm": False,
+    "hidden_dropout": 0.0,
+    "attention_dropout": 0.0,
+    "classifier_dropout": None,
+    # Megatron tensor parallelism used in pre-training; > 1 only matters with slow_but_exact
+    "pretraining_tp": 1,
+    "slow_but_exact": False,
+    # tokens
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+    "pad_token_id": None,
+    # heads
+    "tie_word_embeddings": True,
+    "problem_type": None,
+    # forward-call defaults
+    "use_cache": True,
+    "output_attentions": False,
+    "output_hidden_states": False,
+    "return_dict": True,
+    # bookkeeping
+    "torch_dtype": None,
+    "architectures": None,
+}
+
+# Other names for the same field: (alias -> field). The first two are transformers' attribute_map,
+# `n_embed` is what the original hub files call hidden_size.
+ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
+
+PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
+
+# Keys written by transformers that carry no meaning for a model and are not kept as extras.
+_DROPPED_KEYS = {"model_type", "transformers_version", "_name_or_path", "_commit_hash", "num_labels"}
+
+# transformers' generic PretrainedConfig fields that BLOOM never reads; accepted and kept so a
+# round trip through bloomlm loses nothing, but not given attributes of their own.
+
+
+class BloomConfig:
+    """Configuration of a BLOOM model; `BloomConfig()` gives transformers 4.37's defaults.
+
+    Any keyword that is not a declared field is kept as an attribute and written back by
+    `save_pretrained` (the hub files carry several). `num_labels` sets `id2label`/`label2id`.
+    """
+
+    model_type = "bloom"
+
+    def __init__(self, **kwargs: Any) -> None:
+        kwargs = _resolve_aliases(kwargs)
+        for name, default in _DEFAULTS.items():
+            object.__setattr__(self, name, copy.deepcopy(kwargs.pop(name, default)))
+        object.__setattr__(self, "_extra_keys", [])
+        id2label = kwargs.pop("id2label", None)
+        label2id = kwargs.pop("label2id", None)
+        num_labels = kwargs.pop("num_labels", None)
+        for key in _DROPPED_KEYS:
+            kwargs.pop(key, None)
+        if id2label is not None:
+            self.id2label = id2label
+            if label2id is not None:
+                self.label2id = {str(k): int(v) for k, v in label2id.items()}
+        else:
+            self.num_labels = 2 if num_labels is None else num_labels
+        if num_labels is not None and num_labels != len(self.id2label):
+            self.num_labels = num_labels
+        for key, value in kwargs.items():
+            setattr(self, key, value)
+        self.validate()
+
+    # -- attributes -------------------------------------------------------------------------------
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        name = ALIASES.get(name, name)
+        if name == "torch_dtype" and value is not None and not isinstance(value, str):
+            value = str(value).removeprefix("torch.")  # a torch.dtype, stored by name as in JSON
+        if name not in _DEFAULTS and not name.startswith("_") and name not in ("id2label", "label2id"):
+            if name not in self._extra_keys and not isinstance(getattr(type(self), name, None), property):
+                self._extra_keys.append(name)
+        object.__setattr__(self, name, value)
+
+    def __getattr__(self, name: str) -> Any:
+        # Only reached when normal lookup fails: aliases resolve to their field.
+        if name in ALIASES:
+            return getattr(self, ALIASES[name])
+        raise AttributeError(f"'BloomConfig' has no attribute '{name}'")
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return self._id2label
+
+    @id2label.setter
+    def id2label(self, mapping: dict) -> None:
+        # JSON turns int keys into strings; transformers turns them back, so do we.
+        id2label = {int(k): str(v) for k, v in mapping.items()}
+        object.__setattr__(self, "_id2label", id2label)
+        object.__setattr__(self, "label2id", {v: k for k, v in id2label.items()})
+
+    @property
+    def num_labels(self) -> int:
+        return len(self._id2label)
+
+    @num_labels.setter
+    def num_labels(self, n: int) -> None:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"num_labels must be a positive integer, got {n!r}")
+        if getattr(self, "_id2label", None) is None or len(self._id2label) != n:
+            self.id2label = {i: f"LABEL_{i}" for i in range(n)}
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_head
+
+    # -- validation -------------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        """Raise ValueError naming the field when a value cannot describe a BLOOM model."""
+        for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "pretraining_tp"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BloomConfig.{name} must be a positive integer, got {value!r}")
+        if self.hidden_size % self.n_head != 0:
+            raise ValueError(
+                f"BloomConfig.hidden_size ({self.hidden_size}) must be divisible by n_head ({self.n_head}); "
+                f"allowed n_head values divide {self.hidden_size}"
+            )
+        for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
+                raise ValueError(f"BloomConfig.{name} must be a probability in [0, 1], got {value!r}")
+        if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
+            raise ValueError(f"BloomConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(
+                f"BloomConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}"
+            )
+        for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < self.vocab_size:
+                raise ValueError(
+                    f"BloomConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size}) or be None"
+                )
+
+    # -- dict / json ------------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """All fields, with `model_type` and `id2label`/`label2id` as transformers writes them."""
+        out: dict[str, Any] = {"model_type": self.model_type}
+        for name in _DEFAULTS:
+            out[name] = copy.deepcopy(getattr(self, name))
+        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["label2id"] = dict(self.label2id)
+        for name in self._extra_keys:
+            out[name] = copy.deepcopy(getattr(self, name))
+        return dict(sorted(out.items()))
+
+    @classmethod
+    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> BloomConfig:
+        return cls(**{**config_dict, **overrides})
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> BloomConfig:
+        path = Path(path)
+        try:
+            config_dict = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not valid JSON ({err}); a BLOOM config.json is expected") from err
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
+        return cls.from_dict(config_dict)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomConfig:
+        """Read `config.json` from a folder (or a hub name, see `bloomlm.hub`); kwargs override fields."""
+        from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
+
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
+        path = Path(name_or_path)
+        if path.is_file():
+            config = cls.from_json_file(path)
+        else:
+            folder = resolve_model_dir(name_or_path, [CONFIG_NAME], **hub_kwargs)
+            config = cls.from_json_file(folder / CONFIG_NAME)
+        for key, value in kwargs.items():
+            setattr(config, key, value)
+        config.validate()
+        return config
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        from bloomlm.checkpoint import atomic_write_text
+
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(folder / CONFIG_NAME, self.to_json_string())
+
+    # -- python protocol ---------------------------------------------------------------------------
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, BloomConfig) and self.to_dict() == other.to_dict()
+
+    def __repr__(self) -> str:
+        return f"BloomConfig {self.to_json_string()}"
+
+    def __deepcopy__(self, memo: dict) -> BloomConfig:
+        return BloomConfig.from_dict(self.to_dict())
+
+    def __reduce__(self):  # pickling, e.g. for multiprocessing data loaders
+        return (BloomConfig.from_dict, (self.to_dict(),))
+
+
+def _resolve_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:
+    out = dict(kwargs)
+    for alias, field in ALIASES.items():
+        if alias in out:
+            value = out.pop(alias)
+            # An explicit field wins over its alias only if the alias is absent; both present and
+            # different is a contradiction in the file.
+            if field in out and out[field] != value:
+                raise ValueError(f"config sets both {field}={out[field]!r} and its alias {alias}={value!r}")
+            out[field] = value
+    return out
