@@ -22,12 +22,27 @@ _EXPORTS = {
     "BloomForSequenceClassification": "bloomlm.torch.model",
     "BloomForTokenClassification": "bloomlm.torch.model",
     "BloomForQuestionAnswering": "bloomlm.torch.model",
+    "GenerationConfig": "bloomlm.generation",
+    "TextStreamer": "bloomlm.streamers",
+    "TextIteratorStreamer": "bloomlm.streamers",
+    "FlaxBloomModel": "bloomlm.flax.pretrained",
+    "FlaxBloomForCausalLM": "bloomlm.flax.pretrained",
+    "FlaxBloomForSequenceClassification": "bloomlm.flax.pretrained",
+    "FlaxBloomForTokenClassification": "bloomlm.flax.pretrained",
+    "FlaxBloomForQuestionAnswering": "bloomlm.flax.pretrained",
 }
+
+# Submodules reachable as attributes (`bloomlm.flax_losses.causal_lm_loss`), imported on first use.
+_SUBMODULES = {"flax_losses": "bloomlm.flax.losses"}
 
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(_SUBMODULES[name])
+        globals()[name] = module
+        return module
     if name not in _EXPORTS:
         raise AttributeError(f"module 'bloomlm' has no attribute '{name}'")
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
