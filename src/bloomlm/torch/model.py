@@ -1,0 +1,595 @@
+"""BLOOM in PyTorch, top to bottom as the architecture diagram reads.
+
+    input_ids ─ word_embeddings ─ word_embeddings_layernorm ─┬─ BloomBlock × n_layer ─ ln_f ─ head
+                                                              │   x = x + attention(ln(x), ALiBi bias)
+                                                              │   x = x + mlp(ln(x))
+
+Notation in shape comments: B batch, T new tokens, S past + new tokens (key length), H heads,
+D head_dim, C hidden_size = H * D.
+
+Parameter names are transformers' (the checkpoint schema), so its folders load unchanged. Loading,
+saving and the shared plumbing (flags, head mask, embeddings) live in `pretrained.py`; input checks in
+`checks.py`; this file holds the math.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from bloomlm.alibi import alibi_slopes
+from bloomlm.config import BloomConfig
+from bloomlm.outputs import (
+    BaseModelOutputWithPastAndCrossAttentions,
+    CausalLMOutputWithCrossAttentions,
+    QuestionAnsweringModelOutput,
+    SequenceClassifierOutputWithPast,
+    TokenClassifierOutput,
+)
+from bloomlm.torch import checks
+from bloomlm.torch.pretrained import BloomPreTrainedModel
+
+LayerPast = tuple[torch.Tensor, torch.Tensor]
+
+
+# ---------------------------------------------------------------------------------------------------
+# Position bias and masks
+# ---------------------------------------------------------------------------------------------------
+
+
+def build_alibi(attention_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, positions counted over kept tokens."""
+    batch_size, key_length = attention_mask.shape
+    slopes = torch.from_numpy(alibi_slopes(n_head)).to(attention_mask.device)
+    positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]  # (B, 1, S)
+    alibi = slopes[None, :, None] * positions  # (B, H, S)
+    return alibi.reshape(batch_size * n_head, 1, key_length).to(dtype)
+
+
+def build_causal_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Boolean mask (B, 1, T, S), True where a query may NOT look: future keys and padding.
+
+    With a cache of P = S - T tokens, query t sits at position P + t and sees keys 0 .. P + t.
+    """
+    batch_size, key_length = attention_mask.shape
+    past_length = key_length - query_length
+    device = attention_mask.device
+    query_pos = torch.arange(past_length, key_length, device=device)[:, None]
+    key_pos = torch.arange(key_length, device=device)[None, :]
+    future = key_pos > query_pos  # (T, S)
+    padding = attention_mask[:, None, None, :] == 0  # (B, 1, 1, S)
+    return future[None, None] | padding
+
+
+def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU, with BLOOM's constant (0.79788456 = sqrt(2 / pi))."""
+    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
+    """`layer(x)` summed in `pretraining_tp` column slices, the order Megatron's TP ranks added them.
+
+    This is `slow_but_exact`: it reproduces the pre-training rounding. Unlike transformers 4.37 it
+    also adds the bias, so it equals `layer(x)` up to rounding.
+    """
+    in_features = layer.weight.shape[-1]
+    slice_width = in_features / pretraining_tp
+    out = torch.zeros(*x.shape[:-1], layer.weight.shape[0], dtype=x.dtype, device=x.device)
+    for i in range(pretraining_tp):
+        lo, hi = int(i * slice_width), int((i + 1) * slice_width)
+        out = out + F.linear(x[..., lo:hi], layer.weight[:, lo:hi])
+    return out if layer.bias is None else out + layer.bias
+
+
+def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    return residual + F.dropout(x, p=p, training=training)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------------
+
+
+class BloomAttention(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.num_heads = config.n_head
+        self.head_dim = config.hidden_size // config.n_head
+        self.hidden_dropout = config.hidden_dropout
+        self.tp_slices = config.pretraining_tp if config.slow_but_exact else 1
+        self.inv_norm_factor = self.head_dim**-0.5
+        self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.attention_dropout = nn.Dropout(config.attention_dropout)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        residual: torch.Tensor,
+        alibi: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layer_past: LayerPast | None = None,
+        head_mask: torch.Tensor | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, LayerPast | None, torch.Tensor | None]:
+        B, T, _ = hidden_states.shape
+        H, D = self.num_heads, self.head_dim
+        # The fused projection is laid out per head: (..., H, 3, D), not (..., 3, H, D).
+        qkv = self.query_key_value(hidden_states).view(B, T, H, 3, D)
+        query = qkv[..., 0, :].transpose(1, 2).reshape(B * H, T, D)
+        key = qkv[..., 1, :].permute(0, 2, 3, 1).reshape(B * H, D, T)  # keys stored transposed
+        value = qkv[..., 2, :].transpose(1, 2).reshape(B * H, T, D)
+        if layer_past is not None:
+            past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
+            key = torch.cat((past_key, key), dim=2)
+            value = torch.cat((past_value, value), dim=1)
+        present = (key, value) if use_cache else None
+        S = key.shape[2]
+
+        # scores = alibi + (q . k) / sqrt(D), then the softmax in float32 whatever the weights' dtype:
+        # float16's smallest value (-65504) could not mask, and half-precision sums lose the tail.
+        scores = alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor).view(B, H, T, S)
+        if scores.dtype == torch.float16:
+            scores = scores.float()
+        scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(hidden_states.dtype)
+        probs = self.attention_dropout(probs)
+        if head_mask is not None:
+            probs = probs * head_mask
+
+        context = torch.bmm(probs.view(B * H, T, S), value)  # (B*H, T, D)
+        context = context.view(B, H, T, D).permute(0, 2, 1, 3).reshape(B, T, H * D)
+        if self.tp_slices > 1:
+            output = tp_linear(context, self.dense, self.tp_slices)
+        else:
+            output = self.dense(context)
+        output = dropout_add(output, residual, self.hidden_dropout, self.training)
+        return output, present, (probs if output_attentions else None)
+
+
+class BloomMLP(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.hidden_dropout = config.hidden_dropout
+        self.tp_slices = config.pretraining_tp if config.slow_but_exact else 1
+        self.dense_h_to_4h = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.dense_4h_to_h = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        hidden_states = bloom_gelu(self.dense_h_to_4h(hidden_states))
+        if self.tp_slices > 1:
+            output = tp_linear(hidden_states, self.dense_4h_to_h, self.tp_slices)
+        else:
+            output = self.dense_4h_to_h(hidden_states)
+        return dropout_add(output, residual, self.hidden_dropout, self.training)
+
+
+class BloomBlock(nn.Module):
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.self_attention = BloomAttention(config)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.mlp = BloomMLP(config)
+        # Some BLOOM variants take the residual after the LayerNorm instead of before it.
+        self.post_ln_residual = config.apply_residual_connection_post_layernorm
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        alibi: torch.Tensor,
+        attention_mask: torch.Tensor,
+        layer_past: LayerPast | None = None,
+        head_mask: torch.Tensor | None = None,
+        use_cache: bool = False,
+        output_attentions: bool = False,
+    ) -> tuple[torch.Tensor, LayerPast | None, torch.Tensor | None]:
+        normed = self.input_layernorm(hidden_states)
+        residual = normed if self.post_ln_residual else hidden_states
+        attn_output, present, probs = self.self_attention(
+            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache, output_attentions
+        )
+        normed = self.post_attention_layernorm(attn_output)
+        residual = normed if self.post_ln_residual else attn_output
+        return self.mlp(normed, residual), present, probs
+
+
+# ---------------------------------------------------------------------------------------------------
+# The base model
+# ---------------------------------------------------------------------------------------------------
+
+
+class BloomModel(BloomPreTrainedModel):
+    """Embeddings, the decoder blocks and the final LayerNorm; returns the last hidden state."""
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.embed_dim = config.hidden_size
+        self.num_heads = config.n_head
+        self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.word_embeddings = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: tuple[LayerPast, ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **deprecated_arguments,
+    ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
+        self._pop_deprecated(deprecated_arguments)
+        flags = self._resolve_flags(use_cache, output_attentions, output_hidden_states, return_dict)
+        use_cache, output_attentions, output_hidden_states, return_dict = flags
+        if self.gradient_checkpointing and self.training:
+            use_cache = False  # the recomputed blocks cannot hand back a cache
+
+        checks.check_inputs(self.config, input_ids, inputs_embeds)
+        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        past_length = checks.check_past(self.config, past_key_values, batch_size)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
+
+        if attention_mask is None:
+            attention_mask = torch.ones((batch_size, past_length + seq_length), device=hidden_states.device)
+        else:
+            checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
+            attention_mask = attention_mask.to(hidden_states.device)
+        alibi = build_alibi(attention_mask, self.num_heads, hidden_states.dtype)
+        causal_mask = build_causal_mask(attention_mask, seq_length)
+        head_masks = self._layer_head_masks(head_mask)
+        layer_pasts = past_key_values if past_key_values is not None else (None,) * len(self.h)
+
+        presents = () if use_cache else None
+        all_attentions = () if output_attentions else None
+        all_hidden_states = () if output_hidden_states else None
+        for block, layer_past, layer_head_mask in zip(self.h, layer_pasts, head_masks):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            args = (
+                hidden_states,
+                alibi,
+                causal_mask,
+                layer_past,
+                layer_head_mask,
+                use_cache,
+                output_attentions,
+            )
+            if self.gradient_checkpointing and self.training:
+                hidden_states, present, probs = checkpoint(block, *args, use_reentrant=False)
+            else:
+                hidden_states, present, probs = block(*args)
+            if use_cache:
+                presents += (present,)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPastAndCrossAttentions(
+            last_hidden_state=hidden_states,
+            past_key_values=presents,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Heads
+# ---------------------------------------------------------------------------------------------------
+
+
+class BloomForCausalLM(BloomPreTrainedModel):
+    """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
+
+    _tied_weights_keys = ["lm_head.weight"]
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.transformer = BloomModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._generation_config = None
+        self.post_init()
+
+    @property
+    def generation_config(self):
+        """Defaults for `generate`: `generation_config.json` of the folder, else the model config's ids."""
+        if self._generation_config is None:
+            from bloomlm.generation import GenerationConfig
+
+            self._generation_config = GenerationConfig.from_model_config(self.config)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self._generation_config = value
+
+    def _load_generation_config(self, folder) -> None:
+        from bloomlm.generation import GenerationConfig
+
+        if (folder / "generation_config.json").is_file():
+            self._generation_config = GenerationConfig.from_pretrained(folder)
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Linear) -> None:
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: tuple[LayerPast, ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **deprecated_arguments,
+    ) -> CausalLMOutputWithCrossAttentions | tuple:
+        self._pop_deprecated(deprecated_arguments)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        base = self.transformer(
+            input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.lm_head(base.last_hidden_state)
+        loss = None
+        if labels is not None:
+            checks.check_token_labels(labels, logits.shape[:2], "labels")
+            loss = causal_lm_loss(logits, labels.to(logits.device))
+        output = CausalLMOutputWithCrossAttentions(
+            loss=loss,
+            logits=logits,
+            past_key_values=base.past_key_values,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def generate(self, *args, **kwargs):
+        """Greedy, sampling and beam search with transformers' arguments; see `bloomlm.torch.generate`."""
+        from bloomlm.torch.generate import generate
+
+        return generate(self, *args, **kwargs)
+
+    def _reorder_cache(
+        self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
+    ) -> tuple[LayerPast, ...]:
+        """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
+        n_head = self.config.n_head
+        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(
+            n_head, device=past[0][0].device
+        )
+        rows = rows.reshape(-1)
+        return tuple((key.index_select(0, rows), value.index_select(0, rows)) for key, value in past)
+
+
+class BloomForSequenceClassification(BloomPreTrainedModel):
+    """One label (or regression value) per sequence, read at the last non-padding token of each row."""
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = BloomModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: tuple[LayerPast, ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **deprecated_arguments,
+    ) -> SequenceClassifierOutputWithPast | tuple:
+        self._pop_deprecated(deprecated_arguments)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        base = self.transformer(
+            input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.score(base.last_hidden_state)  # (B, T, num_labels)
+        last = self._last_token_index(input_ids, inputs_embeds)
+        pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        loss = None
+        if labels is not None:
+            problem_type = checks.sequence_problem_type(self.config, self.num_labels, labels, logits.shape[0])
+            loss = sequence_classification_loss(pooled_logits, labels.to(logits.device), problem_type)
+        output = SequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            past_key_values=base.past_key_values,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _last_token_index(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None):
+        batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+        pad_token_id = self.config.pad_token_id
+        if pad_token_id is None:
+            if batch_size != 1:
+                raise ValueError(
+                    "BloomForSequenceClassification needs config.pad_token_id to find the last token of each "
+                    f"row when batch size > 1 (got batch size {batch_size}); set pad_token_id or pass one row"
+                )
+            return -1
+        if input_ids is None:
+            warnings.warn(
+                "BloomForSequenceClassification cannot detect padding in inputs_embeds; the last position of "
+                "each row is used",
+                stacklevel=3,
+            )
+            return -1
+        # The last position holding a real token. Unlike transformers 4.37 (the token before the first
+        # pad), a pad id inside a row, or a BOS equal to the pad id, does not cut the row short.
+        not_pad = (input_ids != pad_token_id).int()
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return (not_pad * positions).argmax(-1).to(input_ids.device)
+
+
+class BloomForTokenClassification(BloomPreTrainedModel):
+    """One label per token (tagging, NER)."""
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.transformer = BloomModel(config)
+        if config.classifier_dropout is not None:
+            classifier_dropout = config.classifier_dropout
+        else:
+            classifier_dropout = config.hidden_dropout
+        self.dropout = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Linear(config.hidden_size, config.num_labels)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        past_key_values: tuple[LayerPast, ...] | None = None,
+        attention_mask: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **deprecated_arguments,
+    ) -> TokenClassifierOutput | tuple:
+        self._pop_deprecated(deprecated_arguments)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        # The output has no cache field, so none is built (transformers builds one and drops it).
+        base = self.transformer(
+            input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
+            False, output_attentions, output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        logits = self.classifier(self.dropout(base.last_hidden_state))
+        loss = None
+        if labels is not None:
+            checks.check_token_labels(labels, logits.shape[:2], "labels")
+            loss = token_classification_loss(logits, labels.to(logits.device))
+        output = TokenClassifierOutput(
+            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class BloomForQuestionAnswering(BloomPreTrainedModel):
+    """Extractive QA: a start and an end logit for every token."""
+
+    def __init__(self, config: BloomConfig):
+        super().__init__(config)
+        self.transformer = BloomModel(config)
+        self.qa_outputs = nn.Linear(config.hidden_size, 2)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        head_mask: torch.Tensor | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        start_positions: torch.Tensor | None = None,
+        end_positions: torch.Tensor | None = None,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ) -> QuestionAnsweringModelOutput | tuple:
+        if position_ids is not None:
+            self._warn_position_ids()
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        base = self.transformer(
+            input_ids, None, attention_mask, head_mask, inputs_embeds,
+            False, output_attentions, output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        start_logits, end_logits = self.qa_outputs(base.last_hidden_state).unbind(dim=-1)
+        start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
+        loss = None
+        if start_positions is not None and end_positions is not None:
+            batch_size = start_logits.shape[0]
+            start_positions = checks.check_span_positions(start_positions, batch_size, "start_positions")
+            end_positions = checks.check_span_positions(end_positions, batch_size, "end_positions")
+            loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
+        output = QuestionAnsweringModelOutput(
+            loss=loss,
+            start_logits=start_logits,
+            end_logits=end_logits,
+            hidden_states=base.hidden_states,
+            attentions=base.attentions,
+        )
+        return output if return_dict else output.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Losses (the heads' semantics, as pure functions)
+# ---------------------------------------------------------------------------------------------------
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the logits at t against the label at t + 1; -100 labels are ignored."""
+    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
+    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1))
+
+
+def sequence_classification_loss(
+    logits: torch.Tensor, labels: torch.Tensor, problem_type: str
+) -> torch.Tensor:
+    if problem_type == "regression":
+        if logits.shape[-1] == 1:
+            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
+        return F.mse_loss(logits, labels.to(logits.dtype))
+    if problem_type == "single_label_classification":
+        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
+    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
+
+
+def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+
+
+def question_answering_loss(
+    start_logits: torch.Tensor,
+    end_logits: torch.Tensor,
+    start_positions: torch.Tensor,
+    end_positions: torch.Tensor,
+) -> torch.Tensor:
+    """Mean of the start and end cross-entropies; positions beyond the sequence are ignored."""
+    ignored_index = start_logits.shape[1]
+    start_positions = start_positions.clamp(0, ignored_index)
+    end_positions = end_positions.clamp(0, ignored_index)
+    start_loss = F.cross_entropy(start_logits, start_positions, ignore_index=ignored_index)
+    end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
+    return (start_loss + end_loss) / 2

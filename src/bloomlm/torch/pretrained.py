@@ -1,0 +1,402 @@
+"""BloomPreTrainedModel: what every PyTorch BLOOM class shares besides the math.
+
+Loading and saving model folders (through `bloomlm.checkpoint`), weight initialisation, embedding
+access and resizing, gradient checkpointing, and the forward-call plumbing (flag defaults, head mask,
+deprecated arguments), each written once here instead of once per head.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bloomlm import checkpoint
+from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
+from bloomlm.errors import CheckpointError
+from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
+from bloomlm.torch import checks
+
+BASE_PREFIX = "transformer."
+
+# transformers' from_pretrained keywords about placement and memory; accepted, never put in the config.
+LOADING_KEYWORDS = frozenset(
+    {"low_cpu_mem_usage", "offload_folder", "offload_state_dict", "max_memory", "load_in_8bit", "load_in_4bit",
+     "quantization_config", "attn_implementation", "from_tf", "from_flax", "variant", "adapter_kwargs",
+     "_fast_init", "use_flash_attention_2", "device_map"}
+)  # fmt: skip
+
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float64": torch.float64,
+}
+
+_warned_position_ids = False
+
+
+class BloomPreTrainedModel(nn.Module):
+    base_model_prefix = "transformer"
+    _tied_weights_keys: list[str] = []
+
+    def __init__(self, config: BloomConfig):
+        super().__init__()
+        if not isinstance(config, BloomConfig):
+            raise TypeError(f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.gradient_checkpointing = False
+
+    # -- construction --------------------------------------------------------------------------------
+
+    def post_init(self) -> None:
+        """Initialise every weight as transformers does, then tie the LM head to the embeddings."""
+        self.apply(self._init_weights)
+        self.tie_weights()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    @property
+    def base_model(self) -> nn.Module:
+        return getattr(self, self.base_model_prefix, self)
+
+    def tie_weights(self) -> None:
+        output_embeddings = self.get_output_embeddings()
+        if output_embeddings is not None and self.config.tie_word_embeddings:
+            output_embeddings.weight = self.get_input_embeddings().weight
+
+    # -- embeddings ----------------------------------------------------------------------------------
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.base_model.word_embeddings
+
+    def set_input_embeddings(self, new_embeddings: nn.Embedding) -> None:
+        self.base_model.word_embeddings = new_embeddings
+
+    def get_output_embeddings(self) -> nn.Linear | None:
+        return None
+
+    def resize_token_embeddings(
+        self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None
+    ) -> nn.Embedding:
+        """Grow or shrink the vocabulary; new rows are initialised, the LM head stays tied."""
+        old = self.get_input_embeddings()
+        if new_num_tokens is None and pad_to_multiple_of is None:
+            return old
+        new_num_tokens = old.num_embeddings if new_num_tokens is None else new_num_tokens
+        if pad_to_multiple_of is not None:
+            new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
+        if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
+        new = nn.Embedding(
+            new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype
+        )
+        self._init_weights(new)
+        kept = min(old.num_embeddings, new_num_tokens)
+        new.weight.data[:kept] = old.weight.data[:kept]
+        self.set_input_embeddings(new)
+        head = self.get_output_embeddings()
+        if head is not None and not self.config.tie_word_embeddings:
+            new_head = nn.Linear(old.embedding_dim, new_num_tokens, bias=False, device=head.weight.device,
+                                 dtype=head.weight.dtype)  # fmt: skip
+            self._init_weights(new_head)
+            new_head.weight.data[:kept] = head.weight.data[:kept]
+            self.set_output_embeddings(new_head)
+        self.config.vocab_size = new_num_tokens
+        self.tie_weights()
+        return new
+
+    # -- properties ----------------------------------------------------------------------------------
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(p.dtype for p in self.parameters() if p.is_floating_point())
+
+    def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
+        """Count parameters once each (a tied LM head is the embedding matrix, not a second one)."""
+        embedding_ids = set()
+        if exclude_embeddings:
+            embedding_ids = {id(m.weight) for m in self.modules() if isinstance(m, nn.Embedding)}
+        return sum(
+            p.numel()
+            for p in self.parameters()
+            if (p.requires_grad or not only_trainable) and id(p) not in embedding_ids
+        )
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """Recompute each block in the backward pass instead of keeping its activations."""
+        self.base_model.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.base_model.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.base_model.gradient_checkpointing
+
+    # -- forward plumbing ------------------------------------------------------------------------------
+
+    def _resolve_flags(self, use_cache, output_attentions, output_hidden_states, return_dict) -> tuple:
+        config = self.config
+        return (
+            config.use_cache if use_cache is None else use_cache,
+            config.output_attentions if output_attentions is None else output_attentions,
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states,
+            config.return_dict if return_dict is None else return_dict,
+        )
+
+    def _pop_deprecated(self, deprecated_arguments: dict[str, Any]) -> None:
+        if deprecated_arguments.pop("position_ids", None) is not None:
+            warnings.warn(
+                "`position_ids` have no effect in BLOOM (positions come from ALiBi and the attention mask); "
+                "you can stop passing them",
+                FutureWarning,
+                stacklevel=3,
+            )
+        if deprecated_arguments:
+            raise ValueError(
+                f"{type(self).__name__}.forward got unexpected arguments {sorted(deprecated_arguments)}; allowed: "
+                "input_ids, past_key_values, attention_mask, head_mask, inputs_embeds, labels, use_cache, "
+                "output_attentions, output_hidden_states, return_dict"
+            )
+
+    @staticmethod
+    def _warn_position_ids() -> None:
+        global _warned_position_ids
+        if not _warned_position_ids:
+            _warned_position_ids = True
+            warnings.warn(
+                "`position_ids` have no effect in BLOOM (positions come from ALiBi and the attention mask); "
+                "this warning is shown once",
+                FutureWarning,
+                stacklevel=3,
+            )
+
+    def _layer_head_masks(self, head_mask: torch.Tensor | None) -> list[torch.Tensor | None]:
+        """One (1, H, 1, 1) multiplier per layer, or None per layer when no head is masked."""
+        n_layer, n_head = self.config.n_layer, self.config.n_head
+        if head_mask is None:
+            return [None] * n_layer
+        checks.check_head_mask(head_mask, n_layer, n_head)
+        head_mask = head_mask.to(device=self.device, dtype=self.dtype).expand(n_layer, n_head)
+        return [layer_mask.view(1, n_head, 1, 1) for layer_mask in head_mask]
+
+    # -- saving ---------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        max_shard_size: int | str = "5GB",
+        state_dict: dict[str, torch.Tensor] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write `config.json` and the weights as transformers 4.37 does (it reads what we write)."""
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
+        if not is_main_process:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        if state_dict is None:
+            state_dict = self.state_dict()
+        if self.config.tie_word_embeddings:
+            # The tied head is the embedding matrix: store it once, as transformers does.
+            for key in self._tied_weights_keys:
+                state_dict.pop(key, None)
+        config = BloomConfig.from_dict(self.config.to_dict())
+        config.architectures = [type(self).__name__]
+        config.torch_dtype = str(self.dtype).removeprefix("torch.")
+        config.save_pretrained(folder)
+        checkpoint.save_state_dict(
+            state_dict, folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size
+        )
+        generation_config = getattr(self, "_generation_config", None)
+        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
+            generation_config.save_pretrained(folder)
+
+    # -- loading --------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs: Any):
+        """Load a model folder (or hub name) written by transformers or bloomlm.
+
+        The model is built on the `meta` device and the checkpoint's tensors are assigned to it, so no
+        random weights are made first and memory-mapped safetensors stay mapped (one copy in memory).
+        Keyword arguments that name config fields override them (`num_labels=3`, `problem_type=...`).
+        """
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
+        config = kwargs.pop("config", None)
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
+        state_dict = kwargs.pop("state_dict", None)
+        device = _device_from_map(kwargs.get("device_map"))
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
+        for key in LOADING_KEYWORDS:
+            kwargs.pop(key, None)
+
+        wanted = [CONFIG_NAME, *checkpoint.WEIGHT_FILE_CANDIDATES]
+        folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
+        if config is None:
+            config_path = folder / CONFIG_NAME
+            if not config_path.is_file():
+                raise checkpoint.CheckpointNotFoundError(
+                    f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one"
+                )
+            config = BloomConfig.from_json_file(config_path)
+        else:
+            config = BloomConfig.from_dict(config.to_dict())
+        _apply_overrides(cls, config, kwargs)
+        dtype = _resolve_dtype(torch_dtype, config)
+
+        with torch.device("meta"):
+            model = cls(config)
+        if state_dict is None:
+            state_dict = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors)
+        info = model._assign_checkpoint(state_dict, dtype, ignore_mismatched_sizes)
+        if device is not None:
+            model.to(device)
+        model.eval()
+        if hasattr(model, "_load_generation_config"):
+            model._load_generation_config(folder)
+        return (model, info) if output_loading_info else model
+
+    def _assign_checkpoint(
+        self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, ignore_mismatched_sizes: bool
+    ) -> dict[str, list]:
+        """Move checkpoint tensors into this meta-device model; initialise whatever is missing."""
+        expected = dict(self.state_dict(keep_vars=True))
+        renamed = _rename_for(self, list(state_dict), set(expected))
+        assigned: dict[str, torch.Tensor] = {}
+        unexpected, mismatched = [], []
+        for ckpt_key, tensor in state_dict.items():
+            key = renamed[ckpt_key]
+            if key not in expected:
+                unexpected.append(ckpt_key)
+                continue
+            if tuple(tensor.shape) != tuple(expected[key].shape):
+                if not ignore_mismatched_sizes:
+                    raise CheckpointError(
+                        f"checkpoint weight {ckpt_key} has shape {tuple(tensor.shape)} but the model built from "
+                        f"config.json expects {tuple(expected[key].shape)} for {key}; check the config "
+                        "(vocab_size, hidden_size, n_head, num_labels) or pass ignore_mismatched_sizes=True"
+                    )
+                mismatched.append((ckpt_key, tuple(tensor.shape), tuple(expected[key].shape)))
+                continue
+            assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        self.load_state_dict(assigned, strict=False, assign=True)
+
+        tied = set(self._tied_weights_keys) if self.config.tie_word_embeddings else set()
+        missing = [k for k in expected if k not in assigned and k not in tied]
+        self._materialise(missing + [m[0] for m in mismatched if renamed[m[0]] not in missing], dtype)
+        self.tie_weights()
+        return {
+            "missing_keys": missing,
+            "unexpected_keys": unexpected,
+            "mismatched_keys": mismatched,
+            "error_msgs": [],
+        }
+
+    def _materialise(self, names: list[str], dtype: torch.dtype) -> None:
+        """Give each still-`meta` parameter real memory and transformers' initial values."""
+        std = self.config.initializer_range
+        for name in names:
+            module_name, _, param_name = name.rpartition(".")
+            module = self.get_submodule(module_name)
+            old = getattr(module, param_name)
+            tensor = torch.empty(old.shape, dtype=dtype)
+            if param_name == "bias":
+                tensor.zero_()
+            elif isinstance(module, nn.LayerNorm):
+                tensor.fill_(1.0)
+            else:
+                tensor.normal_(mean=0.0, std=std)
+            setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
+
+
+def _device_from_map(device_map: Any) -> torch.device | None:
+    """transformers' `device_map` reduced to one device: there is only one model shard to place."""
+    if device_map is None:
+        return None
+    if isinstance(device_map, dict):
+        devices = set(device_map.values())
+        if len(devices) != 1:
+            raise ValueError(f"device_map must place the whole model on one device, got {device_map}")
+        device_map = devices.pop()
+    if device_map == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if isinstance(device_map, int):
+        return torch.device("cuda", device_map)
+    return torch.device(device_map)
+
+
+def _resolve_dtype(torch_dtype: Any, config: BloomConfig) -> torch.dtype:
+    """None means float32 (transformers' default); "auto" means the config's dtype, else float32."""
+    if torch_dtype is None:
+        return torch.float32
+    if torch_dtype == "auto":
+        name = config.torch_dtype or getattr(config, "dtype", None)  # old hub files say "dtype"
+        return _DTYPES.get(str(name), torch.float32) if name else torch.float32
+    if isinstance(torch_dtype, str):
+        if torch_dtype.removeprefix("torch.") not in _DTYPES:
+            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)} or 'auto', got {torch_dtype!r}")
+        return _DTYPES[torch_dtype.removeprefix("torch.")]
+    if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
+        return torch_dtype
+    raise ValueError(
+        f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}"
+    )
+
+
+def _apply_overrides(cls: type, config: BloomConfig, overrides: dict[str, Any]) -> None:
+    """Set config fields from from_pretrained keywords; a keyword that is no field is an error."""
+    known = set(_DEFAULTS) | set(ALIASES) | {"num_labels", "id2label", "label2id"} | set(config.to_dict())
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise TypeError(
+            f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}; pass config fields "
+            "(e.g. num_labels, problem_type, id2label), torch_dtype, device_map or transformers' loading keywords"
+        )
+    if "id2label" in overrides and "num_labels" not in overrides:
+        overrides = {**overrides, "num_labels": len(overrides["id2label"])}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+
+
+def _rename_for(model: nn.Module, ckpt_keys: list[str], model_keys: set[str]) -> dict[str, str]:
+    """Map checkpoint names to this model's names: add or strip the `transformer.` prefix.
+
+    A base BloomModel checkpoint has no prefix; a head checkpoint has it on the shared weights.
+    """
+    is_head = any(k.startswith(BASE_PREFIX) for k in model_keys)
+    renamed = {}
+    for key in ckpt_keys:
+        if is_head and not key.startswith(BASE_PREFIX) and BASE_PREFIX + key in model_keys:
+            renamed[key] = BASE_PREFIX + key
+        elif not is_head and key.startswith(BASE_PREFIX):
+            renamed[key] = key[len(BASE_PREFIX) :]
+        else:
+            renamed[key] = key
+    return renamed
