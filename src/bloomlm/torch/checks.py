@@ -13,9 +13,7 @@ from bloomlm.config import BloomConfig
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_inputs(
-    config: BloomConfig, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
-) -> None:
+def check_inputs(config: BloomConfig, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
     if input_ids is not None and inputs_embeds is not None:
         raise ValueError("pass either input_ids or inputs_embeds, not both")
     if input_ids is None and inputs_embeds is None:
@@ -32,9 +30,7 @@ def check_inputs(
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})"
-            )
+            raise ValueError(f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})")
     else:
         if not isinstance(inputs_embeds, torch.Tensor):
             raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
@@ -57,9 +53,7 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
             f"got {type(past_key_values).__name__}"
         )
     if len(past_key_values) != config.n_layer:
-        raise ValueError(
-            f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}"
-        )
+        raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}")
     rows, head_dim = batch_size * config.n_head, config.head_dim
     past_length = None
     for i, layer in enumerate(past_key_values):
@@ -108,13 +102,9 @@ def check_token_labels(labels: torch.Tensor, shape: tuple[int, ...], name: str) 
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
-        raise TypeError(
-            f"{name} must hold integer class ids (torch.long; -100 to ignore), got {labels.dtype}"
-        )
+        raise TypeError(f"{name} must hold integer class ids (torch.long; -100 to ignore), got {labels.dtype}")
     if tuple(labels.shape) != tuple(shape):
-        raise ValueError(
-            f"{name} must have shape (batch, seq_len) = {tuple(shape)}, got {tuple(labels.shape)}"
-        )
+        raise ValueError(f"{name} must have shape (batch, seq_len) = {tuple(shape)}, got {tuple(labels.shape)}")
 
 
 def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
@@ -143,9 +133,7 @@ def sequence_problem_type(config: BloomConfig, num_labels: int, labels: torch.Te
             problem_type = "multi_label_classification"
     if problem_type == "single_label_classification":
         if labels.dtype not in _INT_DTYPES:
-            raise TypeError(
-                f"single_label_classification needs integer labels (torch.long), got {labels.dtype}"
-            )
+            raise TypeError(f"single_label_classification needs integer labels (torch.long), got {labels.dtype}")
         if tuple(labels.shape) != (batch_size,):
             raise ValueError(
                 f"single_label_classification labels must have shape (batch,) = ({batch_size},), "

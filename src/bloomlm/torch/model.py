@@ -377,14 +377,10 @@ class BloomForCausalLM(BloomPreTrainedModel):
 
         return generate(self, *args, **kwargs)
 
-    def _reorder_cache(
-        self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
-    ) -> tuple[LayerPast, ...]:
+    def _reorder_cache(self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor) -> tuple[LayerPast, ...]:
         """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
         n_head = self.config.n_head
-        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(
-            n_head, device=past[0][0].device
-        )
+        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(n_head, device=past[0][0].device)
         rows = rows.reshape(-1)
         return tuple((key.index_select(0, rows), value.index_select(0, rows)) for key, value in past)
 
@@ -564,9 +560,7 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1))
 
 
-def sequence_classification_loss(
-    logits: torch.Tensor, labels: torch.Tensor, problem_type: str
-) -> torch.Tensor:
+def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
     if problem_type == "regression":
         if logits.shape[-1] == 1:
             return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))

@@ -101,9 +101,7 @@ class BloomPreTrainedModel(nn.Module):
             new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
         if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
             raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
-        new = nn.Embedding(
-            new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype
-        )
+        new = nn.Embedding(new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
         self._init_weights(new)
         kept = min(old.num_embeddings, new_num_tokens)
         new.weight.data[:kept] = old.weight.data[:kept]
@@ -364,9 +362,7 @@ def _resolve_dtype(torch_dtype: Any, config: BloomConfig) -> torch.dtype:
         return _DTYPES[torch_dtype.removeprefix("torch.")]
     if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
         return torch_dtype
-    raise ValueError(
-        f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}"
-    )
+    raise ValueError(f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}")
 
 
 def _apply_overrides(cls: type, config: BloomConfig, overrides: dict[str, Any]) -> None:
