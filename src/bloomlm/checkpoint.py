@@ -1,0 +1,427 @@
+"""PyTorch weight files in and out of a folder, named and laid out exactly as transformers 4.37 does.
+
+One file (`model.safetensors` / `pytorch_model.bin`) or shards plus a JSON index
+(`model-00001-of-00003.safetensors` + `model.safetensors.index.json`, and the same for `.bin`):
+
+    {"metadata": {"total_size": <bytes>}, "weight_map": {"<parameter name>": "<shard file>"}}
+
+Reading never runs pickled code (`torch.load(weights_only=True)`), and a damaged file is reported by name.
+Writing is atomic: each file goes to a temporary name in the same folder and is renamed into place only
+once every file of the save is complete, so a failed save leaves the folder as it was.
+This module knows files, not models: matching names to modules is the caller's job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pickle
+import re
+import secrets
+import warnings
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import safetensors
+import safetensors.torch
+import torch
+
+from bloomlm.errors import CheckpointError, CheckpointNotFoundError
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
+WEIGHTS_NAME = "pytorch_model.bin"
+WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+TF_WEIGHTS_NAME = "tf_model.h5"
+
+# transformers' search order for PyTorch weights in a folder.
+WEIGHT_FILE_CANDIDATES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
+_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin")
+_SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+# -- sizes -------------------------------------------------------------------------------------------------
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or digits plus a unit, read as transformers' `convert_file_size_to_int`.
+
+    KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024; a lowercase final "b" ("5Gb") means bits.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {size}")
+        return size
+    if isinstance(size, str):
+        text = size.strip()
+        for unit, factor in _SIZE_UNITS.items():
+            number = text[: -len(unit)]
+            if text.upper().endswith(unit) and number.isdigit() and int(number) > 0:
+                # Only the decimal units take the bits reading, as in transformers.
+                is_bits = not unit.endswith("IB") and text.endswith("b")
+                return int(number) * factor // 8 if is_bits else int(number) * factor
+    raise ValueError(
+        f"size {size!r} is not understood; use a positive int of bytes or digits and a unit, "
+        "e.g. '5GB', '200MB', '10KiB' (KB/MB/GB = 1000-based, KiB/MiB/GiB = 1024-based)"
+    )
+
+
+# -- atomic writes -----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
+
+    The temporary file lives in the same folder so `os.replace` is an atomic rename on one file system:
+    readers see the old file or the new one, never half of one.
+    """
+    target = Path(path)
+    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    try:
+        yield temporary
+        _flush_to_disk(temporary)
+        os.replace(temporary, target)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    """Write `text` (UTF-8) to `path` atomically."""
+    with atomic_path(path) as temporary:
+        temporary.write_text(text, encoding="utf-8")
+
+
+def _flush_to_disk(path: Path) -> None:
+    # Without fsync a crash right after the rename can leave an empty file under the final name.
+    try:
+        descriptor = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # missing (os.replace will say so) or not openable for fsync; the rename stays atomic
+    try:
+        os.fsync(descriptor)
+    except OSError:
+        pass
+    finally:
+        os.close(descriptor)
+
+
+# -- saving ------------------------------------------------------------------------------------------------
+
+
+def save_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    folder: str | os.PathLike,
+    *,
+    safe_serialization: bool = True,
+    max_shard_size: int | str = "5GB",
+) -> list[Path]:
+    """Write `state_dict` into `folder` as transformers 4.37 `save_pretrained` does; return the files written.
+
+    Shards are filled in key order and a new one starts when the next tensor would pass `max_shard_size`
+    (a tensor larger than that gets a shard of its own). Tied duplicates should be removed by the caller;
+    tensors that still share memory are copied so each is written in full.
+    Afterwards, weight files of an earlier save that this one did not overwrite are deleted, so the folder
+    never holds two disagreeing checkpoints; other files are left alone.
+    """
+    target = Path(folder)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"cannot save weights into {target}: it is a file, a folder is needed")
+    target.mkdir(parents=True, exist_ok=True)
+    tensors = _standalone_tensors(state_dict)
+    weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    shards = _split_into_shards(tensors, parse_size(max_shard_size), weights_name)
+    index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+    written = [target / name for name in shards] + ([target / index_name] if len(shards) > 1 else [])
+
+    # Every file is written to its temporary name first; the renames happen together when the stack
+    # closes without error (an error deletes all temporaries instead), so a failed save changes nothing.
+    with contextlib.ExitStack() as stack:
+        if len(shards) > 1:  # entered first, so renamed last: the index never points at missing shards
+            index_text = json.dumps(_build_index(shards), indent=2, sort_keys=True) + "\n"
+            stack.enter_context(atomic_path(target / index_name)).write_text(index_text, encoding="utf-8")
+        for name, shard in shards.items():
+            _write_weight_file(shard, stack.enter_context(atomic_path(target / name)), safe_serialization)
+
+    _remove_stale_weight_files(target, keep={path.name for path in written})
+    return written
+
+
+def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Each tensor contiguous and owning exactly its own storage, copying only those that do not.
+
+    safetensors refuses tensors that share memory or are not contiguous, and torch.save would write a
+    view's whole base storage (or one storage twice when shards split it).
+    """
+    seen_storages: set[tuple[torch.device, int]] = set()
+    tensors = {}
+    for name, tensor in state_dict.items():
+        if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"state_dict must map str names to tensors; got {name!r}: {type(tensor).__name__}")
+        tensor = tensor.detach()
+        storage = tensor.untyped_storage()
+        owns_storage = (
+            tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and storage.nbytes() == tensor.numel() * tensor.element_size()
+        )
+        key = (tensor.device, storage.data_ptr())
+        if not owns_storage or (key in seen_storages and storage.nbytes() > 0):
+            tensor = tensor.clone(memory_format=torch.contiguous_format)
+        seen_storages.add((tensor.device, tensor.untyped_storage().data_ptr()))
+        tensors[name] = tensor
+    return tensors
+
+
+def _split_into_shards(
+    tensors: dict[str, torch.Tensor], max_shard_bytes: int, weights_name: str
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{file name: tensors}; one file named `weights_name`, or transformers' numbered shard names."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    shard_bytes = 0
+    for name, tensor in tensors.items():
+        size = tensor.numel() * tensor.element_size()
+        if shard_bytes + size > max_shard_bytes and shards[-1]:
+            shards.append({})
+            shard_bytes = 0
+        shards[-1][name] = tensor
+        shard_bytes += size
+    if len(shards) == 1:
+        return {weights_name: shards[0]}
+    stem, extension = weights_name.rsplit(".", 1)
+    count = len(shards)
+    return {f"{stem}-{i:05d}-of-{count:05d}.{extension}": shard for i, shard in enumerate(shards, start=1)}
+
+
+def _build_index(shards: dict[str, dict[str, torch.Tensor]]) -> dict:
+    total_size = sum(t.numel() * t.element_size() for shard in shards.values() for t in shard.values())
+    weight_map = {name: file_name for file_name, shard in shards.items() for name in shard}
+    return {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+
+
+def _write_weight_file(tensors: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:
+    if safe_serialization:
+        # transformers refuses safetensors files without format metadata.
+        safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, path)
+
+
+def _remove_stale_weight_files(folder: Path, keep: set[str]) -> None:
+    """Delete PyTorch weight files from an earlier save (old shards, a single file now sharded, the other
+    format). Left behind they would win: `model.safetensors` is read before a fresh `pytorch_model.bin`."""
+    for path in folder.iterdir():
+        if path.name not in keep and _is_weight_file_name(path.name) and path.is_file():
+            path.unlink()
+
+
+def _is_weight_file_name(name: str) -> bool:
+    return name in WEIGHT_FILE_CANDIDATES or _SHARD_FILE.fullmatch(name) is not None
+
+
+# -- finding -----------------------------------------------------------------------------------------------
+
+
+def find_weight_files(folder: str | os.PathLike, use_safetensors: bool | None = None) -> list[Path]:
+    """The weight files to read from `folder`: one file, or the shards its index lists.
+
+    Search order is transformers': model.safetensors, its index, pytorch_model.bin, its index.
+    `use_safetensors=True` accepts only safetensors, `False` only `.bin`.
+    """
+    files, _ = _locate_weights(Path(folder), use_safetensors)
+    return files
+
+
+def read_index(index_path: str | os.PathLike) -> dict[str, str]:
+    """The `weight_map` ({parameter name: shard file}) of a sharded checkpoint's index JSON."""
+    path = Path(index_path)
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointNotFoundError(f"index file {path} does not exist") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"index file {path} is truncated or corrupt ({err}); re-download or re-save") from err
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CheckpointError(
+            f"index file {path} has no valid 'weight_map' ({{parameter name: shard file}}); re-download or re-save"
+        )
+    return weight_map
+
+
+def _candidate_names(use_safetensors: bool | None) -> tuple[str, ...]:
+    if use_safetensors is None:
+        return WEIGHT_FILE_CANDIDATES
+    return WEIGHT_FILE_CANDIDATES[:2] if use_safetensors else WEIGHT_FILE_CANDIDATES[2:]
+
+
+def _locate_weights(folder: Path, use_safetensors: bool | None) -> tuple[list[Path], dict[str, str] | None]:
+    """(files to read, weight_map if sharded) for the first candidate present."""
+    if not folder.is_dir():
+        kind = "a file, not a folder (use load_state_dict_file)" if folder.exists() else "not a folder"
+        raise CheckpointNotFoundError(f"{folder} is {kind}; looked for {', '.join(WEIGHT_FILE_CANDIDATES)}")
+    candidates = _candidate_names(use_safetensors)
+    for name in candidates:
+        path = folder / name
+        if path.is_file():
+            if not name.endswith(".index.json"):
+                return [path], None
+            weight_map = read_index(path)
+            return _shard_paths(path, weight_map), weight_map
+    raise CheckpointNotFoundError(_nothing_found_message(folder, candidates, use_safetensors))
+
+
+def _shard_paths(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
+    shard_names = sorted(set(weight_map.values()))
+    if not shard_names:
+        raise CheckpointError(f"index file {index_path} lists no shards; re-download or re-save")
+    paths = []
+    for name in shard_names:
+        # Shards sit beside their index; a path in the index must not reach elsewhere on the disk.
+        if Path(name).name != name or name in (".", ".."):
+            raise CheckpointError(f"index file {index_path} names shard {name!r}, which is not a plain file name")
+        path = index_path.parent / name
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"shard {name} listed in {index_path} is missing from {index_path.parent}; "
+                "the download is incomplete (re-download it)"
+            )
+        paths.append(path)
+    return paths
+
+
+def _nothing_found_message(folder: Path, candidates: tuple[str, ...], use_safetensors: bool | None) -> str:
+    message = f"no weights in {folder}: looked for {', '.join(candidates)}"
+    if use_safetensors is not None:
+        message += f" (use_safetensors={use_safetensors})"
+    others = [name for name in (FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME) if (folder / name).is_file()]
+    if FLAX_WEIGHTS_NAME in others:
+        message += f"; only Flax weights found ({FLAX_WEIGHTS_NAME}): load them with the Flax classes"
+    elif others:
+        message += f"; only TensorFlow weights found ({TF_WEIGHTS_NAME}), which bloomlm does not read"
+    elif use_safetensors is not None and any((folder / n).is_file() for n in WEIGHT_FILE_CANDIDATES):
+        message += "; weights of the other format are present"
+    return message
+
+
+# -- loading -----------------------------------------------------------------------------------------------
+
+
+def load_state_dict(
+    folder: str | os.PathLike, *, use_safetensors: bool | None = None, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """All tensors of the checkpoint in `folder` (one file or every shard), by parameter name."""
+    files, weight_map = _locate_weights(Path(folder), use_safetensors)
+    state_dict: dict[str, torch.Tensor] = {}
+    for path in files:
+        state_dict.update(load_state_dict_file(path, device=device))
+    if weight_map is not None:
+        _check_index_covered(weight_map, state_dict, files[0].parent)
+    return state_dict
+
+
+def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The tensors of one `.safetensors` or `torch.save`d `.bin` file (memory-mapped when possible)."""
+    file = Path(path)
+    if not file.is_file():
+        raise CheckpointNotFoundError(f"weight file {file} does not exist")
+    target_device = torch.device(device)  # a bad device name fails here, not as "corrupt file" below
+    if file.suffix == ".safetensors":
+        tensors = _read_safetensors(file)
+    else:
+        tensors = _read_torch_pickle(file)
+    if target_device.type != "cpu":
+        tensors = {name: tensor.to(target_device) for name, tensor in tensors.items()}
+    return tensors
+
+
+def load_numpy_state_dict(folder: str | os.PathLike, *, use_safetensors: bool | None = None) -> dict[str, np.ndarray]:
+    """Like `load_state_dict`, as NumPy arrays (for the Flax side).
+
+    Read through torch, which is always installed: `.numpy()` shares memory with the mapped file (no copy),
+    and it also serves `.bin` files and bfloat16, which NumPy lacks: bfloat16 comes back as
+    `ml_dtypes.bfloat16` when that package (a jax dependency) is installed, else as float32 (exact).
+    """
+    return {
+        name: _to_numpy(tensor) for name, tensor in load_state_dict(folder, use_safetensors=use_safetensors).items()
+    }
+
+
+def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
+    if tensor.dtype != torch.bfloat16:
+        return tensor.numpy()
+    try:
+        import ml_dtypes
+    except ImportError:
+        return tensor.float().numpy()
+    return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        # safe_open maps the file; tensors are read from the mapping without an extra full-file buffer.
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            return {name: reader.get_tensor(name) for name in reader.keys()}
+    except Exception as err:  # SafetensorError, OSError, ...: whatever the cause, the file is unusable
+        raise CheckpointError(_corrupt_message(path, err)) from err
+
+
+def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
+    # weights_only=True: the unpickler only rebuilds tensors and plain containers, so no code in the file
+    # ever runs. Zip-format files (torch >= 1.6) are memory-mapped; older ones cannot be and are read whole.
+    mmap = _starts_like_zip(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise on foreign pickles
+            loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        raise CheckpointError(
+            f"{path} was refused by the safe (weights_only) unpickler: {_unpickler_reason(err)}. It is "
+            "truncated or corrupt, or holds objects other than tensors, which bloomlm never executes; "
+            "re-download it, or re-save it as a plain state dict or as safetensors"
+        ) from err
+    except Exception as err:  # RuntimeError from the zip reader, EOFError, OSError, ...
+        raise CheckpointError(_corrupt_message(path, err)) from err
+    if not isinstance(loaded, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+    ):
+        raise CheckpointError(
+            f"{path} holds a {type(loaded).__name__}, not a state dict (a dict of parameter names to tensors)"
+        )
+    return loaded
+
+
+def _starts_like_zip(path: Path) -> bool:
+    with open(path, "rb") as file:
+        return file.read(4) == b"PK\x03\x04"
+
+
+def _unpickler_reason(err: Exception) -> str:
+    """The specific part of torch's long weights_only error (e.g. 'Unsupported global: ... posix.system')."""
+    text = str(err).split("WeightsUnpickler error:", 1)[-1]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    lines = [line.strip() for line in text.splitlines()]
+    details = [line for line in lines if line and not line.startswith(boilerplate)]
+    # Drop torch's advice to allow-list globals: bloomlm offers no way to do that, by design.
+    return details[0].split(". Please use", 1)[0].rstrip(".") if details else type(err).__name__
+
+
+def _corrupt_message(path: Path, err: Exception) -> str:
+    reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return f"weight file {path} is truncated or corrupt ({reason}); re-download it or save it again"
+
+
+def _check_index_covered(weight_map: dict[str, str], state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+    missing = [name for name in weight_map if name not in state_dict]
+    if missing:
+        shown = ", ".join(f"{name} (in {weight_map[name]})" for name in missing[:5])
+        raise CheckpointError(
+            f"the index in {folder} lists {len(missing)} tensor(s) its shards do not hold: {shown}; "
+            "the shards and the index come from different saves (re-download or re-save)"
+        )
