@@ -30,7 +30,7 @@ def test_gradient_checkpointing_recomputes_and_gives_equal_gradients():
         assert model.is_gradient_checkpointing == enabled
         counter = []
         # a pre-hook: recomputation may stop early, right after the last activation the backward needs
-        model.transformer.h[0].input_layernorm.register_forward_pre_hook(lambda *_: counter.append(1))
+        model.transformer.h[0].input_layernorm.register_forward_pre_hook(lambda *_, c=counter: c.append(1))
         loss = model(ids, labels=ids).loss
         forward_calls = len(counter)
         loss.backward()
