@@ -77,6 +77,18 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
     return past_length
 
 
+def check_static_cache(cache, batch_size: int, seq_length: int) -> int:
+    """Validate a preallocated cache against this call; return how many positions it already holds."""
+    if cache.batch_size != batch_size:
+        raise ValueError(f"the StaticCache was made for batch size {cache.batch_size}, the inputs have {batch_size}")
+    if cache.length + seq_length > cache.max_length:
+        raise ValueError(
+            f"the StaticCache holds {cache.max_length} positions: {cache.length} are filled and {seq_length} "
+            "more do not fit; make it with a larger max_length"
+        )
+    return cache.length
+
+
 def check_attention_mask(attention_mask: torch.Tensor, batch_size: int, past_length: int, seq_length: int):
     if not isinstance(attention_mask, torch.Tensor):
         raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")

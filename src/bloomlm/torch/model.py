@@ -65,6 +65,76 @@ def build_causal_mask(attention_mask: torch.Tensor, query_length: int) -> torch.
     return future[None, None] | padding
 
 
+def attention_bias(alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
+    """ALiBi and masking as one additive bias (B, H, T, S) for the fused attention path.
+
+    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row) then
+    gets uniform weights, as in transformers' eager path, instead of NaN.
+    """
+    batch_size = causal_mask.shape[0]
+    bias = alibi.view(batch_size, n_head, 1, -1).to(dtype)
+    return bias.masked_fill(causal_mask, torch.finfo(dtype).min)
+
+
+class StaticCache:
+    """Keys and values of every layer, preallocated to `max_length` and written in place.
+
+    transformers grows BLOOM's cache with a `torch.cat` of the whole cache per layer per step; here a
+    step writes only its new positions. Layout (n_layer, B, H, max_length, D); positions `:length` are
+    filled. `to_legacy()` / `from_legacy()` convert to and from BLOOM's tuple layout at the API boundary.
+    """
+
+    def __init__(self, config: BloomConfig, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
+        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[1]
+
+    @property
+    def max_length(self) -> int:
+        return self.keys.shape[3]
+
+    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write this step's (B, H, T, D) keys/values after the filled part; return views of all so far."""
+        end = self.length + key.shape[2]
+        self.keys[layer, :, :, self.length : end] = key
+        self.values[layer, :, :, self.length : end] = value
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
+
+    def advance(self, n_tokens: int) -> None:
+        self.length += n_tokens
+
+    def reorder_(self, batch_index: torch.LongTensor) -> None:
+        """Keep rows `batch_index` (beam search), in place."""
+        self.keys = self.keys.index_select(1, batch_index.to(self.keys.device))
+        self.values = self.values.index_select(1, batch_index.to(self.values.device))
+
+    def to_legacy(self) -> tuple[LayerPast, ...]:
+        n_layer, B, H, _, D = self.keys.shape
+        S = self.length
+        return tuple(
+            (
+                self.keys[i, :, :, :S].transpose(-1, -2).reshape(B * H, D, S),
+                self.values[i, :, :, :S].reshape(B * H, S, D),
+            )
+            for i in range(n_layer)
+        )
+
+    @classmethod
+    def from_legacy(cls, config: BloomConfig, past: tuple[LayerPast, ...], max_length: int) -> StaticCache:
+        rows, D, S = past[0][0].shape
+        cache = cls(config, rows // config.n_head, max_length, past[0][0].dtype, past[0][0].device)
+        for i, (key, value) in enumerate(past):
+            cache.keys[i, :, :, :S] = key.view(-1, config.n_head, D, S).transpose(-1, -2)
+            cache.values[i, :, :, :S] = value.view(-1, config.n_head, S, D)
+        cache.length = S
+        return cache
+
+
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     """The tanh approximation of GELU, with BLOOM's constant (0.79788456 = sqrt(2 / pi))."""
     return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
@@ -110,20 +180,37 @@ class BloomAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
-        alibi: torch.Tensor,
+        alibi: torch.Tensor | None,
         attention_mask: torch.Tensor,
-        layer_past: LayerPast | None = None,
+        layer_past: LayerPast | StaticCache | None = None,
         head_mask: torch.Tensor | None = None,
         use_cache: bool = False,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, LayerPast | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, LayerPast | StaticCache | None, torch.Tensor | None]:
+        """Two paths with the same result. With `alibi` given, transformers' eager math, needed to return
+        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the ready
+        additive bias (ALiBi + masking, see `attention_bias`) and one fused SDPA call does the rest."""
         B, T, _ = hidden_states.shape
-        H, D = self.num_heads, self.head_dim
         # The fused projection is laid out per head: (..., H, 3, D), not (..., 3, H, D).
-        qkv = self.query_key_value(hidden_states).view(B, T, H, 3, D)
+        qkv = self.query_key_value(hidden_states).view(B, T, self.num_heads, 3, self.head_dim)
+        if alibi is None:
+            context, present, probs = self._attend_fused(qkv, attention_mask, layer_past, use_cache)
+        else:
+            context, present, probs = self._attend_eager(qkv, alibi, attention_mask, layer_past, head_mask, use_cache)
+        if self.tp_slices > 1:
+            output = tp_linear(context, self.dense, self.tp_slices)
+        else:
+            output = self.dense(context)
+        output = dropout_add(output, residual, self.hidden_dropout, self.training)
+        return output, present, (probs if output_attentions else None)
+
+    def _attend_eager(self, qkv, alibi, causal_mask, layer_past, head_mask, use_cache):
+        B, T, H, _, D = qkv.shape
         query = qkv[..., 0, :].transpose(1, 2).reshape(B * H, T, D)
         key = qkv[..., 1, :].permute(0, 2, 3, 1).reshape(B * H, D, T)  # keys stored transposed
         value = qkv[..., 2, :].transpose(1, 2).reshape(B * H, T, D)
+        if isinstance(layer_past, StaticCache):
+            raise ValueError("output_attentions and head_mask need a tuple cache, not a StaticCache")
         if layer_past is not None:
             past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
             key = torch.cat((past_key, key), dim=2)
@@ -136,20 +223,37 @@ class BloomAttention(nn.Module):
         scores = alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor).view(B, H, T, S)
         if scores.dtype == torch.float16:
             scores = scores.float()
-        scores = scores.masked_fill(attention_mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(hidden_states.dtype)
+        scores = scores.masked_fill(causal_mask, torch.finfo(scores.dtype).min)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(qkv.dtype)
         probs = self.attention_dropout(probs)
         if head_mask is not None:
             probs = probs * head_mask
 
         context = torch.bmm(probs.view(B * H, T, S), value)  # (B*H, T, D)
         context = context.view(B, H, T, D).permute(0, 2, 1, 3).reshape(B, T, H * D)
-        if self.tp_slices > 1:
-            output = tp_linear(context, self.dense, self.tp_slices)
+        return context, present, probs
+
+    def _attend_fused(self, qkv, bias, layer_past, use_cache):
+        B, T, H, _, D = qkv.shape
+        query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
+        present = None
+        if isinstance(layer_past, StaticCache):
+            key, value = layer_past.update(self.layer_idx, key, value)
+            present = layer_past
         else:
-            output = self.dense(context)
-        output = dropout_add(output, residual, self.hidden_dropout, self.training)
-        return output, present, (probs if output_attentions else None)
+            if layer_past is not None:  # BLOOM's tuple layout, converted at this boundary
+                past_key, past_value = layer_past
+                P = past_key.shape[-1]
+                key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
+                value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
+            if use_cache:
+                S = key.shape[2]
+                present = (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        context = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=bias, dropout_p=dropout_p, scale=self.inv_norm_factor
+        )  # (B, H, T, D)
+        return context.transpose(1, 2).reshape(B, T, H * D), present, None
 
 
 class BloomMLP(nn.Module):
@@ -214,6 +318,8 @@ class BloomModel(BloomPreTrainedModel):
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.n_layer)])
+        for i, block in enumerate(self.h):
+            block.self_attention.layer_idx = i  # the StaticCache slot this layer writes
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
 
@@ -244,7 +350,11 @@ class BloomModel(BloomPreTrainedModel):
 
         checks.check_inputs(self.config, input_ids, inputs_embeds)
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        past_length = checks.check_past(self.config, past_key_values, batch_size)
+        static_cache = past_key_values if isinstance(past_key_values, StaticCache) else None
+        if static_cache is not None:
+            past_length = checks.check_static_cache(static_cache, batch_size, seq_length)
+        else:
+            past_length = checks.check_past(self.config, past_key_values, batch_size)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         hidden_states = self.word_embeddings_layernorm(inputs_embeds)
@@ -254,10 +364,21 @@ class BloomModel(BloomPreTrainedModel):
         else:
             checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
             attention_mask = attention_mask.to(hidden_states.device)
+        # Position bias and masks are built once here, not once per layer.
         alibi = build_alibi(attention_mask, self.num_heads, hidden_states.dtype)
         causal_mask = build_causal_mask(attention_mask, seq_length)
+        if output_attentions or head_mask is not None:  # the eager path exposes the probabilities
+            if static_cache is not None:
+                raise ValueError("output_attentions and head_mask need a tuple past_key_values, not a StaticCache")
+            mask = causal_mask
+        else:
+            mask = attention_bias(alibi, causal_mask, self.num_heads, hidden_states.dtype)
+            alibi = None
         head_masks = self._layer_head_masks(head_mask)
-        layer_pasts = past_key_values if past_key_values is not None else (None,) * len(self.h)
+        if static_cache is not None:
+            layer_pasts = (static_cache,) * len(self.h)
+        else:
+            layer_pasts = past_key_values if past_key_values is not None else (None,) * len(self.h)
 
         presents = () if use_cache else None
         all_attentions = () if output_attentions else None
@@ -265,23 +386,18 @@ class BloomModel(BloomPreTrainedModel):
         for block, layer_past, layer_head_mask in zip(self.h, layer_pasts, head_masks):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            args = (
-                hidden_states,
-                alibi,
-                causal_mask,
-                layer_past,
-                layer_head_mask,
-                use_cache,
-                output_attentions,
-            )
+            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache, output_attentions)
             if self.gradient_checkpointing and self.training:
                 hidden_states, present, probs = checkpoint(block, *args, use_reentrant=False)
             else:
                 hidden_states, present, probs = block(*args)
-            if use_cache:
+            if use_cache and static_cache is None:
                 presents += (present,)
             if output_attentions:
                 all_attentions += (probs,)
+        if static_cache is not None:
+            static_cache.advance(seq_length)
+            presents = static_cache if use_cache else None
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden_states += (hidden_states,)
@@ -351,13 +467,21 @@ class BloomForCausalLM(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> CausalLMOutputWithCrossAttentions | tuple:
+        # Generation needs only the last position's logits; the LM head (vocab x hidden, the largest
+        # matrix) is then applied to that position alone. 0 keeps all (transformers' behaviour).
+        num_logits_to_keep = deprecated_arguments.pop("num_logits_to_keep", 0)
         self._pop_deprecated(deprecated_arguments)
         return_dict = self.config.return_dict if return_dict is None else return_dict
         base = self.transformer(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
             use_cache, output_attentions, output_hidden_states, return_dict=True,
         )  # fmt: skip
-        logits = self.lm_head(base.last_hidden_state)
+        hidden_states = base.last_hidden_state
+        if num_logits_to_keep:
+            if labels is not None:
+                raise ValueError("num_logits_to_keep cannot be combined with labels: the loss needs every position")
+            hidden_states = hidden_states[:, -num_logits_to_keep:]
+        logits = self.lm_head(hidden_states)
         loss = None
         if labels is not None:
             checks.check_token_labels(labels, logits.shape[:2], "labels")
@@ -376,6 +500,10 @@ class BloomForCausalLM(BloomPreTrainedModel):
         from bloomlm.torch.generate import generate
 
         return generate(self, *args, **kwargs)
+
+    def _new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
+        """A preallocated cache for `generate`: written in place, no concatenation per step."""
+        return StaticCache(self.config, batch_size, max_length, self.dtype, self.device)
 
     def _reorder_cache(self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor) -> tuple[LayerPast, ...]:
         """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
