@@ -18,9 +18,8 @@ import json
 import os
 import pickle
 import re
-import secrets
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +28,7 @@ import safetensors.torch
 import torch
 
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
+from bloomlm.files import _flush_to_disk, atomic_path, atomic_write_text  # noqa: F401 (re-exported)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -67,47 +67,6 @@ def parse_size(size: int | str) -> int:
         f"size {size!r} is not understood; use a positive int of bytes or digits and a unit, "
         "e.g. '5GB', '200MB', '10KiB' (KB/MB/GB = 1000-based, KiB/MiB/GiB = 1024-based)"
     )
-
-
-# -- atomic writes -----------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
-
-    The temporary file lives in the same folder so `os.replace` is an atomic rename on one file system:
-    readers see the old file or the new one, never half of one.
-    """
-    target = Path(path)
-    temporary = target.with_name(f".{target.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
-        yield temporary
-        _flush_to_disk(temporary)
-        os.replace(temporary, target)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write `text` (UTF-8) to `path` atomically."""
-    with atomic_path(path) as temporary:
-        temporary.write_text(text, encoding="utf-8")
-
-
-def _flush_to_disk(path: Path) -> None:
-    # Without fsync a crash right after the rename can leave an empty file under the final name.
-    try:
-        descriptor = os.open(path, os.O_RDONLY)
-    except OSError:
-        return  # missing (os.replace will say so) or not openable for fsync; the rename stays atomic
-    try:
-        os.fsync(descriptor)
-    except OSError:
-        pass
-    finally:
-        os.close(descriptor)
 
 
 # -- saving ------------------------------------------------------------------------------------------------

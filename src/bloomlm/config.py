@@ -217,7 +217,7 @@ class BloomConfig:
         return config
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from bloomlm.checkpoint import atomic_write_text
+        from bloomlm.files import atomic_write_text
 
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
