@@ -18,8 +18,9 @@ import json
 import os
 import pickle
 import re
+import struct
 import warnings
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -298,6 +299,60 @@ def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device 
     if target_device.type != "cpu":
         tensors = {name: tensor.to(target_device) for name, tensor in tensors.items()}
     return tensors
+
+
+def iter_state_dict(
+    folder: str | os.PathLike, *, use_safetensors: bool | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The checkpoint's tensors one at a time, each a private copy, for loaders that transform as they go.
+
+    `load_state_dict` maps whole files, and every page of a mapping that was read stays resident until the
+    file is closed; a loader that quantizes each tensor on arrival would still peak at the full float size.
+    Here safetensors are read tensor by tensor with plain reads, so memory holds one float tensor at a time.
+    """
+    files, weight_map = _locate_weights(Path(folder), use_safetensors)
+    seen: set[str] = set()
+    for path in files:
+        if path.suffix != ".safetensors":
+            tensors = load_state_dict_file(path)
+            seen.update(tensors)
+            yield from tensors.items()
+            continue
+        for name, tensor in _stream_safetensors(path):
+            seen.add(name)
+            yield name, tensor
+    if weight_map is not None:
+        _check_index_covered(weight_map, dict.fromkeys(seen), files[0].parent)
+
+
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _stream_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
+    # then the raw bytes, offsets counted from the end of the header.
+    try:
+        with open(path, "rb") as file:
+            (header_length,) = struct.unpack("<Q", file.read(8))
+            header = json.loads(file.read(header_length))
+            data_start = 8 + header_length
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                begin, end = info["data_offsets"]
+                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+                buffer = tensor.reshape(-1).view(torch.uint8).numpy()
+                if buffer.nbytes != end - begin:
+                    raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
+                file.seek(data_start + begin)
+                if file.readinto(buffer) != buffer.nbytes:
+                    raise ValueError(f"file ends inside tensor {name}")
+                yield name, tensor
+    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+        raise CheckpointError(_corrupt_message(path, err)) from err
 
 
 def load_numpy_state_dict(folder: str | os.PathLike, *, use_safetensors: bool | None = None) -> dict[str, np.ndarray]:

@@ -43,6 +43,11 @@ NEG_INF = -float("inf")
 def apply_sequence_bias(input_ids: torch.Tensor, scores: torch.Tensor, sequence_bias: dict) -> torch.Tensor:
     """Add `bias` to the last token of each `sequence` whose prefix ends the row (one-token sequences: always)."""
     vocab_size = scores.shape[-1]
+    outside = sorted({t for seq in sequence_bias for t in seq if t >= vocab_size})
+    if outside:
+        raise ValueError(
+            f"`bad_words_ids`/`sequence_bias` name token ids {outside} outside the vocabulary (size {vocab_size})"
+        )
     bias = torch.zeros_like(scores)
     length_1_bias = torch.zeros(vocab_size, dtype=torch.float, device=scores.device)
     for sequence_ids, value in sequence_bias.items():
@@ -491,7 +496,8 @@ class _Stepper:
         self.attention_mask = attention_mask
         self.use_cache = bool(config.use_cache)
         self.past: Any = None
-        if self.use_cache and hasattr(model, "_new_static_cache"):
+        # the preallocated cache serves the fast path, which returns no attention maps
+        if self.use_cache and not config.output_attentions and hasattr(model, "_new_static_cache"):
             self.past = model._new_static_cache(attention_mask.shape[0], config.max_length)
         self.seen = 0
         self.extra = {}
@@ -515,6 +521,10 @@ class _Stepper:
             self.seen = input_ids.shape[1]
         self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((input_ids.shape[0], 1))], 1)
         return out
+
+    def legacy_past(self) -> Any:
+        """The cache in BLOOM's tuple layout, as transformers returns it."""
+        return self.past.to_legacy() if hasattr(self.past, "to_legacy") else self.past
 
     def reorder(self, beam_idx: torch.Tensor) -> None:
         """Make row i of the cache a copy of row beam_idx[i] (the attention mask stays, as in transformers)."""
@@ -637,7 +647,7 @@ def _greedy_or_sample(
         scores=record.scores,
         attentions=record.attentions,
         hidden_states=record.hidden_states,
-        past_key_values=step.past,
+        past_key_values=step.legacy_past(),
     )
 
 
@@ -702,7 +712,7 @@ def _beam_search(
         beam_indices=indices,
         attentions=record.attentions,
         hidden_states=record.hidden_states,
-        past_key_values=step.past,
+        past_key_values=step.legacy_past(),
     )
 
 
@@ -749,7 +759,7 @@ def generate(
     del negative_prompt_attention_mask  # only meaningful with negative_prompt_ids, which is rejected
     user_max_length = kwargs.get("max_length")
     config, model_kwargs = _resolve_config(model, generation_config, kwargs)
-    input_ids, attention_mask = _prepare_inputs(inputs, model_kwargs, config)
+    input_ids, attention_mask = _prepare_inputs(model, inputs, model_kwargs, config)
     _finish_lengths(config, input_ids.shape[-1], user_max_length)
     _check_streamer(streamer, config, input_ids.shape[0])
 
@@ -831,8 +841,15 @@ def _model_generation_config(model: Any) -> GenerationConfig:
     return _as_ours(config)
 
 
+def _model_device(model: Any) -> torch.device | None:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
+
+
 def _prepare_inputs(
-    inputs: torch.Tensor | None, model_kwargs: dict[str, Any], config: GenerationConfig
+    model: Any, inputs: torch.Tensor | None, model_kwargs: dict[str, Any], config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the prompt and its mask; build the mask as transformers does when none is given."""
     input_ids = model_kwargs.pop("input_ids", None)
@@ -847,14 +864,12 @@ def _prepare_inputs(
     if inputs is not None and input_ids is not None:
         raise ValueError("pass the prompt once: either `inputs` or `input_ids`, not both")
     input_ids = inputs if inputs is not None else input_ids
-    if input_ids is None:
-        if config.bos_token_id is None:
-            raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided")
-        batch = attention_mask.shape[0] if isinstance(attention_mask, torch.Tensor) else 1
-        device = attention_mask.device if isinstance(attention_mask, torch.Tensor) else None
-        input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=device)
+    if input_ids is None:  # start from a lone bos token
         if attention_mask is not None:
             raise ValueError("`attention_mask` was given without `input_ids`; pass both or neither")
+        if config.bos_token_id is None:
+            raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided")
+        input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=_model_device(model))
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
         raise ValueError(
             "`input_ids` must be an integer tensor of shape [batch, length], got "

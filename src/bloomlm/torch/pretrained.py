@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Container, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,7 @@ from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
 from bloomlm.errors import CheckpointError
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 from bloomlm.torch import checks
+from bloomlm.torch.quantize import quantize_int8_, quantize_rows, tie_int8_
 
 BASE_PREFIX = "transformer."
 
@@ -249,6 +251,9 @@ class BloomPreTrainedModel(nn.Module):
         use_safetensors = kwargs.pop("use_safetensors", None)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         state_dict = kwargs.pop("state_dict", None)
+        quantize = kwargs.pop("quantize", None)
+        if quantize not in (None, "int8"):
+            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         device = _device_from_map(kwargs.get("device_map"))
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
         for key in LOADING_KEYWORDS:
@@ -270,9 +275,16 @@ class BloomPreTrainedModel(nn.Module):
 
         with torch.device("meta"):
             model = cls(config)
-        if state_dict is None:
-            state_dict = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors)
-        info = model._assign_checkpoint(state_dict, dtype, ignore_mismatched_sizes)
+        if quantize:
+            quantize_int8_(model, dtype)  # int8 slots on meta; each float weight is quantized as it is read
+            tensors = checkpoint.iter_state_dict(folder, use_safetensors=use_safetensors)
+        elif state_dict is None:
+            tensors = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
+        else:
+            tensors = state_dict.items()
+        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
+        if quantize:
+            tie_int8_(model)
         if device is not None:
             model.to(device)
         model.eval()
@@ -281,15 +293,19 @@ class BloomPreTrainedModel(nn.Module):
         return (model, info) if output_loading_info else model
 
     def _assign_checkpoint(
-        self, state_dict: dict[str, torch.Tensor], dtype: torch.dtype, ignore_mismatched_sizes: bool
+        self, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, ignore_mismatched_sizes: bool
     ) -> dict[str, list]:
-        """Move checkpoint tensors into this meta-device model; initialise whatever is missing."""
+        """Move checkpoint tensors into this meta-device model; initialise whatever is missing.
+
+        An int8 slot (a quantized model) takes the float tensor quantized on arrival, so with streamed
+        `tensors` no more than one float weight is in memory at a time.
+        """
         expected = dict(self.state_dict(keep_vars=True))
-        renamed = _rename_for(self, list(state_dict), set(expected))
+        is_head = any(k.startswith(BASE_PREFIX) for k in expected)
         assigned: dict[str, torch.Tensor] = {}
         unexpected, mismatched = [], []
-        for ckpt_key, tensor in state_dict.items():
-            key = renamed[ckpt_key]
+        for ckpt_key, tensor in tensors:
+            key = _rename_key(ckpt_key, is_head, expected)
             if key not in expected:
                 unexpected.append(ckpt_key)
                 continue
@@ -302,18 +318,31 @@ class BloomPreTrainedModel(nn.Module):
                     )
                 mismatched.append((ckpt_key, tuple(tensor.shape), tuple(expected[key].shape)))
                 continue
-            assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            if expected[key].dtype == torch.int8 and tensor.is_floating_point():
+                assigned[key], assigned[key.removesuffix("weight") + "scale"] = quantize_rows(tensor)
+            else:
+                assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         self.load_state_dict(assigned, strict=False, assign=True)
 
-        tied = set(self._tied_weights_keys) if self.config.tie_word_embeddings else set()
+        tied = self._tied_keys(expected)
         missing = [k for k in expected if k not in assigned and k not in tied]
-        self._materialise(missing + [m[0] for m in mismatched if renamed[m[0]] not in missing], dtype)
+        self._materialise([k for k in missing if not k.endswith(".scale")], dtype)
+        mismatched_keys = [_rename_key(m[0], is_head, expected) for m in mismatched]
+        self._materialise([k for k in mismatched_keys if k not in missing], dtype)
         self.tie_weights()
         return {
-            "missing_keys": missing,
+            "missing_keys": [k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)],
             "unexpected_keys": unexpected,
             "mismatched_keys": mismatched,
             "error_msgs": [],
+        }
+
+    def _tied_keys(self, expected: dict[str, torch.Tensor]) -> set[str]:
+        if not self.config.tie_word_embeddings:
+            return set()
+        tied = set(self._tied_weights_keys)
+        return tied | {
+            k.removesuffix("weight") + "scale" for k in tied if k.removesuffix("weight") + "scale" in expected
         }
 
     def _materialise(self, names: list[str], dtype: torch.dtype) -> None:
@@ -330,7 +359,10 @@ class BloomPreTrainedModel(nn.Module):
                 tensor.fill_(1.0)
             else:
                 tensor.normal_(mean=0.0, std=std)
-            setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
+            if old.dtype == torch.int8:  # a quantized layer: initialise in float, then quantize
+                module.weight, module.scale = quantize_rows(tensor)
+            else:
+                setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
 def _device_from_map(device_map: Any) -> torch.device | None:
@@ -381,18 +413,13 @@ def _apply_overrides(cls: type, config: BloomConfig, overrides: dict[str, Any]) 
     config.validate()
 
 
-def _rename_for(model: nn.Module, ckpt_keys: list[str], model_keys: set[str]) -> dict[str, str]:
-    """Map checkpoint names to this model's names: add or strip the `transformer.` prefix.
+def _rename_key(key: str, is_head: bool, model_keys: Container[str]) -> str:
+    """A checkpoint name as this model names it: add or strip the `transformer.` prefix.
 
     A base BloomModel checkpoint has no prefix; a head checkpoint has it on the shared weights.
     """
-    is_head = any(k.startswith(BASE_PREFIX) for k in model_keys)
-    renamed = {}
-    for key in ckpt_keys:
-        if is_head and not key.startswith(BASE_PREFIX) and BASE_PREFIX + key in model_keys:
-            renamed[key] = BASE_PREFIX + key
-        elif not is_head and key.startswith(BASE_PREFIX):
-            renamed[key] = key[len(BASE_PREFIX) :]
-        else:
-            renamed[key] = key
-    return renamed
+    if is_head and not key.startswith(BASE_PREFIX) and BASE_PREFIX + key in model_keys:
+        return BASE_PREFIX + key
+    if not is_head and key.startswith(BASE_PREFIX):
+        return key[len(BASE_PREFIX) :]
+    return key
