@@ -41,8 +41,9 @@ def batch():
 
 def test_fused_equals_eager(model, batch):
     ids, mask = batch
-    fused = model(ids, attention_mask=mask)
-    eager = model(ids, attention_mask=mask, output_attentions=True)
+    with torch.no_grad():  # the fused path is the one for inference
+        fused = model(ids, attention_mask=mask)
+    eager = model(ids, attention_mask=mask)  # autograd recording: the eager path, transformers' gradients
     keep = mask.bool()
     close(fused.logits, eager.logits, keep)
     for (kf, vf), (ke, ve) in zip(fused.past_key_values, eager.past_key_values):
@@ -50,7 +51,16 @@ def test_fused_equals_eager(model, batch):
         close(vf, ve)
 
 
-def test_static_cache_decoding_equals_full_forward(model, batch):
+@pytest.mark.parametrize("grad", [False, True], ids=["fused", "eager"])
+def test_static_cache_decoding_equals_full_forward(model, batch, grad):
+    torch.set_grad_enabled(grad)
+    try:
+        _check_static_cache_decoding(model, batch)
+    finally:
+        torch.set_grad_enabled(True)
+
+
+def _check_static_cache_decoding(model, batch):
     ids, mask = batch
     full = model(ids, attention_mask=mask).logits
     cache = model._new_static_cache(3, 16)
@@ -92,8 +102,6 @@ def test_static_cache_reorder_and_bounds(model, batch):
         model(ids[:, :1], attention_mask=torch.ones(3, 10), past_key_values=cache)
     with pytest.raises(ValueError, match="batch size 3"):
         model(ids[:2, :1], past_key_values=model._new_static_cache(3, 4))
-    with pytest.raises(ValueError, match="tuple past_key_values"):
-        model(ids, past_key_values=model._new_static_cache(3, 9), output_attentions=True)
 
 
 def test_logits_to_keep_refuses_labels(model, batch):

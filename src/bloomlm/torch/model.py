@@ -210,12 +210,18 @@ class BloomAttention(nn.Module):
         key = qkv[..., 1, :].permute(0, 2, 3, 1).reshape(B * H, D, T)  # keys stored transposed
         value = qkv[..., 2, :].transpose(1, 2).reshape(B * H, T, D)
         if isinstance(layer_past, StaticCache):
-            raise ValueError("output_attentions and head_mask need a tuple cache, not a StaticCache")
-        if layer_past is not None:
-            past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
-            key = torch.cat((past_key, key), dim=2)
-            value = torch.cat((past_value, value), dim=1)
-        present = (key, value) if use_cache else None
+            key, value = layer_past.update(
+                self.layer_idx, key.view(B, H, D, T).transpose(-1, -2), value.view(B, H, T, D)
+            )
+            S = key.shape[2]
+            key, value = key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D)
+            present = layer_past
+        else:
+            if layer_past is not None:
+                past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
+                key = torch.cat((past_key, key), dim=2)
+                value = torch.cat((past_value, value), dim=1)
+            present = (key, value) if use_cache else None
         S = key.shape[2]
 
         # scores = alibi + (q . k) / sqrt(D), then the softmax in float32 whatever the weights' dtype:
@@ -367,9 +373,10 @@ class BloomModel(BloomPreTrainedModel):
         # Position bias and masks are built once here, not once per layer.
         alibi = build_alibi(attention_mask, self.num_heads, hidden_states.dtype)
         causal_mask = build_causal_mask(attention_mask, seq_length)
-        if output_attentions or head_mask is not None:  # the eager path exposes the probabilities
-            if static_cache is not None:
-                raise ValueError("output_attentions and head_mask need a tuple past_key_values, not a StaticCache")
+        # The fused path serves inference. The eager path exposes the probabilities and head masks, and
+        # gives transformers' gradients: a padding query sees only masked keys, and there the fused
+        # kernel's backward (an additive bias instead of masked_fill) lets gradient into its q and k.
+        if output_attentions or head_mask is not None or torch.is_grad_enabled():
             mask = causal_mask
         else:
             mask = attention_bias(alibi, causal_mask, self.num_heads, hidden_states.dtype)
