@@ -27,7 +27,10 @@ def test_quantize_rows_round_trip():
     error = (q.float() * scale[:, None] - weight).abs().amax(dim=1)
     assert torch.all(error <= scale / 2 + 1e-7)  # half a quantization step, per row
     x = torch.randn(3, 32)
-    torch.testing.assert_close(int8_linear(x, q, scale), x @ (q.float() * scale[:, None]).T, rtol=1e-5, atol=1e-5)
+    exact = x @ (q.float() * scale[:, None]).T
+    # float32 activations enter the int8 kernel as bfloat16 (8 mantissa bits): ~0.4% per product
+    assert (int8_linear(x, q, scale) - exact).abs().max() <= 1e-2 * exact.abs().max()
+    assert int8_linear(x, q, scale).dtype == torch.float32
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -53,22 +56,23 @@ def test_bad_quantize_value(folder):
         BloomForCausalLM.from_pretrained(folder, quantize="int4")
 
 
+# VmHWM, not getrusage's ru_maxrss: a child inherits its parent's maxrss across fork and exec.
 PEAK_RSS = """
-import resource, sys, torch
+import sys, torch
 from bloomlm import BloomForCausalLM
 model = BloomForCausalLM.from_pretrained(sys.argv[1], quantize=None if sys.argv[2] == "none" else sys.argv[2])
 model(torch.tensor([[5, 6]]))
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = open("/proc/self/status").read().split("VmHWM:")[1]
+print(int(status.split()[0]) // 1024)
 """
 
 
 def test_int8_peak_rss_is_below_float32(tmp_path):
-    # Layers dominate this shape (25M weights, 100 MB in float32): an int8 load that kept float copies, or
-    # mapped the whole file at once, would peak near the float32 load.
+    # Layers dominate this shape (100M weights, 400 MB in float32, 100 MB in int8): an int8 load that kept
+    # float copies, or mapped the whole file at once, would peak near the float32 load. The margin leaves
+    # room for the allocator's run-to-run noise (up to ~130 MB seen here).
     torch.manual_seed(0)
-    with torch.device("meta"):
-        shape = BloomForCausalLM(BloomConfig(vocab_size=4096, hidden_size=512, n_layer=8, n_head=8))
-    model = BloomForCausalLM(shape.config)
+    model = BloomForCausalLM(BloomConfig(vocab_size=4096, hidden_size=1024, n_layer=8, n_head=8))
     model.save_pretrained(tmp_path)
     del model
     peaks = {}
@@ -76,4 +80,4 @@ def test_int8_peak_rss_is_below_float32(tmp_path):
         out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path), mode], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr
         peaks[mode] = int(out.stdout.split()[-1])
-    assert peaks["int8"] < peaks["none"] - 50, peaks
+    assert peaks["int8"] < peaks["none"] - 150, peaks

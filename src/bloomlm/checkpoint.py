@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import pickle
 import re
@@ -29,7 +30,7 @@ import safetensors.torch
 import torch
 
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
-from bloomlm.files import _flush_to_disk, atomic_path, atomic_write_text  # noqa: F401 (re-exported)
+from bloomlm.files import _flush_to_disk, atomic_path, atomic_write_text, parse_size  # noqa: F401 (re-exported)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
@@ -41,33 +42,9 @@ TF_WEIGHTS_NAME = "tf_model.h5"
 # transformers' search order for PyTorch weights in a folder.
 WEIGHT_FILE_CANDIDATES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin")
-_SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
 
 
 # -- sizes -------------------------------------------------------------------------------------------------
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes in `size`: an int, or digits plus a unit, read as transformers' `convert_file_size_to_int`.
-
-    KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024; a lowercase final "b" ("5Gb") means bits.
-    """
-    if isinstance(size, int) and not isinstance(size, bool):
-        if size <= 0:
-            raise ValueError(f"max_shard_size must be a positive number of bytes, got {size}")
-        return size
-    if isinstance(size, str):
-        text = size.strip()
-        for unit, factor in _SIZE_UNITS.items():
-            number = text[: -len(unit)]
-            if text.upper().endswith(unit) and number.isdigit() and int(number) > 0:
-                # Only the decimal units take the bits reading, as in transformers.
-                is_bits = not unit.endswith("IB") and text.endswith("b")
-                return int(number) * factor // 8 if is_bits else int(number) * factor
-    raise ValueError(
-        f"size {size!r} is not understood; use a positive int of bytes or digits and a unit, "
-        "e.g. '5GB', '200MB', '10KiB' (KB/MB/GB = 1000-based, KiB/MiB/GiB = 1024-based)"
-    )
 
 
 # -- saving ------------------------------------------------------------------------------------------------
@@ -304,11 +281,14 @@ def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device 
 def iter_state_dict(
     folder: str | os.PathLike, *, use_safetensors: bool | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors one at a time, each a private copy, for loaders that transform as they go.
+    """The checkpoint's tensors one at a time, for loaders that transform each as it arrives (quantizing).
 
     `load_state_dict` maps whole files, and every page of a mapping that was read stays resident until the
     file is closed; a loader that quantizes each tensor on arrival would still peak at the full float size.
-    Here safetensors are read tensor by tensor with plain reads, so memory holds one float tensor at a time.
+    Here safetensors are read tensor by tensor with plain reads into one reused buffer, so memory holds
+    one float tensor at a time, and no stream of large allocations and frees fragments the heap.
+    A yielded safetensors tensor is a view of that buffer: valid until the next one is read, so copy
+    whatever you keep.
     """
     files, weight_map = _locate_weights(Path(folder), use_safetensors)
     seen: set[str] = set()
@@ -339,18 +319,19 @@ def _stream_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             (header_length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(header_length))
             data_start = 8 + header_length
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
+            entries = {name: info for name, info in header.items() if name != "__metadata__"}
+            largest = max((end - begin for begin, end in (i["data_offsets"] for i in entries.values())), default=0)
+            buffer = torch.empty(largest, dtype=torch.uint8)
+            for name, info in entries.items():
                 begin, end = info["data_offsets"]
-                tensor = torch.empty(info["shape"], dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-                buffer = tensor.reshape(-1).view(torch.uint8).numpy()
-                if buffer.nbytes != end - begin:
+                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+                expected = math.prod(info["shape"]) * dtype.itemsize
+                if end - begin != expected:
                     raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
                 file.seek(data_start + begin)
-                if file.readinto(buffer) != buffer.nbytes:
+                if file.readinto(buffer[:expected].numpy()) != expected:
                     raise ValueError(f"file ends inside tensor {name}")
-                yield name, tensor
+                yield name, buffer[:expected].view(dtype).view(info["shape"])
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise CheckpointError(_corrupt_message(path, err)) from err
 

@@ -1,4 +1,5 @@
-"""Atomic file writes, framework-free (config, tokenizer and weight saving all use them).
+"""File helpers, framework-free: atomic writes (config, tokenizer and weight saving all use them) and
+sizes such as max_shard_size="5GB".
 
 Each file goes to a temporary name in the same folder and is renamed into place: readers see the old
 file or the new one, never half of one, and a failed write leaves nothing behind.
@@ -49,3 +50,29 @@ def _flush_to_disk(path: Path) -> None:
         pass
     finally:
         os.close(descriptor)
+
+
+_SIZE_UNITS = {"GIB": 2**30, "MIB": 2**20, "KIB": 2**10, "GB": 10**9, "MB": 10**6, "KB": 10**3}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes in `size`: an int, or digits plus a unit, read as transformers' `convert_file_size_to_int`.
+
+    KB/MB/GB are powers of 1000, KiB/MiB/GiB powers of 1024; a lowercase final "b" ("5Gb") means bits.
+    """
+    if isinstance(size, int) and not isinstance(size, bool):
+        if size <= 0:
+            raise ValueError(f"max_shard_size must be a positive number of bytes, got {size}")
+        return size
+    if isinstance(size, str):
+        text = size.strip()
+        for unit, factor in _SIZE_UNITS.items():
+            number = text[: -len(unit)]
+            if text.upper().endswith(unit) and number.isdigit() and int(number) > 0:
+                # Only the decimal units take the bits reading, as in transformers.
+                is_bits = not unit.endswith("IB") and text.endswith("b")
+                return int(number) * factor // 8 if is_bits else int(number) * factor
+    raise ValueError(
+        f"size {size!r} is not understood; use a positive int of bytes or digits and a unit, "
+        "e.g. '5GB', '200MB', '10KiB' (KB/MB/GB = 1000-based, KiB/MiB/GiB = 1024-based)"
+    )

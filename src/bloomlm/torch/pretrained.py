@@ -282,7 +282,7 @@ class BloomPreTrainedModel(nn.Module):
             tensors = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
         else:
             tensors = state_dict.items()
-        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
+        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes, copy_tensors=bool(quantize))
         if quantize:
             tie_int8_(model)
         if device is not None:
@@ -293,7 +293,11 @@ class BloomPreTrainedModel(nn.Module):
         return (model, info) if output_loading_info else model
 
     def _assign_checkpoint(
-        self, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype, ignore_mismatched_sizes: bool
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        ignore_mismatched_sizes: bool,
+        copy_tensors: bool = False,
     ) -> dict[str, list]:
         """Move checkpoint tensors into this meta-device model; initialise whatever is missing.
 
@@ -320,8 +324,9 @@ class BloomPreTrainedModel(nn.Module):
                 continue
             if expected[key].dtype == torch.int8 and tensor.is_floating_point():
                 assigned[key], assigned[key.removesuffix("weight") + "scale"] = quantize_rows(tensor)
-            else:
-                assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            else:  # a copy only where streamed tensors are borrowed views (see checkpoint.iter_state_dict)
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                assigned[key] = tensor.to(target, copy=copy_tensors)
         self.load_state_dict(assigned, strict=False, assign=True)
 
         tied = self._tied_keys(expected)

