@@ -44,6 +44,11 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5", ".index.json")
 _REPO_ID = re.compile(r"[\w\-.]+(/[\w\-.]+)?")
 _TRUE_VALUES = {"1", "true", "yes", "on"}
 
+# Models shipped inside the package (src/bloomlm/assets/<name>/), so the CLI and the README work offline.
+# A local folder of the same name wins, as it does for hub ids.
+ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+EMBEDDED_MODELS: tuple[str, ...] = ("bloomlm-tiny", "bloomlm-tiny-sentiment")
+
 
 def resolve_model_dir(name_or_path: str | os.PathLike, wanted_files: list[str], **hub_kwargs: Any) -> Path:
     """The folder holding a model: `name_or_path` itself if it is a directory, else a hub snapshot.
@@ -64,6 +69,8 @@ def resolve_model_dir(name_or_path: str | os.PathLike, wanted_files: list[str], 
             f"{path.resolve()} is a file, but a model folder is expected (one holding {_names(wanted_files)})"
         )
     name = os.fspath(name_or_path)
+    if name in EMBEDDED_MODELS:
+        return _embedded_folder(name, subfolder, wanted_files)
     not_local = f"No local folder named '{name}' ({path.resolve()}); looked for {_names(wanted_files)}."
     if not _looks_like_repo_id(name):
         raise CheckpointNotFoundError(f"{not_local} Nor is '{name}' a hub model id ('name' or 'org/name').")
@@ -87,6 +94,16 @@ def _local_folder(path: Path, subfolder: str, wanted_files: list[str]) -> Path:
             f"{path.resolve()} has no subfolder '{subfolder}' (looked for {_names(wanted_files)} in it)"
         )
     return folder
+
+
+def _embedded_folder(name: str, subfolder: str, wanted_files: list[str]) -> Path:
+    folder = ASSETS_DIR / name
+    if not folder.is_dir():
+        raise CheckpointNotFoundError(
+            f"'{name}' is a model embedded in bloomlm, but {folder} is missing: reinstall bloomlm "
+            f"(pip install --force-reinstall bloomlm), or regenerate it with the scripts/ in its repository"
+        )
+    return _local_folder(folder, subfolder, wanted_files)
 
 
 def _looks_like_repo_id(name: str) -> bool:
