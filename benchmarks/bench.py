@@ -39,6 +39,7 @@ SYSTEMS = [
     ("transformers", "fp32"),
     ("ctranslate2", "fp32"),
     ("ctranslate2", "int8"),
+    ("flax", "fp32"),
 ]
 TASKS = ["load", "prefill-1x128", "prefill-8x128", "decode-1", "decode-8"]
 PROMPT, NEW_TOKENS = 32, 32
@@ -206,6 +207,44 @@ def _time_ctranslate2(variant: str, task: str, folder: Path, reps: int) -> dict:
     return {"seconds": statistics.median(times), "all": times}
 
 
+def _time_flax(task: str, folder: Path, reps: int) -> dict:
+    """Flax: every call is jitted; the first call of each shape compiles, reported as `compile_seconds`."""
+    import jax.numpy as jnp
+
+    from bloomlm import FlaxBloomForCausalLM
+
+    start = time.perf_counter()
+    model = FlaxBloomForCausalLM.from_pretrained(folder)
+    if task == "load":
+        model(jnp.asarray([[5]])).logits.block_until_ready()
+        return {"seconds": time.perf_counter() - start}
+    if task.startswith("prefill"):
+        batch, length = (int(x) for x in task.split("-")[1].split("x"))
+        ids = jnp.asarray(_prompt(batch, length))
+
+        def run():
+            model(ids).logits.block_until_ready()
+
+    else:
+        batch = int(task.split("-")[1])
+        ids = jnp.asarray(_prompt(batch, PROMPT))
+
+        def run():
+            out = model.generate(ids, max_new_tokens=NEW_TOKENS, eos_token_id=None, pad_token_id=3)
+            assert out.sequences.block_until_ready().shape == (batch, PROMPT + NEW_TOKENS)
+
+    t0 = time.perf_counter()
+    run()  # compiles
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    median = statistics.median(times)
+    return {"seconds": median, "all": times, "compile_seconds": first - median}
+
+
 def _ct2_vocabulary(model_dir: Path) -> list[str]:
     for name in ("vocabulary.json", "vocabulary.txt"):
         path = model_dir / name
@@ -221,6 +260,8 @@ def worker(system: str, variant: str, task: str, folder: Path, reps: int, thread
     torch.set_num_threads(threads)
     if system == "ctranslate2":
         result = _time_ctranslate2(variant, task, folder, reps)
+    elif system == "flax":
+        result = _time_flax(task, folder, reps)
     else:
         result = _time_torch(system, variant, task, folder, reps)
     result["peak_rss_mb"] = _peak_rss_mb()
@@ -288,7 +329,7 @@ def main() -> None:
                 ok = False
             if not ok:
                 continue
-        if system == "transformers" and _missing("transformers"):
+        if (system == "transformers" and _missing("transformers")) or (system == "flax" and _missing("flax")):
             continue
         available.append((system, variant))
     bandwidth = memory_bandwidth(args.threads)
@@ -340,6 +381,15 @@ def render(raw: list[dict], systems, folder: Path, bandwidth: float, args) -> st
             f"| {fmt(tps1, '.1f')} | {ceiling:.1f} | {fmt(tps1 and 100 * tps1 / ceiling, '.0f')} | {fmt(tps8, '.1f')} "
             f"| {fmt(rss, '.0f')} |"
         )
+    compile_rows = []
+    for system, variant in systems:
+        for task in TASKS[1:]:
+            value = median(system, variant, task, "compile_seconds")
+            if value is not None:
+                compile_rows.append(f"{system} {variant} {task}: {value:.1f} s")
+    if compile_rows:
+        note = "JAX compile time (first call minus a compiled call; not in the table): "
+        lines += ["", note + "; ".join(compile_rows)]
     versions = _versions()
     header = [
         "# Benchmark results",
@@ -361,7 +411,7 @@ def _versions() -> str:
     import importlib.metadata as md
 
     parts = [f"python {platform.python_version()}"]
-    for name in ("torch", "bloomlm", "transformers", "ctranslate2"):
+    for name in ("torch", "bloomlm", "transformers", "ctranslate2", "jax", "flax"):
         try:
             parts.append(f"{name} {md.version(name)}")
         except md.PackageNotFoundError:

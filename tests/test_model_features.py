@@ -97,6 +97,8 @@ def test_tied_head_stored_once_and_loading_keywords_not_in_config(tmp_path):
         keys = set(f.keys())
         assert f.metadata() == {"format": "pt"}
     assert "lm_head.weight" not in keys and "transformer.word_embeddings.weight" in keys
+    # written atomically, yet with the permissions of a plain file (safetensors alone makes them 0600)
+    assert (tmp_path / "model.safetensors").stat().st_mode == (tmp_path / "config.json").stat().st_mode
     loaded = BloomForCausalLM.from_pretrained(
         tmp_path, low_cpu_mem_usage=True, device_map="cpu", local_files_only=True, use_safetensors=True,
         revision="main", cache_dir=str(tmp_path / "cache"),

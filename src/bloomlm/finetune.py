@@ -270,7 +270,9 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     width = max(len(f["input_ids"]) for f in features)
     batch = {
         "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]),
-        "attention_mask": torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]),
+        "attention_mask": torch.tensor(
+            [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
+        ),
     }
     first = features[0]
     if isinstance(first.get("labels"), list):
@@ -449,9 +451,13 @@ def evaluate(model, features: list[dict], task: str, pad_token_id: int, batch_si
         elif task == "qa":
             for i, feature in enumerate(chunk):
                 n = len(feature["input_ids"])
-                start, end, _ = best_span(output.start_logits[i, :n].cpu(), output.end_logits[i, :n].cpu(), feature["encoding"])
+                start, end, _ = best_span(
+                    output.start_logits[i, :n].cpu(), output.end_logits[i, :n].cpu(), feature["encoding"]
+                )
                 offsets = feature["encoding"]["offset_mapping"]
-                qa_scores.append(squad_scores(feature["context"][offsets[start][0] : offsets[end][1]], feature["answers"]))
+                qa_scores.append(
+                    squad_scores(feature["context"][offsets[start][0] : offsets[end][1]], feature["answers"])
+                )
     model.train()
     metrics = {"loss": total_loss / max(1, n_loss)}
     if task == "seq-cls":
@@ -602,7 +608,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     if resume:
         config, saved_state = _resume_config(out, config)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FinetuneError(f"{out} already exists and is not empty; pass --resume to continue, or choose another --out")
+        raise FinetuneError(
+            f"{out} already exists and is not empty; pass --resume to continue, or choose another --out"
+        )
     config.check()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -610,7 +618,9 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     torch.manual_seed(config.seed)
 
     source = str(out / STATE_DIR) if saved_state else config.model
-    tokenizer = AutoTokenizer.from_pretrained(out if saved_state else config.model, add_prefix_space=config.task == "token-cls")
+    tokenizer = AutoTokenizer.from_pretrained(
+        out if saved_state else config.model, add_prefix_space=config.task == "token-cls"
+    )
     train_rows = read_records(config.train_file)
     from bloomlm.config import BloomConfig
 

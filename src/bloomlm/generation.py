@@ -13,10 +13,11 @@ import copy
 import dataclasses
 import json
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
+
+from bloomlm.files import atomic_write_text
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -219,7 +220,7 @@ class GenerationConfig:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
-        _atomic_write_text(folder / config_file_name, self.to_json_string())
+        atomic_write_text(folder / config_file_name, self.to_json_string())
 
     # -- python protocol ----------------------------------------------------------------------------
 
@@ -402,17 +403,3 @@ def _warn_ignored_flags(config: GenerationConfig, is_init: bool) -> None:
 
 def _without_metadata(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _METADATA_KEYS}
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
