@@ -81,3 +81,11 @@ def test_int8_peak_rss_is_below_float32(tmp_path):
         assert out.returncode == 0, out.stderr
         peaks[mode] = int(out.stdout.split()[-1])
     assert peaks["int8"] < peaks["none"] - 150, peaks
+
+
+def test_decode_and_prefill_kernels_agree():
+    q, scale = quantize_rows(torch.randn(48, 64))
+    x = torch.randn(40, 64)
+    many = int8_linear(x, q, scale)  # > 8 rows: bfloat16 matmul on the converted weight
+    few = torch.cat([int8_linear(x[i : i + 4], q, scale) for i in range(0, 40, 4)])  # fused int8 kernel
+    assert (many - few).abs().max() <= 1e-2 * many.abs().max()

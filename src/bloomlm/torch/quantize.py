@@ -40,15 +40,24 @@ def quantize_rows(weight: torch.Tensor, rows_per_block: int = 256) -> tuple[torc
 def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """x @ (scale * weight).T for int8 `weight`, returned in x's dtype.
 
-    torch's fused int8-weight kernel reads the int8 matrix directly, never a float copy of it. Its
-    bfloat16 variant is the fast one on CPUs (measured ~13x faster than its float32 variant, and 2x
-    faster than a float32 matmul at batch 1), so float32 activations go through it rounded to bfloat16:
-    an error well below the int8 weights' own.
+    Few rows (decoding): torch's fused int8-weight kernel, which reads the int8 matrix directly. Its
+    bfloat16 variant is the fast one on CPUs (measured ~13x faster than its float32 variant, and ~2x
+    faster than a float32 matmul at batch 1), so float32 activations go through it rounded to bfloat16,
+    an error well below the int8 weights' own. Many rows (prefill): that kernel is slow there (measured
+    7x slower than a bfloat16 matmul at 128 rows), so the weight is converted to bfloat16 once for the
+    call and a regular matmul runs; the scale factors out of each output column.
     """
     flat = x.reshape(-1, x.shape[-1])
     compute_dtype = torch.bfloat16 if flat.dtype == torch.float32 and flat.device.type == "cpu" else flat.dtype
-    out = torch._weight_int8pack_mm(flat.to(compute_dtype).contiguous(), weight, scale.to(compute_dtype))
+    flat = flat.to(compute_dtype)
+    if flat.shape[0] <= _FUSED_KERNEL_MAX_ROWS:
+        out = torch._weight_int8pack_mm(flat.contiguous(), weight, scale.to(compute_dtype))
+    else:
+        out = F.linear(flat, weight.to(compute_dtype)) * scale.to(compute_dtype)
     return out.to(x.dtype).view(*x.shape[:-1], weight.shape[0])
+
+
+_FUSED_KERNEL_MAX_ROWS = 8  # measured crossover: 8 rows favour the fused kernel, 128 the matmul
 
 
 class Int8Linear(nn.Module):
