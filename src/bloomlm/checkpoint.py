@@ -280,15 +280,15 @@ def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device 
 
 def iter_state_dict(
     folder: str | os.PathLike, *, use_safetensors: bool | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """The checkpoint's tensors one at a time, for loaders that transform each as it arrives (quantizing).
+) -> Iterator[tuple[str, torch.Tensor | StreamedTensor]]:
+    """The checkpoint's tensors one at a time, for loaders that transform each as it arrives (quantizing,
+    casting), so memory never holds the float checkpoint.
 
     `load_state_dict` maps whole files, and every page of a mapping that was read stays resident until the
-    file is closed; a loader that quantizes each tensor on arrival would still peak at the full float size.
-    Here safetensors are read tensor by tensor with plain reads into one reused buffer, so memory holds
-    one float tensor at a time, and no stream of large allocations and frees fragments the heap.
-    A yielded safetensors tensor is a view of that buffer: valid until the next one is read, so copy
-    whatever you keep.
+    file is closed: a loader that converts each tensor would still peak at the full float size. Here a
+    safetensors entry comes as a `StreamedTensor`, read in blocks of rows with plain reads into one small
+    reused buffer (no stream of large allocations to fragment the heap either). `.bin` entries come as
+    tensors. `row_blocks` walks either kind. A StreamedTensor is valid until the next item is taken.
     """
     files, weight_map = _locate_weights(Path(folder), use_safetensors)
     seen: set[str] = set()
@@ -305,35 +305,85 @@ def iter_state_dict(
         _check_index_covered(weight_map, dict.fromkeys(seen), files[0].parent)
 
 
+def row_blocks(
+    tensor: torch.Tensor | StreamedTensor, max_bytes: int = 32 * 2**20
+) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row, block of rows) pairs covering `tensor`, each block at most `max_bytes` (at least a row)."""
+    if isinstance(tensor, StreamedTensor):
+        yield from tensor.row_blocks(max_bytes)
+        return
+    rows = tensor.shape[0] if tensor.dim() else 1
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size() if tensor.dim() else tensor.element_size())
+    step = max(1, max_bytes // row_bytes)
+    for start in range(0, rows, step):
+        yield start, (tensor[start : start + step] if tensor.dim() else tensor)
+
+
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 
 
-def _stream_safetensors(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+class StreamedTensor:
+    """One safetensors entry not yet read: its shape and dtype, and its rows on demand."""
+
+    def __init__(self, path: Path, file, offset: int, shape: list[int], dtype: torch.dtype, buffer: torch.Tensor):
+        self.path, self._file, self._offset = path, file, offset
+        self.shape, self.dtype, self._buffer = tuple(shape), dtype, buffer
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def row_blocks(self, max_bytes: int) -> Iterator[tuple[int, torch.Tensor]]:
+        rows = self.shape[0] if self.shape else 1
+        row_shape = self.shape[1:]
+        row_bytes = math.prod(row_shape) * self.dtype.itemsize
+        step = max(1, min(max_bytes, self._buffer.numel()) // max(1, row_bytes))
+        for start in range(0, rows, step):
+            count = min(step, rows - start)
+            nbytes = count * row_bytes
+            view = self._buffer[:nbytes]
+            try:
+                self._file.seek(self._offset + start * row_bytes)
+                if self._file.readinto(view.numpy()) != nbytes:
+                    raise ValueError(f"the file ends inside a tensor of shape {list(self.shape)}")
+            except (OSError, ValueError) as err:
+                raise CheckpointError(_corrupt_message(self.path, err)) from err
+            block = view.view(self.dtype)
+            yield start, block.view(count, *row_shape) if self.shape else block.view(())
+
+
+def _stream_safetensors(path: Path, buffer_bytes: int = 32 * 2**20) -> Iterator[tuple[str, StreamedTensor]]:
     # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
     # then the raw bytes, offsets counted from the end of the header.
     try:
-        with open(path, "rb") as file:
+        file = open(path, "rb")
+    except OSError as err:
+        raise CheckpointError(_corrupt_message(path, err)) from err
+    with file:
+        try:
             (header_length,) = struct.unpack("<Q", file.read(8))
             header = json.loads(file.read(header_length))
-            data_start = 8 + header_length
             entries = {name: info for name, info in header.items() if name != "__metadata__"}
-            largest = max((end - begin for begin, end in (i["data_offsets"] for i in entries.values())), default=0)
-            buffer = torch.empty(largest, dtype=torch.uint8)
             for name, info in entries.items():
                 begin, end = info["data_offsets"]
-                dtype = _SAFETENSORS_DTYPES[info["dtype"]]
-                expected = math.prod(info["shape"]) * dtype.itemsize
-                if end - begin != expected:
-                    raise ValueError(f"tensor {name} has {end - begin} bytes for shape {info['shape']}")
-                file.seek(data_start + begin)
-                if file.readinto(buffer[:expected].numpy()) != expected:
-                    raise ValueError(f"file ends inside tensor {name}")
-                yield name, buffer[:expected].view(dtype).view(info["shape"])
-    except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
-        raise CheckpointError(_corrupt_message(path, err)) from err
+                expected = math.prod(info["shape"]) * _SAFETENSORS_DTYPES[info["dtype"]].itemsize
+                if end - begin != expected or 8 + header_length + end > path.stat().st_size:
+                    raise ValueError(f"tensor {name} does not fit the file (offsets {begin}..{end})")
+        except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
+            raise CheckpointError(_corrupt_message(path, err)) from err
+        # Blocks are whole rows, so the buffer must hold at least the widest row.
+        widest_row = max((math.prod(i["shape"][1:]) * _SAFETENSORS_DTYPES[i["dtype"]].itemsize
+                          for i in entries.values()), default=0)  # fmt: skip
+        largest = max((i["data_offsets"][1] - i["data_offsets"][0] for i in entries.values()), default=0)
+        buffer = torch.empty(min(largest, max(buffer_bytes, widest_row)), dtype=torch.uint8)
+        for name, info in entries.items():
+            dtype = _SAFETENSORS_DTYPES[info["dtype"]]
+            yield (
+                name,
+                StreamedTensor(path, file, 8 + header_length + info["data_offsets"][0], info["shape"], dtype, buffer),
+            )
 
 
 def load_numpy_state_dict(folder: str | os.PathLike, *, use_safetensors: bool | None = None) -> dict[str, np.ndarray]:

@@ -282,12 +282,14 @@ class BloomPreTrainedModel(nn.Module):
             model = cls(config)
         if quantize:
             quantize_int8_(model, dtype)  # int8 slots on meta; each float weight is quantized as it is read
+        if state_dict is None and (quantize or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)):
+            # converting: stream, so the stored float tensors are never all in memory beside the result
             tensors = checkpoint.iter_state_dict(folder, use_safetensors=use_safetensors)
         elif state_dict is None:
             tensors = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
         else:
             tensors = state_dict.items()
-        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes, copy_tensors=bool(quantize))
+        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
         if quantize:
             tie_int8_(model)
         if device is not None:
@@ -302,12 +304,12 @@ class BloomPreTrainedModel(nn.Module):
         tensors: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         ignore_mismatched_sizes: bool,
-        copy_tensors: bool = False,
     ) -> dict[str, list]:
         """Move checkpoint tensors into this meta-device model; initialise whatever is missing.
 
-        An int8 slot (a quantized model) takes the float tensor quantized on arrival, so with streamed
-        `tensors` no more than one float weight is in memory at a time.
+        An int8 slot (a quantized model) takes the float tensor quantized on arrival; with streamed
+        `tensors` (checkpoint.iter_state_dict) that happens block by block, so memory never holds a whole
+        float weight, and a dtype conversion likewise never holds the float checkpoint.
         """
         expected = dict(self.state_dict(keep_vars=True))
         is_head = any(k.startswith(BASE_PREFIX) for k in expected)
@@ -328,10 +330,11 @@ class BloomPreTrainedModel(nn.Module):
                 mismatched.append((ckpt_key, tuple(tensor.shape), tuple(expected[key].shape)))
                 continue
             if expected[key].dtype == torch.int8 and tensor.is_floating_point():
-                assigned[key], assigned[key.removesuffix("weight") + "scale"] = quantize_rows(tensor)
-            else:  # a copy only where streamed tensors are borrowed views (see checkpoint.iter_state_dict)
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                assigned[key] = tensor.to(target, copy=copy_tensors)
+                assigned[key], assigned[key.removesuffix("weight") + "scale"] = _quantize_blocks(tensor)
+            elif isinstance(tensor, checkpoint.StreamedTensor):
+                assigned[key] = _read_blocks(tensor, dtype if tensor.is_floating_point() else tensor.dtype)
+            else:
+                assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
         self.load_state_dict(assigned, strict=False, assign=True)
 
         tied = self._tied_keys(expected)
@@ -391,6 +394,24 @@ def _skip_random_init():
     finally:
         for name, function in saved.items():
             setattr(nn.init, name, function)
+
+
+def _read_blocks(tensor: checkpoint.StreamedTensor, dtype: torch.dtype) -> torch.Tensor:
+    out = torch.empty(tensor.shape, dtype=dtype)
+    for start, block in checkpoint.row_blocks(tensor):
+        if out.dim() == 0:
+            out.copy_(block)
+        else:
+            out[start : start + block.shape[0]] = block
+    return out
+
+
+def _quantize_blocks(tensor: torch.Tensor | checkpoint.StreamedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    quantized = torch.empty(tensor.shape, dtype=torch.int8)
+    scale = torch.empty(tensor.shape[0], dtype=torch.float32)
+    for start, block in checkpoint.row_blocks(tensor):
+        quantized[start : start + len(block)], scale[start : start + len(block)] = quantize_rows(block)
+    return quantized, scale
 
 
 def _device_from_map(device_map: Any) -> torch.device | None:
