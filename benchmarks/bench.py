@@ -78,16 +78,19 @@ def convert_ctranslate2(folder: Path, out: Path, quantization: str) -> bool:
 
 
 def memory_bandwidth(threads: int) -> float:
-    """Read bandwidth in GB/s: the best of several sums over a 1 GiB array."""
+    """Read bandwidth in GB/s over 1 GiB: the best of a plain sum and of a matrix-vector product (the
+    operation batch-1 decoding is made of), several tries each."""
     import torch
 
     torch.set_num_threads(threads)
     data = torch.ones(2**28, dtype=torch.float32)
+    matrix, vector = data.view(2**14, 2**14), torch.ones(2**14)
     best = float("inf")
-    for _ in range(7):
-        start = time.perf_counter()
-        data.sum()
-        best = min(best, time.perf_counter() - start)
+    for read in (data.sum, lambda: torch.mv(matrix, vector)):
+        for _ in range(5):
+            start = time.perf_counter()
+            read()
+            best = min(best, time.perf_counter() - start)
     return data.numel() * 4 / best / 1e9
 
 

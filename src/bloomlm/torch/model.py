@@ -136,8 +136,12 @@ class StaticCache:
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """The tanh approximation of GELU, with BLOOM's constant (0.79788456 = sqrt(2 / pi))."""
-    return x * 0.5 * (1.0 + torch.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+    """GELU's tanh approximation, as BLOOM was trained with: x/2 (1 + tanh(0.79788456 x (1 + 0.044715 x^2))).
+
+    torch's fused kernel computes the same formula (its sqrt(2/pi) differs from BLOOM's 0.79788456 by 1e-9,
+    results by ~1e-8 relative) in one op instead of seven, which matters when decoding one token at a time.
+    """
+    return F.gelu(x, approximate="tanh")
 
 
 def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
