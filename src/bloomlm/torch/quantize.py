@@ -50,7 +50,7 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     flat = x.reshape(-1, x.shape[-1])
     compute_dtype = torch.bfloat16 if flat.dtype == torch.float32 and flat.device.type == "cpu" else flat.dtype
     flat = flat.to(compute_dtype)
-    if flat.shape[0] <= _FUSED_KERNEL_MAX_ROWS:
+    if flat.shape[0] <= _FUSED_KERNEL_MAX_ROWS and flat.device.type == "cpu":  # the fused kernel is CPU's
         out = torch._weight_int8pack_mm(flat.contiguous(), weight, scale.to(compute_dtype))
     else:
         out = F.linear(flat, weight.to(compute_dtype)) * scale.to(compute_dtype)
