@@ -403,3 +403,20 @@ def _warn_ignored_flags(config: GenerationConfig, is_init: bool) -> None:
 
 def _without_metadata(data: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in data.items() if k not in _METADATA_KEYS}
+
+
+class GenerationConfigMixin:
+    """The `generation_config` attribute of the causal-LM classes of both frameworks: what the folder's
+    `generation_config.json` says when the model was loaded from one, else ids taken from the model config."""
+
+    _generation_config: GenerationConfig | None = None
+
+    @property
+    def generation_config(self) -> GenerationConfig:
+        if self._generation_config is None:
+            self._generation_config = GenerationConfig.from_model_config(self.config)
+        return self._generation_config
+
+    @generation_config.setter
+    def generation_config(self, value: GenerationConfig) -> None:
+        self._generation_config = value

@@ -32,6 +32,7 @@ from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
 from bloomlm.flax import checks, files, weights
 from bloomlm.flax import model as modules
+from bloomlm.generation import GenerationConfigMixin
 
 logger = logging.getLogger(__name__)
 
@@ -369,24 +370,10 @@ class FlaxBloomModel(FlaxBloomPreTrainedModel):
     module_class = modules.FlaxBloomModule
 
 
-class FlaxBloomForCausalLM(FlaxBloomPreTrainedModel):
+class FlaxBloomForCausalLM(GenerationConfigMixin, FlaxBloomPreTrainedModel):
     """BLOOM with its language-model head (tied to the input embeddings): `logits` [B, T, V]."""
 
     module_class = modules.FlaxBloomForCausalLMModule
-    _generation_config = None
-
-    @property
-    def generation_config(self):
-        """Defaults of `generate` (from generation_config.json when loaded from a folder that has one)."""
-        if self._generation_config is None:
-            from bloomlm.generation import GenerationConfig
-
-            self._generation_config = GenerationConfig.from_model_config(self.config)
-        return self._generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self._generation_config = value
 
     def prepare_inputs_for_generation(self, input_ids, max_length: int, attention_mask=None) -> dict:
         """transformers' hook: an empty cache and the full `max_length` mask (ones after the prompt)."""

@@ -23,6 +23,7 @@ from torch.utils.checkpoint import checkpoint
 
 from bloomlm.alibi import alibi_slopes
 from bloomlm.config import BloomConfig
+from bloomlm.generation import GenerationConfigMixin
 from bloomlm.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
@@ -427,7 +428,7 @@ class BloomModel(BloomPreTrainedModel):
 # ---------------------------------------------------------------------------------------------------
 
 
-class BloomForCausalLM(BloomPreTrainedModel):
+class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
     """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
 
     _tied_weights_keys = ["lm_head.weight"]
@@ -436,21 +437,7 @@ class BloomForCausalLM(BloomPreTrainedModel):
         super().__init__(config)
         self.transformer = BloomModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
-        self._generation_config = None
         self.post_init()
-
-    @property
-    def generation_config(self):
-        """Defaults for `generate`: `generation_config.json` of the folder, else the model config's ids."""
-        if self._generation_config is None:
-            from bloomlm.generation import GenerationConfig
-
-            self._generation_config = GenerationConfig.from_model_config(self.config)
-        return self._generation_config
-
-    @generation_config.setter
-    def generation_config(self, value) -> None:
-        self._generation_config = value
 
     def _load_generation_config(self, folder) -> None:
         from bloomlm.generation import GenerationConfig
