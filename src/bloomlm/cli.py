@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
@@ -63,6 +62,13 @@ def _progress(iterable: Iterable, total: int | None, description: str) -> Iterab
     return tqdm(iterable, total=total, desc=description, leave=False)
 
 
+def _bar(total: int, description: str) -> Any:
+    """A tqdm bar to update by hand (a no-op object when stderr is not a terminal)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, leave=False, disable=not sys.stderr.isatty())
+
+
 def _read_lines(args: argparse.Namespace, positional: list[str]) -> list[str]:
     """Texts from the command line, else `--file` (one per line), else stdin when it is piped."""
     if positional:
@@ -95,14 +101,20 @@ def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
     kwargs: dict[str, Any] = {}
     if args.dtype == "int8":
         kwargs["quantize"] = "int8"
-    elif args.dtype != "auto":
+    elif args.dtype is not None:
         kwargs["torch_dtype"] = args.dtype
+    elif args.device and not args.device.startswith("cpu"):
+        kwargs["torch_dtype"] = "auto"  # on an accelerator, the checkpoint's own (half) precision
     else:
-        kwargs["torch_dtype"] = "auto"
+        kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
     if args.device:
         kwargs["device_map"] = args.device
+    bar = _bar(2, f"loading {args.model}")
     tokenizer = bloomlm.AutoTokenizer.from_pretrained(args.model)
+    bar.update(1)
     model = model_class.from_pretrained(args.model, **kwargs)
+    bar.update(1)
+    bar.close()
     return model, tokenizer
 
 
@@ -188,9 +200,9 @@ def _classify(args: argparse.Namespace) -> int:
 
 
 def _tag(args: argparse.Namespace) -> int:
+    _require_model(args, "token-classification", "token-cls")
     from bloomlm.finetune import tag
 
-    _require_model(args, "token-classification", "token-cls")
     model, tokenizer = _load("BloomForTokenClassification", args)
     for text in _read_lines(args, args.text):
         rows = tag(model, tokenizer, text)
@@ -205,9 +217,9 @@ def _tag(args: argparse.Namespace) -> int:
 
 
 def _answer(args: argparse.Namespace) -> int:
+    _require_model(args, "question-answering", "qa")
     from bloomlm.finetune import answer_question
 
-    _require_model(args, "question-answering", "qa")
     context = args.context
     if args.context_file:
         path = Path(args.context_file)
@@ -242,14 +254,16 @@ def _convert(args: argparse.Namespace) -> int:
     config = BloomConfig.from_pretrained(source)
     architecture = next((a for a in config.architectures or [] if a in HEAD_CLASSES), "BloomForCausalLM")
     destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{destination.name}.tmp-", dir=destination.parent))
+    from bloomlm.finetune import staging_dir
+
+    staging = staging_dir(destination.parent, destination.name)
     try:
-        steps = ["weights", "tokenizer"]
-        for step in _progress(steps, len(steps), f"converting to {args.to}"):
-            if step == "weights":
-                _convert_weights(source, staging, architecture, args)
-            else:
-                _copy_tokenizer(source, staging)
+        bar = _bar(2, f"converting to {args.to}")
+        _convert_weights(source, staging, architecture, args)
+        bar.update(1)
+        _copy_tokenizer(source, staging)
+        bar.update(1)
+        bar.close()
         if destination.exists():
             destination.rmdir()  # empty, checked above
         os.replace(staging, destination)
@@ -301,7 +315,7 @@ def _flax_state_dict(source: Path) -> dict[str, Any]:
         if array.dtype.name == "bfloat16":  # NumPy has no bfloat16; go through float32
             tensors[name] = torch.from_numpy(np.asarray(array, dtype=np.float32)).to(torch.bfloat16)
         else:
-            tensors[name] = torch.from_numpy(np.ascontiguousarray(array))
+            tensors[name] = torch.from_numpy(np.array(array))  # a writable copy, as torch wants
     return tensors
 
 
@@ -327,9 +341,11 @@ def memory_estimate(config: BloomConfig, n_params: int, dtype: str, batch: int, 
     """
     size = BYTES_PER_DTYPE[dtype]
     compute = 2 if dtype == "int8" else size  # int8 weights compute in half precision
+    weights = n_params * size
+    if dtype == "int8":  # plus a float32 scale per output row of each matrix (embedding: vocab; a block: 9 hidden)
+        weights += (config.vocab_size + 9 * config.n_layer * config.hidden_size) * 4
     estimate = {
-        "weights": n_params * size
-        + (config.vocab_size + 7 * config.n_layer * config.hidden_size) * 4 * (dtype == "int8"),
+        "weights": weights,
         "kv_cache": 2 * config.n_layer * batch * length * config.hidden_size * compute,
         "attention": batch * config.n_head * length * length * compute,
         "activations": batch * length * 8 * config.hidden_size * compute,
@@ -423,6 +439,7 @@ def _finetune(args: argparse.Namespace) -> int:
         warmup_ratio=args.warmup_ratio,
         bf16=args.bf16,
         gradient_checkpointing=args.gradient_checkpointing,
+        group_by_length=args.group_by_length,
         seed=args.seed,
         device=args.device or "cpu",
         threads=args.threads,
@@ -442,7 +459,12 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
         "--model", default=default, metavar="PATH_OR_NAME", help=f"model folder or name ({default_note})"
     )
     group.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
-    group.add_argument("--dtype", choices=DTYPES, default="auto", help="weights dtype; auto keeps the checkpoint's")
+    group.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="weights dtype; auto = the checkpoint's (default: float32 on CPU, auto on other devices); "
+        "int8 = weight-only int8 quantization",
+    )
 
 
 def _add_generate(commands) -> None:
@@ -555,9 +577,11 @@ def _add_finetune(commands) -> None:
         "epoch's model in --out (a normal model folder) and the latest state in --out/training_state for --resume.",
     )
     parser.add_argument("task", choices=("seq-cls", "token-cls", "qa", "causal-lm"))
-    parser.add_argument("--train", required=True, help="training data: .csv, .tsv or .jsonl")
-    parser.add_argument("--eval", help="evaluation data, same format (metrics each epoch; picks the best epoch)")
-    parser.add_argument("--out", required=True, help="output model folder")
+    parser.add_argument("--train", required=True, metavar="FILE", help="training data: .csv, .tsv or .jsonl")
+    parser.add_argument(
+        "--eval", metavar="FILE", help="evaluation data, same format (metrics each epoch; picks the best epoch)"
+    )
+    parser.add_argument("--out", required=True, metavar="DIR", help="output model folder")
     parser.add_argument("--resume", action="store_true", help="continue from --out/training_state")
     parser.add_argument("--model", default=None, metavar="PATH_OR_NAME", help=f"starting model (default: {DEFAULT_LM})")
     parser.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
@@ -584,6 +608,12 @@ def _add_finetune(commands) -> None:
     training.add_argument("--max-length", type=int, default=128, help="truncate examples to this many tokens")
     training.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     training.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations: less memory")
+    training.add_argument(
+        "--no-group-by-length",
+        dest="group_by_length",
+        action="store_false",
+        help="shuffle freely (default: batch examples of similar length together, less padding)",
+    )
     training.add_argument("--seed", type=int, default=0)
     parser.set_defaults(run=_finetune)
 

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from bloomlm.config import BloomConfig
 from bloomlm.tokenizer import AutoTokenizer, BloomTokenizerFast
 from bloomlm.torch.model import (
     BloomForCausalLM,
@@ -93,6 +94,7 @@ class FinetuneConfig:
     max_grad_norm: float = 1.0
     bf16: bool = False
     gradient_checkpointing: bool = False
+    group_by_length: bool = True  # batch examples of similar length together (less padding)
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None
@@ -291,6 +293,27 @@ def _batches(features: list[dict], batch_size: int, order: list[int] | None = No
         yield [features[i] for i in order[start : start + batch_size]]
 
 
+def training_batches(features: list[dict], batch_size: int, seed: int, group_by_length: bool) -> list[list[dict]]:
+    """One epoch's batches in a random order fixed by `seed` (so a resumed run sees the same order).
+
+    With `group_by_length`, examples of similar length share a batch (sorted within windows of 50 batches,
+    then the batches shuffled): far less padding to compute on, still a random order.
+    """
+    rng = random.Random(seed)
+    order = list(range(len(features)))
+    rng.shuffle(order)
+    if group_by_length:
+        window = 50 * batch_size
+        for start in range(0, len(order), window):
+            order[start : start + window] = sorted(
+                order[start : start + window], key=lambda i: len(features[i]["input_ids"]), reverse=True
+            )
+    batches = list(_batches(features, batch_size, order))
+    if group_by_length:
+        rng.shuffle(batches)
+    return batches
+
+
 # -- inference helpers shared by evaluation and the CLI ------------------------------------------------------
 
 
@@ -348,16 +371,21 @@ def answer_question(model, tokenizer, question: str, context: str, max_length: i
 
 @torch.no_grad()
 def classify(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
-    """[{"label", "score", "scores": {label: probability}}] for each text, in order."""
-    results = []
+    """[{"label", "score", "scores": {label: probability}}] for each text, in the order given.
+
+    Texts are batched by length (less padding to compute); left padding leaves each row's result unchanged.
+    """
+    results: list[dict[str, Any]] = [{} for _ in texts]
     id2label = model.config.id2label
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[start : start + batch_size], padding=True, return_tensors="pt").to(model.device)
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
+    for start in range(0, len(order), batch_size):
+        indices = order[start : start + batch_size]
+        inputs = tokenizer([texts[i] for i in indices], padding=True, return_tensors="pt").to(model.device)
         probabilities = model(**inputs).logits.float().softmax(-1).cpu()
-        for row in probabilities:
+        for index, row in zip(indices, probabilities):
             best = int(row.argmax())
             scores = {id2label.get(i, str(i)): float(p) for i, p in enumerate(row)}
-            results.append({"label": id2label.get(best, str(best)), "score": float(row[best]), "scores": scores})
+            results[index] = {"label": id2label.get(best, str(best)), "score": float(row[best]), "scores": scores}
     return results
 
 
@@ -551,6 +579,17 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return factor
 
 
+def staging_dir(parent: Path, name: str) -> Path:
+    """A new hidden folder `parent/.name.tmp-XXXX` to build `name` in before renaming it into place.
+
+    On the same file system as the target, so the rename is atomic; mode 0755 like a folder made by mkdir
+    (mkdtemp's 0700 would make the renamed model folder private).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    staging.chmod(0o755)
+    return staging
+
+
 def _swap_into_place(new_dir: Path, target: Path) -> None:
     """Replace `target` by the complete folder `new_dir` (two renames; the old one is removed afterwards)."""
     old = None
@@ -566,7 +605,7 @@ def _swap_into_place(new_dir: Path, target: Path) -> None:
 
 def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
     """Write `out/training_state/` (latest weights, optimizer, scheduler, counters) through a temporary folder."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{STATE_DIR}.tmp-", dir=out))
+    staging = staging_dir(out, STATE_DIR)
     try:
         model.save_pretrained(staging)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
@@ -578,7 +617,7 @@ def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -
 
 def _save_best(out: Path, model, tokenizer, results: dict[str, Any]) -> None:
     """Write the best model as a normal model folder in `out`, keeping `out/training_state/`."""
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    staging = staging_dir(out.parent, out.name)
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
@@ -618,12 +657,10 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
     torch.manual_seed(config.seed)
 
     source = str(out / STATE_DIR) if saved_state else config.model
-    tokenizer = AutoTokenizer.from_pretrained(
-        out if saved_state else config.model, add_prefix_space=config.task == "token-cls"
-    )
+    # Pre-split words (token-cls) need a space before every word, as transformers requires.
+    prefix_space = {"add_prefix_space": True} if config.task == "token-cls" else {}
+    tokenizer = AutoTokenizer.from_pretrained(out if saved_state else config.model, **prefix_space)
     train_rows = read_records(config.train_file)
-    from bloomlm.config import BloomConfig
-
     base_config = BloomConfig.from_pretrained(source)
     label_maps = _label_maps(config, train_rows, config.train_file, base_config) if not saved_state else None
     if saved_state and config.task in ("seq-cls", "token-cls"):
@@ -669,20 +706,19 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
         log(f"before training: {_format_metrics(metrics)}")
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    log_every = max(1, steps_per_epoch // 10)
     for epoch in range(start_epoch, config.epochs):
         if step >= total_steps:
             break
-        order = list(range(len(train_features)))
-        random.Random(config.seed + epoch).shuffle(order)
+        micro_batches = training_batches(train_features, config.batch_size, config.seed + epoch, config.group_by_length)
         train_loss, n_batches = 0.0, 0
         progress = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{config.epochs}")
-        micro_batches = list(_batches(train_features, config.batch_size, order))
         for index, chunk in enumerate(micro_batches):
             batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
             with _autocast(device, config.bf16):
                 loss = model(**batch).loss
             (loss / config.gradient_accumulation_steps).backward()
-            train_loss += float(loss)
+            train_loss += loss.detach().item()
             n_batches += 1
             last_micro = index == len(micro_batches) - 1
             if (index + 1) % config.gradient_accumulation_steps == 0 or last_micro:
@@ -693,6 +729,11 @@ def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], 
                 step += 1
                 progress.update(1)
                 progress.set_postfix(loss=f"{train_loss / n_batches:.4f}")
+                if progress.disable and step % log_every == 0:  # no bar (piped): a line every ~10% of an epoch
+                    log(
+                        f"epoch {epoch + 1}/{config.epochs}, step {step}/{total_steps}: "
+                        f"loss {train_loss / n_batches:.4f}"
+                    )
                 if step >= total_steps:
                     break
         progress.close()
