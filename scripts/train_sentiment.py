@@ -17,13 +17,20 @@ shipped model with both baselines without vaderSentiment installed:
     baseline has seen the test data; the fine-tuned model has not.
 
 Training, both stages with the `bloomlm finetune` command line (bf16 autocast, AdamW, warmup + linear decay):
-  1. `causal-lm` from bloomlm-tiny, 1 epoch on the training sentences' text: bloomlm-tiny has read only Python
+  1. `causal-lm` from bloomlm-tiny, 2 epochs on the training sentences' text: bloomlm-tiny has read only Python
      documentation, so it first reads tweets and reviews (domain adaptation; labels unused, held-out unseen);
-  2. `seq-cls` from that, 3 epochs; the epoch with the best accuracy on the evaluation split is kept.
+  2. `seq-cls` from that, 4 epochs; the epoch with the best accuracy on the evaluation split is kept.
 The result is saved with fp16 weights; the held-out accuracy is measured on exactly what ships.
 
-Run from the repository root (downloads ~2.5 MB with pip, then a few minutes on 2 CPU threads):
+Run from the repository root (downloads ~2.5 MB with pip, then about 8.5 minutes on one CPU thread):
     python scripts/train_sentiment.py                     # writes src/bloomlm/assets/bloomlm-tiny-sentiment/
+
+The shipped model (run on CPython 3.11.7, torch 2.13 CPU, one thread of a Xeon with AMX, 509 s):
+    best epoch 3: eval accuracy 0.7450
+    held-out accuracy (1000 sentences): bloomlm-tiny-sentiment 0.736 (fp16 weights as shipped; fp32 the same),
+    VADER compound score 0.707, majority class (positive) 0.533
+      tweets (179): 0.804 vs VADER 0.983; movies (518): 0.741 vs 0.624; amazon (148): 0.750 vs 0.757;
+      nyt (155): 0.626 vs 0.619
 """
 
 from __future__ import annotations
@@ -119,10 +126,10 @@ def main() -> int:
     parser.add_argument("--out", default=str(ASSETS / "bloomlm-tiny-sentiment"))
     parser.add_argument("--heldout-file", default=str(ASSETS / "vader-heldout.jsonl"))
     parser.add_argument("--download-dir", help="keep the sdist here (default: a temporary folder)")
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
-    parser.add_argument("--adapt-epochs", type=int, default=1, help="causal-LM epochs on the training text first")
+    parser.add_argument("--adapt-epochs", type=int, default=2, help="causal-LM epochs on the training text first")
     parser.add_argument("--adapt-learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)

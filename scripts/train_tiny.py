@@ -13,10 +13,17 @@ Model (why this shape): BLOOM architecture, vocab 4096, hidden 192, 4 layers, 6 
   * 6 heads: not a power of two, so the embedded default exercises BLOOM's interpolated ALiBi slopes
     (as bloom-176b's 112 heads do).
 
-Run from the repository root (about 5-6 minutes on 2 CPU threads):
+Training: 1000 steps of 16 x 128 tokens (2.0M tokens, about 5 passes over the 420k training tokens), AdamW
+(lr 3e-3, betas 0.9/0.95, weight decay 0.1), 100 warmup steps then a cosine-shaped decay to 0, bf16 autocast, fp32
+weights; saved in float16 (the validation loss is the same with the fp16 weights).
+
+Run from the repository root (about 4 minutes on 2 CPU threads):
     python scripts/train_tiny.py                 # writes src/bloomlm/assets/bloomlm-tiny/
     python scripts/train_tiny.py --steps 50 --out /tmp/t   # a quick smoke run
-The script prints the final validation loss and the training time; the README quotes them.
+
+The shipped model (CPython 3.11.7, torch 2.13 CPU, 2 threads of a Xeon with AMX bf16): 2,265 documents,
+1,668,355 characters; 420,309 training and 20,944 validation tokens; 2,566,656 parameters;
+validation loss 4.096 (perplexity 60.1), the same with fp16 weights; 234 s.
 """
 
 from __future__ import annotations

@@ -161,16 +161,20 @@ def _generate(args: argparse.Namespace) -> int:
         model.generate(**inputs, streamer=streamer, **options)
         return 0
     batches = list(_chunks(prompts, args.batch_size))
+    first = True
     for batch in _progress(batches, len(batches), "generating"):
         inputs = tokenizer(batch, padding=True, return_tensors="pt").to(model.device)
         sequences = model.generate(**inputs, **options)
         new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         continuations = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for prompt, continuation in zip(batch, continuations):
-            if args.jsonl:
+            if args.jsonl:  # one line per prompt, whatever the text holds
                 _print_json({"prompt": prompt, "generated": continuation})
-            else:
-                print(continuation if args.only_new else prompt + continuation, flush=True)
+                continue
+            if not first:
+                print()  # texts may hold newlines: a blank line between results
+            print(continuation if args.only_new else prompt + continuation, flush=True)
+            first = False
     return 0
 
 
@@ -472,7 +476,8 @@ def _add_generate(commands) -> None:
         "generate",
         help="continue text prompts (streams a single prompt word by word)",
         description="Continue prompts. One prompt streams to the terminal as it is generated; several (from "
-        "--file or stdin, one per line) run in batches and print one result per line.",
+        "--file or stdin, one per line) run in batches and print their results separated by blank lines "
+        "(--jsonl: one JSON object per line).",
     )
     parser.add_argument("prompt", nargs="*", help="prompt text (else --file, else lines from stdin)")
     parser.add_argument("--file", help="read prompts from this file, one per line")
@@ -624,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="BLOOM language models in PyTorch and JAX/Flax, a drop-in for transformers' BLOOM classes. "
         f"Without --model, commands use the embedded {DEFAULT_LM} (and {DEFAULT_CLASSIFIER} for classify), "
         "so they work offline right after install.",
-        epilog='Try: bloomlm generate "The Python interpreter" --seed 0',
+        epilog='Try: bloomlm generate "A list is" --seed 0',
     )
     parser.add_argument("--version", action="version", version=f"bloomlm {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
