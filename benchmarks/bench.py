@@ -99,6 +99,16 @@ def memory_bandwidth(threads: int) -> float:
 # ---------------------------------------------------------------------------------------------------
 
 
+def _timed(run, reps: int) -> dict:
+    """Median wall time of `reps` calls of `run` (already warmed up), and every time."""
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+    return {"seconds": statistics.median(times), "all": times}
+
+
 def _peak_rss_mb() -> float:
     # VmHWM is this process image's own high-water mark; getrusage's ru_maxrss would also count the
     # parent's peak, which a child inherits across fork and exec.
@@ -161,12 +171,7 @@ def _time_torch(system: str, variant: str, task: str, folder: Path, reps: int) -
                 assert out.shape == (batch, PROMPT + NEW_TOKENS)
 
         run()  # warm-up
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "all": times}
+        return _timed(run, reps)
 
 
 def _time_ctranslate2(variant: str, task: str, folder: Path, reps: int) -> dict:
@@ -201,13 +206,8 @@ def _time_ctranslate2(variant: str, task: str, folder: Path, reps: int) -> dict:
                                            include_prompt_in_result=False)  # fmt: skip
             assert all(len(r.sequences_ids[0]) == NEW_TOKENS for r in out)
 
-    run()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"seconds": statistics.median(times), "all": times}
+    run()  # warm-up
+    return _timed(run, reps)
 
 
 def _time_flax(task: str, folder: Path, reps: int) -> dict:
@@ -239,13 +239,8 @@ def _time_flax(task: str, folder: Path, reps: int) -> dict:
     t0 = time.perf_counter()
     run()  # compiles
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    median = statistics.median(times)
-    return {"seconds": median, "all": times, "compile_seconds": first - median}
+    result = _timed(run, reps)
+    return {**result, "compile_seconds": first - result["seconds"]}
 
 
 def _ct2_vocabulary(model_dir: Path) -> list[str]:
