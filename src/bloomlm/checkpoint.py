@@ -30,7 +30,7 @@ import safetensors.torch
 import torch
 
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
-from bloomlm.files import _flush_to_disk, atomic_path, atomic_write_text, parse_size  # noqa: F401 (re-exported)
+from bloomlm.files import atomic_path, atomic_write_text, parse_size  # noqa: F401 (re-exported)
 
 SAFE_WEIGHTS_NAME = "model.safetensors"
 SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"

@@ -60,9 +60,6 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 # Keys written by transformers that carry no meaning for a model and are not kept as extras.
 _DROPPED_KEYS = {"model_type", "transformers_version", "_name_or_path", "_commit_hash", "num_labels"}
 
-# transformers' generic PretrainedConfig fields that BLOOM never reads; accepted and kept so a
-# round trip through bloomlm loses nothing, but not given attributes of their own.
-
 
 class BloomConfig:
     """Configuration of a BLOOM model; `BloomConfig()` gives transformers 4.37's defaults.
@@ -190,14 +187,9 @@ class BloomConfig:
 
     @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BloomConfig:
-        path = Path(path)
-        try:
-            config_dict = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{path} is not valid JSON ({err}); a BLOOM config.json is expected") from err
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
-        return cls.from_dict(config_dict)
+        from bloomlm.files import read_json_object
+
+        return cls.from_dict(read_json_object(path))
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomConfig:

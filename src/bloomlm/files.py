@@ -8,10 +8,23 @@ file or the new one, never half of one, and a failed write leaves nothing behind
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from collections.abc import Iterator
 from pathlib import Path
+
+
+def read_json_object(path: str | os.PathLike) -> dict:
+    """The JSON object stored in `path`; ValueError naming the file when it is not valid JSON or not an object."""
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path} is not valid JSON ({err})") from err
+    if not isinstance(content, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
+    return content
 
 
 def _read_umask() -> int:

@@ -17,7 +17,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bloomlm.files import atomic_write_text
+from bloomlm.files import atomic_write_text, read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -140,13 +140,7 @@ class GenerationConfig:
             path = path / config_file_name
         if not path.is_file():
             raise FileNotFoundError(f"no generation config: looked for {path}")
-        try:
-            config_dict = json.loads(path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{path} is not valid JSON: {err}") from err
-        if not isinstance(config_dict, dict):
-            raise ValueError(f"{path} must hold a JSON object, got {type(config_dict).__name__}")
-        return cls.from_dict(config_dict, **kwargs)
+        return cls.from_dict(read_json_object(path), **kwargs)
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> GenerationConfig:

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from tokenizers import AddedToken, Encoding, Tokenizer
 
-from bloomlm.files import atomic_write_text
+from bloomlm.files import atomic_write_text, read_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -222,15 +222,7 @@ def _as_tensor(value: Any, framework: str, key: str) -> Any:
 
 def _read_json_object(path: Path) -> dict[str, Any]:
     """The JSON object in `path`, or {} when the file is absent (the config files are optional)."""
-    if not path.is_file():
-        return {}
-    try:
-        content = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON ({err})") from err
-    if not isinstance(content, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(content).__name__}")
-    return content
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _as_added_token(value: Any, special: bool | None = None) -> AddedToken:
