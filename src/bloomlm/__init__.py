@@ -15,7 +15,7 @@ _EXPORTS = {
     "BloomConfig": "bloomlm.config",
     "BloomTokenizerFast": "bloomlm.tokenizer",
     "AutoTokenizer": "bloomlm.tokenizer",
-    "BatchEncoding": "bloomlm.tokenizer",
+    "BatchEncoding": "bloomlm.encoding",
     "BloomPreTrainedModel": "bloomlm.torch.pretrained",
     "BloomModel": "bloomlm.torch.model",
     "BloomForCausalLM": "bloomlm.torch.model",

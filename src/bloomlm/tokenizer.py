@@ -1,239 +1,114 @@
-"""BLOOM's fast tokenizer: the `tokenizers` library over `tokenizer.json`, with transformers 4.37's API.
+"""BLOOM's fast tokenizer: the `tokenizers` library over tokenizer.json, with transformers' API.
 
 `BloomTokenizerFast` gives the same ids, masks, offsets and decoded text as transformers'
 `BloomTokenizerFast` on the same folder, and `save_pretrained` writes files transformers reads back
-unchanged. `AutoTokenizer.from_pretrained` is a thin alias that always builds a `BloomTokenizerFast`.
+unchanged. `AutoTokenizer.from_pretrained` is a thin alias that always builds a
+`BloomTokenizerFast`.
 
 The Rust backend does the real work (pre-tokenising, BPE, truncation, padding, offsets); this module
-turns transformers' arguments into backend settings, and backend encodings into a `BatchEncoding`.
+owns the class: it turns transformers' arguments into backend settings, and backend encodings into a
+`BatchEncoding`. Two framework-free neighbours hold the rest: `bloomlm.tokenizer_files` (what the
+folder's JSON files hold, how they merge with the caller's keywords, what is written back) and
+`bloomlm.encoding` (`BatchEncoding` and the tensor conversions); both names are re-exported here.
 Imports stay light: torch and jax are imported only when tensors of that kind are asked for.
 
 Deliberate differences from transformers 4.37, each where transformers' behaviour is an accident:
 - `padding_side` defaults to "left" (BLOOM's, and what every bigscience tokenizer_config.json says);
   transformers falls back to "right" when the config omits it.
-- A ragged batch with `return_tensors="np"` raises like "pt"/"jax" do (transformers builds an object array).
-- An empty text with `return_tensors` gives integer tensors of shape (1, 0) (transformers gives floats).
+- A ragged batch with `return_tensors="np"` raises like "pt"/"jax" do (transformers builds an
+  object array).
+- An empty text with `return_tensors` gives integer tensors of shape (1, 0) (transformers gives
+  floats).
 - `encode(["a", "b"])` raises (transformers silently encodes the two strings as a *pair*).
-- Truncation settings the backend cannot meet raise ValueError (transformers lets a bare Exception, or
-  for some stride/pair combinations a Rust panic, escape).
+- Truncation settings the backend cannot meet raise ValueError (transformers lets a bare Exception,
+  or for some stride/pair combinations a Rust panic, escape).
 """
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import operator
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 from tokenizers import AddedToken, Encoding, Tokenizer
 
-from bloomlm.files import atomic_write_text, read_json_object
+from bloomlm.encoding import (
+    TENSOR_TYPES,
+    BatchEncoding,
+    check_return_tensors,
+    framework_of,
+    to_python,
+)
+from bloomlm.tokenizer_files import (
+    ADDITIONAL_SPECIAL_TOKENS,
+    SAVED_ATTRIBUTES,
+    SPECIAL_TOKEN_ATTRIBUTES,
+    SPECIAL_TOKENS_MAP_FILE,
+    TOKENIZER_CONFIG_FILE,
+    TOKENIZER_FILE,
+    added_token_fields,
+    config_to_save,
+    json_text,
+    make_save_folder,
+    read_init_kwargs,
+    recorded_defaults,
+    resolve_tokenizer_folder,
+    special_tokens_map_to_save,
+    write_texts,
+)
 
 logger = logging.getLogger(__name__)
 
-TOKENIZER_FILE = "tokenizer.json"
-TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
+__all__ = [
+    "ADDITIONAL_SPECIAL_TOKENS",
+    "LARGE_INTEGER",
+    "PADDING_STRATEGIES",
+    "SPECIAL_TOKENS_MAP_FILE",
+    "SPECIAL_TOKEN_ATTRIBUTES",
+    "TENSOR_TYPES",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "TRUNCATION_STRATEGIES",
+    "VERY_LARGE_INTEGER",
+    "AutoTokenizer",
+    "BatchEncoding",
+    "BloomTokenizerFast",
+    "clean_up_tokenization",
+]
 
-# transformers' "no limit" model_max_length, and the threshold above which a length counts as "no limit".
+# transformers' "no limit" model_max_length, and the threshold above which a length is "no limit".
 VERY_LARGE_INTEGER = int(1e30)
 LARGE_INTEGER = int(1e20)
 
-SPECIAL_TOKEN_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
-ADDITIONAL_SPECIAL_TOKENS = "additional_special_tokens"
-
 PADDING_STRATEGIES = ("longest", "max_length", "do_not_pad")
 TRUNCATION_STRATEGIES = ("longest_first", "only_first", "only_second", "do_not_truncate")
-TENSOR_TYPES = ("pt", "np", "jax")
 
-# Tokenizer attributes that save_pretrained writes with their current value (transformers writes every
-# init kwarg that is also an attribute; these are the ones this class has).
-_SAVED_ATTRIBUTES = (
-    *SPECIAL_TOKEN_ATTRIBUTES,
-    ADDITIONAL_SPECIAL_TOKENS,
-    "add_prefix_space",
-    "clean_up_tokenization_spaces",
-    "model_max_length",
-    "model_input_names",
-    "padding_side",
-    "truncation_side",
-)
-# Config keys that describe where a file came from, not how to tokenize; never written back.
-_PRIVATE_CONFIG_KEYS = ("name_or_path", "special_tokens_map_file", "tokenizer_file", "tokenizer_class", "init_inputs")
-_ADDED_TOKEN_FIELDS = ("content", "single_word", "lstrip", "rstrip", "normalized", "special")
-# AutoTokenizer keywords that choose a tokenizer class in transformers; there is only one class here.
+_SPECIAL_TOKEN_KEYS = (*SPECIAL_TOKEN_ATTRIBUTES, ADDITIONAL_SPECIAL_TOKENS)
+# AutoTokenizer keywords that choose a tokenizer class in transformers; there is one class here.
 _AUTO_ONLY_KEYWORDS = ("use_fast", "tokenizer_type")
 
 _TEXT_TYPES_MESSAGE = (
-    "`str` (one text), `list[str]` (a batch of texts, or one pre-split text with is_split_into_words=True) "
-    "or `list[list[str]]` (a batch of pre-split texts)"
+    "`str` (one text), `list[str]` (a batch of texts, or one pre-split text with "
+    "is_split_into_words=True) or `list[list[str]]` (a batch of pre-split texts)"
 )
 
 
-# -- BatchEncoding --------------------------------------------------------------------------------------------
-
-
-class BatchEncoding(dict):
-    """What the tokenizer returns: a dict of features (`input_ids`, `attention_mask`, ...) with extras.
-
-    Features are also attributes (`enc.input_ids`). `enc[i]` with an int is the backend
-    `tokenizers.Encoding` of row i (char/word/token maps). Values are lists, or tensors of one framework.
-    """
-
-    def __init__(
-        self,
-        data: Mapping[str, Any] | None = None,
-        encoding: Encoding | Sequence[Encoding] | None = None,
-        tensor_type: str | None = None,
-        n_sequences: int | None = None,
-    ) -> None:
-        super().__init__(data or {})
-        if isinstance(encoding, Encoding):
-            encoding = [encoding]
-        self._encodings = list(encoding) if encoding is not None else None
-        if n_sequences is None and self._encodings:
-            n_sequences = self._encodings[0].n_sequences
-        self._n_sequences = n_sequences
-        self.convert_to_tensors(tensor_type)
-
-    def __getitem__(self, key: str | int | slice) -> Any:
-        if isinstance(key, str):
-            return super().__getitem__(key)
-        if isinstance(key, int) and self._encodings is not None:
-            return self._encodings[key]
-        if isinstance(key, slice):
-            return {name: value[key] for name, value in self.items()}
-        raise KeyError(f"BatchEncoding keys are feature names (str), row indices (int) or slices; got {key!r}")
-
-    def __getattr__(self, name: str) -> Any:
-        # Only called when normal lookup fails: features double as attributes.
-        if name.startswith("__"):
-            raise AttributeError(name)
-        try:
-            return dict.__getitem__(self, name)
-        except KeyError:
-            raise AttributeError(f"BatchEncoding has no feature or attribute {name!r}") from None
-
-    @property
-    def encodings(self) -> list[Encoding] | None:
-        """The backend encodings, one per row (None when built by `pad`)."""
-        return self._encodings
-
-    @property
-    def n_sequences(self) -> int | None:
-        """1 for single texts, 2 for pairs, None when unknown."""
-        return self._n_sequences
-
-    @property
-    def is_fast(self) -> bool:
-        return self._encodings is not None
-
-    def _encoding(self, batch_index: int) -> Encoding:
-        if self._encodings is None:
-            raise ValueError(
-                "token/word maps are only available on encodings made by the tokenizer's __call__, not by pad()"
-            )
-        return self._encodings[batch_index]
-
-    def tokens(self, batch_index: int = 0) -> list[str]:
-        """The token strings of row `batch_index`."""
-        return self._encoding(batch_index).tokens
-
-    def word_ids(self, batch_index: int = 0) -> list[int | None]:
-        """For each token of row `batch_index`, the index of the word it came from (None for special/pad)."""
-        return self._encoding(batch_index).word_ids
-
-    def sequence_ids(self, batch_index: int = 0) -> list[int | None]:
-        """For each token of row `batch_index`: 0 (first text), 1 (text_pair) or None (special/pad)."""
-        return self._encoding(batch_index).sequence_ids
-
-    def convert_to_tensors(self, tensor_type: str | None = None) -> BatchEncoding:
-        """Turn every feature into a tensor of `tensor_type` ("pt", "np", "jax"); None leaves lists."""
-        framework = _check_return_tensors(tensor_type)
-        if framework is None:
-            return self
-        for key, value in self.items():
-            if not _is_tensor(value):
-                self[key] = _as_tensor(value, framework, key)
-        return self
-
-    def to(self, device: Any) -> BatchEncoding:
-        """Move every torch tensor to `device` (a str, int or torch.device), in place; returns self."""
-        import torch
-
-        if not isinstance(device, str | int | torch.device):
-            # transformers' behaviour: a dtype or module passed here (e.g. by APEX) is ignored, not applied.
-            logger.warning("Attempting to cast a BatchEncoding to %s; only devices are supported.", device)
-            return self
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                self[key] = value.to(device=device)
-        return self
-
-
-def _check_return_tensors(return_tensors: Any) -> str | None:
-    if return_tensors is None:
-        return None
-    framework = getattr(return_tensors, "value", return_tensors)  # accept transformers' TensorType enum
-    if framework not in TENSOR_TYPES:
-        raise ValueError(
-            f"return_tensors={return_tensors!r} is not supported; use None (lists), 'pt' (torch), 'np' (numpy) or 'jax'"
-        )
-    return framework
-
-
-def _is_tensor(value: Any) -> bool:
-    # Lists and tuples are the only values built here; anything with a shape is already a tensor.
-    return not isinstance(value, list | tuple) and hasattr(value, "shape")
-
-
-def _as_tensor(value: Any, framework: str, key: str) -> Any:
-    if isinstance(value, list | tuple) and value and isinstance(value[0], list | tuple):
-        lengths = {len(row) for row in value}
-        if len(lengths) > 1:
-            raise ValueError(
-                f"Unable to create a tensor from `{key}`: its rows have different lengths {sorted(lengths)}. "
-                "Use padding=True (and truncation=True if needed) to get batched tensors of one length."
-            )
-    if framework == "pt":
-        import torch
-
-        tensor = torch.tensor(value)
-        # An empty list has no element type and would become float; ids and masks are integers.
-        return tensor.long() if tensor.numel() == 0 else tensor
-    array = np.asarray(value)
-    if array.size == 0:
-        array = array.astype(np.int64)
-    if framework == "jax":
-        import jax.numpy as jnp
-
-        return jnp.asarray(array)  # int32 unless jax_enable_x64, exactly as transformers returns
-    return array
-
-
-# -- loading helpers --------------------------------------------------------------------------------------------
-
-
-def _read_json_object(path: Path) -> dict[str, Any]:
-    """The JSON object in `path`, or {} when the file is absent (the config files are optional)."""
-    return read_json_object(path) if path.is_file() else {}
+# -- backend helpers -------------------------------------------------------------------------------
 
 
 def _as_added_token(value: Any, special: bool | None = None) -> AddedToken:
-    """An AddedToken from a saved dict ({"content": ..., "lstrip": ...}, maybe with "__type") or an AddedToken."""
+    """An AddedToken from a saved dict (extra keys such as "__type" ignored); AddedTokens as is."""
     if isinstance(value, AddedToken):
         return value
-    fields = {k: v for k, v in value.items() if k in _ADDED_TOKEN_FIELDS}
-    if "content" not in fields:
-        raise ValueError(f"a special token given as a dict needs a 'content' entry, got {value!r}")
-    if special is not None:
-        fields["special"] = special
+    return AddedToken(**added_token_fields(value, special))
+
+
+def _added_token_from_fields(fields: dict[str, Any]) -> AddedToken:
+    """tokenizer_files' `make_token`: special tokens read from the JSON files become AddedTokens."""
     return AddedToken(**fields)
 
 
@@ -241,55 +116,65 @@ def _token_content(value: str | AddedToken | None) -> str | None:
     return value.content if isinstance(value, AddedToken) else value
 
 
-def _merge_config(config: dict[str, Any], special_tokens_map: dict[str, Any], kwargs: dict[str, Any]) -> dict[str, Any]:
-    """The constructor arguments transformers 4.37 derives from the two JSON files and the caller's kwargs."""
-    init_kwargs = {k: v for k, v in config.items() if k not in _PRIVATE_CONFIG_KEYS}
-    init_kwargs.update(kwargs)
-    # Configs written since transformers 4.34 carry `added_tokens_decoder`, and then transformers ignores
-    # special_tokens_map.json entirely; older folders take their special tokens from it.
-    if "added_tokens_decoder" not in config:
-        for key, value in special_tokens_map.items():
-            if kwargs.get(key):  # a truthy kwarg wins; a None kwarg does not (transformers' rule)
-                continue
-            if key == ADDITIONAL_SPECIAL_TOKENS and isinstance(value, list):
-                merged = list(init_kwargs.get(key) or [])
-                for token in value:
-                    token = _as_added_token(token, special=True) if isinstance(token, dict) else token
-                    if token not in merged:
-                        merged.append(token)
-                value = merged
-            elif isinstance(value, dict):
-                value = _as_added_token(value, special=True)
-            init_kwargs[key] = value
-    return init_kwargs
+def _saved_form(value: Any) -> Any:
+    """A special token as special_tokens_map.json stores it: AddedTokens as their saved dicts."""
+    if isinstance(value, list):
+        return [_saved_form(token) for token in value]
+    return value.__getstate__() if isinstance(value, AddedToken) else value
 
 
-def _resolve_folder(name_or_path: str | os.PathLike, hub_kwargs: dict[str, Any]) -> Path:
-    from bloomlm.hub import resolve_model_dir
+def _with_added_token_flags(init_kwargs: dict[str, Any], backend: Tokenizer) -> None:
+    """Give each special token that is also an added token that token's flags, in place.
 
-    wanted = [TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE]
-    folder = resolve_model_dir(name_or_path, wanted, **hub_kwargs)
-    if not (folder / TOKENIZER_FILE).is_file():
-        from bloomlm.errors import CheckpointNotFoundError
+    The added tokens are the config's `added_tokens_decoder` if it has one, else the backend's.
+    """
+    saved_added = init_kwargs.get("added_tokens_decoder")
+    if saved_added:
+        added = map(_as_added_token, saved_added.values())
+    else:
+        added = backend.get_added_tokens_decoder().values()
+    added_by_content = {token.content: token for token in added}
+    for key in SPECIAL_TOKEN_ATTRIBUTES:
+        value = init_kwargs.get(key)
+        if isinstance(value, dict):
+            value = _as_added_token(value, special=True)
+        if value is not None:
+            init_kwargs[key] = added_by_content.get(_token_content(value), value)
 
-        raise CheckpointNotFoundError(
-            f"{folder} has no {TOKENIZER_FILE}; BloomTokenizerFast is built from that file "
-            f"(with optional {TOKENIZER_CONFIG_FILE} and {SPECIAL_TOKENS_MAP_FILE} beside it)"
+
+def _make_backend(
+    tokenizer_object: Tokenizer | None,
+    tokenizer_file: str | os.PathLike | None,
+    add_prefix_space: bool,
+) -> Tokenizer:
+    """The backend: `tokenizer_object` itself, or `tokenizer_file` loaded."""
+    if tokenizer_object is None and tokenizer_file is None:
+        raise ValueError(
+            "BloomTokenizerFast needs a tokenizers.Tokenizer or a tokenizer_file (tokenizer.json)"
         )
-    return folder
+    if tokenizer_object is not None:
+        backend = tokenizer_object
+    else:
+        backend = Tokenizer.from_file(os.fspath(tokenizer_file))
+    if add_prefix_space:
+        _with_prefix_space(backend)
+    return backend
 
 
 def _with_prefix_space(backend: Tokenizer) -> None:
-    """Turn on every ByteLevel `add_prefix_space` in the backend's pre-tokenizer and decoder, in place.
+    """Turn on every ByteLevel `add_prefix_space` in the backend's pre-tokenizer and decoder.
 
-    transformers does this by rewriting `"add_prefix_space":false` inside the pickled pre-tokenizer and
-    decoder. Here the same JSON is edited, and the edited components are built by a throwaway tokenizer
-    holding only them (cheap, unlike re-parsing BLOOM's 250k-token vocabulary).
+    transformers does this by rewriting `"add_prefix_space":false` inside the pickled pre-tokenizer
+    and decoder. Here the same JSON is edited, and the edited components are built by a throwaway
+    tokenizer holding only them (cheap, unlike re-parsing BLOOM's 250k-token vocabulary).
     """
 
     def switch_on(node: Any) -> Any:
         if isinstance(node, dict):
-            return {k: True if k == "add_prefix_space" and v is False else switch_on(v) for k, v in node.items()}
+            return {
+                k: True if k == "add_prefix_space" and v is False else switch_on(v)
+                for k, v in node.items()
+            }
         if isinstance(node, list):
             return [switch_on(item) for item in node]
         return node
@@ -299,33 +184,14 @@ def _with_prefix_space(backend: Tokenizer) -> None:
         for part in ("pre_tokenizer", "decoder")
         if getattr(backend, part) is not None
     }
-    carrier = Tokenizer.from_str(json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}, **parts}))
+    carrier = Tokenizer.from_str(
+        json.dumps({"model": {"type": "BPE", "vocab": {}, "merges": []}, **parts})
+    )
     for part in parts:
         setattr(backend, part, getattr(carrier, part))
 
 
-def _backend_defaults(backend: Tokenizer) -> dict[str, Any]:
-    """Settings a tokenizer.json saved mid-use carries (its last truncation/padding); kwargs take precedence."""
-    defaults: dict[str, Any] = {}
-    truncation, padding = backend.truncation, backend.padding
-    if truncation is not None:
-        defaults.update(
-            max_length=truncation["max_length"],
-            truncation_side=truncation["direction"],
-            stride=truncation["stride"],
-            truncation_strategy=truncation["strategy"],
-        )
-    if padding is not None:
-        defaults.update(
-            pad_token_type_id=padding["pad_type_id"],
-            padding_side=padding["direction"],
-            pad_to_multiple_of=padding["pad_to_multiple_of"],
-        )
-        defaults.setdefault("max_length", padding["length"])
-    return defaults
-
-
-# -- argument checks ----------------------------------------------------------------------------------------
+# -- argument checks -------------------------------------------------------------------------------
 
 
 def _padding_strategy(padding: Any) -> str:
@@ -336,7 +202,8 @@ def _padding_strategy(padding: Any) -> str:
     strategy = getattr(padding, "value", padding)  # accept transformers' PaddingStrategy enum
     if strategy not in PADDING_STRATEGIES:
         raise ValueError(
-            f"padding={padding!r} is not supported; use True or 'longest', 'max_length', False or 'do_not_pad'"
+            f"padding={padding!r} is not supported; use True or 'longest', 'max_length', "
+            "False or 'do_not_pad'"
         )
     return strategy
 
@@ -346,11 +213,13 @@ def _truncation_strategy(truncation: Any) -> str:
         return "longest_first"
     if truncation is None or truncation is False:
         return "do_not_truncate"
-    strategy = getattr(truncation, "value", truncation)  # accept transformers' TruncationStrategy enum
+    strategy = getattr(
+        truncation, "value", truncation
+    )  # accept transformers' TruncationStrategy enum
     if strategy not in TRUNCATION_STRATEGIES:
         raise ValueError(
-            f"truncation={truncation!r} is not supported; use True or 'longest_first', 'only_first', "
-            "'only_second', False or 'do_not_truncate'"
+            f"truncation={truncation!r} is not supported; use True or 'longest_first', "
+            "'only_first', 'only_second', False or 'do_not_truncate'"
         )
     return strategy
 
@@ -368,6 +237,28 @@ def _check_side(name: str, value: Any) -> str:
     return value
 
 
+def _feature_columns(encoded_inputs: Any) -> Mapping[str, Any]:
+    """`pad`'s input as one mapping of feature -> values (a list of dicts becomes a dict)."""
+    if (
+        isinstance(encoded_inputs, list | tuple)
+        and encoded_inputs
+        and isinstance(encoded_inputs[0], Mapping)
+    ):
+        encoded_inputs = {key: [row[key] for row in encoded_inputs] for key in encoded_inputs[0]}
+    if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
+        if isinstance(encoded_inputs, Mapping):
+            keys = list(encoded_inputs.keys())
+        else:
+            keys = type(encoded_inputs)
+        raise ValueError(f"pad needs a dict (or list of dicts) holding input_ids; got {keys}")
+    return encoded_inputs
+
+
+def _without_batch_axis(features: dict[str, list[Any]]) -> dict[str, Any]:
+    """One text's features as flat lists (transformers keeps `length` as a 1-list)."""
+    return {k: v[0] if v and isinstance(v[0], list) else v for k, v in features.items()}
+
+
 def _is_text(value: Any) -> bool:
     """transformers' test of a valid text argument: str, list of str, or list of lists of str."""
     if isinstance(value, str):
@@ -376,7 +267,9 @@ def _is_text(value: Any) -> bool:
         return False
     if not value or isinstance(value[0], str):
         return all(isinstance(item, str) for item in value)
-    return all(isinstance(item, list | tuple) and all(isinstance(w, str) for w in item) for item in value)
+    return all(
+        isinstance(item, list | tuple) and all(isinstance(w, str) for w in item) for item in value
+    )
 
 
 def _as_id_list(token_ids: Any, what: str = "token_ids") -> list[int]:
@@ -390,7 +283,8 @@ def _as_id_list(token_ids: Any, what: str = "token_ids") -> list[int]:
     except TypeError:
         raise TypeError(
             f"{what} must be an int or a flat sequence of ints (list, tuple, 1-d tensor or array); "
-            f"got {type(token_ids).__name__} {str(token_ids)[:80]}. Use batch_decode for several sequences."
+            f"got {type(token_ids).__name__} {str(token_ids)[:80]}. "
+            "Use batch_decode for several sequences."
         ) from None
     if any(i < 0 for i in ids):
         raise ValueError(f"{what} must be >= 0, got {min(ids)}")
@@ -415,7 +309,7 @@ def clean_up_tokenization(text: str) -> str:
     return text
 
 
-# -- special tokens as attributes ------------------------------------------------------------------------------
+# -- special tokens as attributes ------------------------------------------------------------------
 
 
 class _SpecialToken:
@@ -431,12 +325,15 @@ class _SpecialToken:
 
     def __set__(self, tokenizer: Any, value: str | AddedToken | None) -> None:
         if value is not None and not isinstance(value, str | AddedToken):
-            raise TypeError(f"{self.name} must be a str, a tokenizers.AddedToken or None, got {type(value).__name__}")
+            raise TypeError(
+                f"{self.name} must be a str, a tokenizers.AddedToken or None, "
+                f"got {type(value).__name__}"
+            )
         tokenizer._special_tokens[self.name] = value
 
 
 class _SpecialTokenId:
-    """`tokenizer.pad_token_id` and friends: the id of the token (the unk id if it is not in the vocabulary)."""
+    """`tokenizer.pad_token_id` and friends: the token's id (the unk id if not in the vocab)."""
 
     def __init__(self, token_attribute: str) -> None:
         self.token_attribute = token_attribute
@@ -452,13 +349,14 @@ class _SpecialTokenId:
         setattr(tokenizer, self.token_attribute, token)
 
 
-# -- the tokenizer ----------------------------------------------------------------------------------------------
+# -- the tokenizer ---------------------------------------------------------------------------------
 
 
 class BloomTokenizerFast:
     """BLOOM's byte-level BPE tokenizer, compatible with transformers 4.37's `BloomTokenizerFast`.
 
-    Build it with `from_pretrained(folder)`; call it on a str, a list of str, text pairs or pre-split words.
+    Build it with `from_pretrained(folder)`; call it on a str, a list of str, text pairs or
+    pre-split words.
     """
 
     is_fast = True
@@ -479,6 +377,7 @@ class BloomTokenizerFast:
     cls_token_id = _SpecialTokenId("cls_token")
     mask_token_id = _SpecialTokenId("mask_token")
 
+    # Over 40 lines for its signature: transformers' constructor arguments, each named and typed.
     def __init__(
         self,
         tokenizer_object: Tokenizer | None = None,
@@ -500,52 +399,60 @@ class BloomTokenizerFast:
     ) -> None:
         """Wrap a `tokenizers.Tokenizer` (used as is, not copied) or load `tokenizer_file`.
 
-        The other arguments are tokenizer_config.json keys; unknown keys are kept and written back by
-        `save_pretrained`, as transformers does.
+        The other arguments are tokenizer_config.json keys; unknown keys are kept and written back
+        by `save_pretrained`, as transformers does.
         """
-        if tokenizer_object is None and tokenizer_file is None:
-            raise ValueError("BloomTokenizerFast needs a tokenizers.Tokenizer or a tokenizer_file (tokenizer.json)")
-        backend = tokenizer_object if tokenizer_object is not None else Tokenizer.from_file(os.fspath(tokenizer_file))
-        if add_prefix_space:
-            _with_prefix_space(backend)
-        self._tokenizer = backend
-
-        # A tokenizer.json saved mid-use records its last truncation/padding: like transformers, take those
-        # as defaults for what the config does not set.
-        recorded = _backend_defaults(backend)
-        padding_side = padding_side or recorded.pop("padding_side", None)
-        truncation_side = truncation_side or recorded.pop("truncation_side", None)
+        self._tokenizer = _make_backend(tokenizer_object, tokenizer_file, add_prefix_space)
+        # A tokenizer.json saved mid-use records its last truncation/padding: like transformers,
+        # take those as defaults for what the config does not set.
+        recorded = recorded_defaults(self._tokenizer.truncation, self._tokenizer.padding)
+        options = {
+            "padding_side": padding_side or recorded.get("padding_side"),
+            "truncation_side": truncation_side or recorded.get("truncation_side"),
+            "model_max_length": model_max_length,
+            "model_input_names": model_input_names,
+        }
         config = {**{k: v for k, v in recorded.items() if not k.endswith("_side")}, **config}
         special = {
             "unk_token": unk_token,
             "bos_token": bos_token,
             "eos_token": eos_token,
             "pad_token": pad_token,
-            **{k: config.pop(k) for k in (*SPECIAL_TOKEN_ATTRIBUTES, ADDITIONAL_SPECIAL_TOKENS) if k in config},
-        }
-        optional = {
-            "padding_side": padding_side,
-            "truncation_side": truncation_side,
-            "model_max_length": model_max_length,
-            "model_input_names": model_input_names,
+            **{k: config.pop(k) for k in _SPECIAL_TOKEN_KEYS if k in config},
         }
         # What save_pretrained writes back: every key given, with current values for the attributes.
         self.init_kwargs: dict[str, Any] = {
             **special,
             "add_prefix_space": add_prefix_space,
             "clean_up_tokenization_spaces": clean_up_tokenization_spaces,
-            **{key: value for key, value in optional.items() if value is not None},
+            **{key: value for key, value in options.items() if value is not None},
             **config,
         }
         self.name_or_path = os.fspath(name_or_path)
         self.add_prefix_space = add_prefix_space
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        self.padding_side = padding_side or "left"  # BLOOM pads on the left (see the module docstring)
-        self.truncation_side = truncation_side or "right"
-        self.model_max_length = model_max_length if model_max_length is not None else VERY_LARGE_INTEGER
-        self.model_input_names = list(model_input_names or ["input_ids", "attention_mask"])
+        self._set_options(**options)
         self._warned: set[str] = set()
+        self._set_special_tokens(special)
+        self._add_missing_tokens(added_tokens_decoder or {})
 
+    def _set_options(
+        self,
+        padding_side: str | None,
+        truncation_side: str | None,
+        model_max_length: int | None,
+        model_input_names: list[str] | None,
+    ) -> None:
+        """Attributes with defaults of their own, for when neither config nor backend sets them."""
+        # BLOOM pads on the left (see the module docstring).
+        self.padding_side = padding_side or "left"
+        self.truncation_side = truncation_side or "right"
+        self.model_max_length = (
+            model_max_length if model_max_length is not None else VERY_LARGE_INTEGER
+        )
+        self.model_input_names = list(model_input_names or ["input_ids", "attention_mask"])
+
+    def _set_special_tokens(self, special: Mapping[str, Any]) -> None:
         self._special_tokens: dict[str, Any] = {}
         for key, value in special.items():
             if isinstance(value, dict):
@@ -554,7 +461,6 @@ class BloomTokenizerFast:
                 self.additional_special_tokens = value
             else:
                 setattr(self, key, value)
-        self._add_missing_tokens(added_tokens_decoder or {})
 
     def _add_missing_tokens(self, added_tokens_decoder: Mapping[int | str, Any]) -> None:
         """Put the config's added tokens and any special token the backend lacks into the backend.
@@ -562,7 +468,10 @@ class BloomTokenizerFast:
         Mirrors transformers: tokens are added in id order, in runs of special / non-special tokens
         (one backend call per run, since each call rebuilds the backend's matcher).
         """
-        to_add = [_as_added_token(token) for _, token in sorted(added_tokens_decoder.items(), key=lambda i: int(i[0]))]
+        to_add = [
+            _as_added_token(token)
+            for _, token in sorted(added_tokens_decoder.items(), key=lambda i: int(i[0]))
+        ]
         known = set(self.get_added_vocab()) | {token.content for token in to_add}
         for token in self._special_tokens_extended():
             if _token_content(token) not in known:
@@ -571,7 +480,8 @@ class BloomTokenizerFast:
         special_contents = set(self.all_special_tokens)
         runs: list[tuple[bool, list[Any]]] = []
         for token in to_add:
-            is_special = _token_content(token) in special_contents or getattr(token, "special", False)
+            flagged = getattr(token, "special", False)
+            is_special = _token_content(token) in special_contents or flagged
             if runs and runs[-1][0] == is_special:
                 runs[-1][1].append(token)
             else:
@@ -584,15 +494,16 @@ class BloomTokenizerFast:
             return self._tokenizer.add_special_tokens(tokens)
         return self._tokenizer.add_tokens(tokens)
 
-    # -- loading and saving -------------------------------------------------------------------------------------
+    # -- loading and saving ------------------------------------------------------------------------
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomTokenizerFast:
-        """Load from a folder with tokenizer.json (+ tokenizer_config.json, special_tokens_map.json) or a hub id.
+        """Load from a folder with tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
+        or a hub id.
 
-        Hub keywords (cache_dir, revision, local_files_only, token, ...) choose where files come from; every
-        other keyword overrides a tokenizer_config.json entry (e.g. `padding_side="right"`, `pad_token=...`,
-        `add_prefix_space=True`).
+        Hub keywords (cache_dir, revision, local_files_only, token, ...) choose where files come
+        from; every other keyword overrides a tokenizer_config.json entry (e.g.
+        `padding_side="right"`, `pad_token=...`, `add_prefix_space=True`).
         """
         return cls._load(name_or_path, kwargs, as_auto_tokenizer=False)
 
@@ -603,76 +514,36 @@ class BloomTokenizerFast:
         from bloomlm.hub import HUB_KEYWORDS
 
         hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in HUB_KEYWORDS}
-        folder = _resolve_folder(name_or_path, hub_kwargs)
+        folder = resolve_tokenizer_folder(name_or_path, hub_kwargs)
         backend = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
-        config = _read_json_object(folder / TOKENIZER_CONFIG_FILE)
-        if as_auto_tokenizer and config.get("tokenizer_class") == "PreTrainedTokenizerFast":
-            # bigscience/bloom (176B) names the generic class, for which transformers' AutoTokenizer builds a
-            # PreTrainedTokenizerFast whose decode cleans up spaces by default; keep its decoded text identical.
-            config.setdefault("clean_up_tokenization_spaces", True)
-        special_tokens_map = _read_json_object(folder / SPECIAL_TOKENS_MAP_FILE)
-        init_kwargs = _merge_config(config, special_tokens_map, kwargs)
-
-        # Special tokens that are added tokens carry the added token's flags (saved later as dicts).
-        saved_added = init_kwargs.get("added_tokens_decoder")
-        added = (
-            map(_as_added_token, saved_added.values()) if saved_added else backend.get_added_tokens_decoder().values()
+        init_kwargs = read_init_kwargs(
+            folder, kwargs, as_auto_tokenizer=as_auto_tokenizer, make_token=_added_token_from_fields
         )
-        added_by_content = {token.content: token for token in added}
-        for key in SPECIAL_TOKEN_ATTRIBUTES:
-            value = init_kwargs.get(key)
-            if isinstance(value, dict):
-                value = _as_added_token(value, special=True)
-            if value is not None:
-                init_kwargs[key] = added_by_content.get(_token_content(value), value)
+        _with_added_token_flags(init_kwargs, backend)
         return cls(backend, name_or_path=os.fspath(name_or_path), **init_kwargs)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> tuple[str, ...]:
-        """Write tokenizer_config.json, special_tokens_map.json and tokenizer.json (each atomically).
+        """Write tokenizer_config.json, special_tokens_map.json and tokenizer.json, each atomically.
 
         transformers 4.37's `from_pretrained` reads the folder back to the same tokenizer.
         """
         if kwargs.get("push_to_hub"):
-            raise ValueError("push_to_hub is not supported; save to a folder and upload it with huggingface_hub")
-        folder = Path(save_directory)
-        if folder.exists() and not folder.is_dir():
-            raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        files = {
-            TOKENIZER_CONFIG_FILE: _json_text(self._config_to_save()),
-            SPECIAL_TOKENS_MAP_FILE: _json_text(self._special_tokens_map_to_save()),
+            raise ValueError(
+                "push_to_hub is not supported; save to a folder and upload it with huggingface_hub"
+            )
+        folder = make_save_folder(save_directory)
+        attributes = {key: getattr(self, key) for key in SAVED_ATTRIBUTES}
+        added_tokens = {index: t.__getstate__() for index, t in self.added_tokens_decoder.items()}
+        config = config_to_save(self.init_kwargs, attributes, self.special_tokens_map, added_tokens)
+        special = {key: _saved_form(value) for key, value in self._special_tokens.items()}
+        texts = {
+            TOKENIZER_CONFIG_FILE: json_text(config),
+            SPECIAL_TOKENS_MAP_FILE: json_text(special_tokens_map_to_save(special)),
             TOKENIZER_FILE: self._tokenizer.to_str(pretty=True),
         }
-        for name, text in files.items():
-            atomic_write_text(folder / name, text)
-        return tuple(str(folder / name) for name in files)
+        return write_texts(folder, texts)
 
-    def _config_to_save(self) -> dict[str, Any]:
-        config = copy.deepcopy(self.init_kwargs)
-        for key in {*config, "model_max_length", "clean_up_tokenization_spaces", "padding_side"}:
-            if key in _SAVED_ATTRIBUTES:
-                config[key] = getattr(self, key)
-        config.update(self.special_tokens_map)
-        # Int keys, so json's sort_keys orders them as numbers ("10" after "9"), as transformers' file does.
-        config["added_tokens_decoder"] = {i: t.__getstate__() for i, t in self.added_tokens_decoder.items()}
-        config["tokenizer_class"] = "BloomTokenizer"
-        return config
-
-    def _special_tokens_map_to_save(self) -> dict[str, Any]:
-        def saved(token: str | AddedToken) -> Any:
-            if isinstance(token, AddedToken):
-                state = token.__getstate__()
-                state.pop("special", None)  # not written, so older transformers can read the file
-                return state
-            return token
-
-        saved_map = {}
-        for key, value in self._special_tokens.items():
-            if value:
-                saved_map[key] = [saved(t) for t in value] if isinstance(value, list) else saved(value)
-        return saved_map
-
-    # -- vocabulary -----------------------------------------------------------------------------------------------
+    # -- vocabulary --------------------------------------------------------------------------------
 
     @property
     def backend_tokenizer(self) -> Tokenizer:
@@ -697,13 +568,18 @@ class BloomTokenizerFast:
     def get_added_vocab(self) -> dict[str, int]:
         return {token.content: index for index, token in self.added_tokens_decoder.items()}
 
-    def add_tokens(self, new_tokens: str | AddedToken | list[str | AddedToken], special_tokens: bool = False) -> int:
+    def add_tokens(
+        self, new_tokens: str | AddedToken | list[str | AddedToken], special_tokens: bool = False
+    ) -> int:
         """Add tokens to the vocabulary; returns how many were new."""
         tokens = [new_tokens] if isinstance(new_tokens, str | AddedToken) else list(new_tokens)
         return self._add_to_backend(tokens, special=special_tokens)
 
     def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
-        """Set special tokens (`{"pad_token": "[PAD]"}`) and add them to the vocabulary; returns how many were new."""
+        """Set special tokens (`{"pad_token": "[PAD]"}`) and add them to the vocabulary.
+
+        Returns how many were new.
+        """
         new_tokens: list[str | AddedToken] = []
         for key, value in special_tokens_dict.items():
             if key == ADDITIONAL_SPECIAL_TOKENS:
@@ -720,17 +596,21 @@ class BloomTokenizerFast:
     def num_special_tokens_to_add(self, pair: bool = False) -> int:
         return self._tokenizer.num_special_tokens_to_add(pair)
 
-    # -- special tokens ---------------------------------------------------------------------------------------
+    # -- special tokens ----------------------------------------------------------------------------
 
     @property
     def additional_special_tokens(self) -> list[str]:
-        return [_token_content(t) for t in self._special_tokens.get(ADDITIONAL_SPECIAL_TOKENS) or []]
+        return [
+            _token_content(t) for t in self._special_tokens.get(ADDITIONAL_SPECIAL_TOKENS) or []
+        ]
 
     @additional_special_tokens.setter
     def additional_special_tokens(self, value: Iterable[str | AddedToken] | None) -> None:
         tokens = list(value or [])
         if not all(isinstance(t, str | AddedToken) for t in tokens):
-            raise TypeError("additional_special_tokens must be a list of str or tokenizers.AddedToken")
+            raise TypeError(
+                "additional_special_tokens must be a list of str or tokenizers.AddedToken"
+            )
         self._special_tokens[ADDITIONAL_SPECIAL_TOKENS] = tokens
 
     @property
@@ -748,7 +628,7 @@ class BloomTokenizerFast:
         return {key: getattr(self, key) for key in attributes if getattr(self, key)}
 
     def _special_tokens_extended(self) -> list[str | AddedToken]:
-        """The distinct special tokens as given (str or AddedToken), in transformers' attribute order."""
+        """The distinct special tokens as given (str or AddedToken), in transformers' order."""
         tokens: list[str | AddedToken] = []
         for key in (*SPECIAL_TOKEN_ATTRIBUTES, ADDITIONAL_SPECIAL_TOKENS):
             value = self._special_tokens.get(key)
@@ -781,7 +661,7 @@ class BloomTokenizerFast:
     def truncation_side(self, value: str) -> None:
         self._truncation_side = _check_side("truncation_side", value)
 
-    # -- tokens <-> ids -------------------------------------------------------------------------------------
+    # -- tokens <-> ids ----------------------------------------------------------------------------
 
     def convert_tokens_to_ids(self, tokens: str | Sequence[str] | None) -> int | list[int] | None:
         """Token string(s) to id(s); a token not in the vocabulary maps to the unk id."""
@@ -795,14 +675,18 @@ class BloomTokenizerFast:
         index = self._tokenizer.token_to_id(token)
         return index if index is not None else self.unk_token_id
 
-    def convert_ids_to_tokens(self, ids: Any, skip_special_tokens: bool = False) -> str | None | list[str | None]:
+    def convert_ids_to_tokens(
+        self, ids: Any, skip_special_tokens: bool = False
+    ) -> str | None | list[str | None]:
         """Id(s) to token string(s); an int gives a str, a sequence or tensor gives a list."""
         if hasattr(ids, "tolist"):
             ids = ids.tolist()
         if not isinstance(ids, list | tuple):
             return self._tokenizer.id_to_token(operator.index(ids))
         special_ids = set(self.all_special_ids) if skip_special_tokens else set()
-        return [self._tokenizer.id_to_token(i) for i in _as_id_list(ids, "ids") if i not in special_ids]
+        return [
+            self._tokenizer.id_to_token(i) for i in _as_id_list(ids, "ids") if i not in special_ids
+        ]
 
     def tokenize(
         self, text: str, pair: str | None = None, add_special_tokens: bool = False, **kwargs: Any
@@ -813,8 +697,9 @@ class BloomTokenizerFast:
     def convert_tokens_to_string(self, tokens: list[str]) -> str:
         return self._tokenizer.decoder.decode(tokens)
 
-    # -- encoding ---------------------------------------------------------------------------------------------
+    # -- encoding ----------------------------------------------------------------------------------
 
+    # Over 40 lines for its signature: transformers' 17 call arguments; the body is named steps.
     def __call__(
         self,
         text: str | Sequence[str] | Sequence[Sequence[str]],
@@ -836,35 +721,26 @@ class BloomTokenizerFast:
         return_length: bool = False,
         verbose: bool = True,
     ) -> BatchEncoding:
-        """Tokenize one text, a batch, text pairs, or pre-split words (with `is_split_into_words=True`).
+        """Tokenize one text, a batch, text pairs, or pre-split words (`is_split_into_words=True`).
 
-        A single text gives flat lists (or tensors with a batch axis of 1 when `return_tensors` is set);
-        a batch gives one row per text, plus one per overflow when `return_overflowing_tokens=True`.
+        One text gives flat lists (tensors with a batch axis of 1 when `return_tensors` is set); a
+        batch gives one row per text, plus one per overflow if `return_overflowing_tokens=True`.
         """
-        if text is None:
-            raise ValueError(f"text is required: {_TEXT_TYPES_MESSAGE}")
-        for name, value in (("text", text), ("text_pair", text_pair)):
-            if value is not None and not _is_text(value):
-                raise ValueError(f"{name} must be {_TEXT_TYPES_MESSAGE}; got {type(value).__name__}")
-        tensor_type = _check_return_tensors(return_tensors)
-        _check_count("max_length", max_length, 0)
-        _check_count("stride", stride, 0)
-        _check_count("pad_to_multiple_of", pad_to_multiple_of, 1)
-        if is_split_into_words and not self.add_prefix_space:
-            raise ValueError(
-                f"You need to instantiate {type(self).__name__} with add_prefix_space=True to use it with "
-                "pretokenized inputs (is_split_into_words=True), e.g. "
-                "BloomTokenizerFast.from_pretrained(path, add_prefix_space=True)."
-            )
-
-        is_batched = isinstance(text, list | tuple) and (
-            not is_split_into_words or (len(text) > 0 and isinstance(text[0], list | tuple))
+        tensor_type = self._check_call(
+            text,
+            text_pair,
+            return_tensors,
+            max_length,
+            stride,
+            pad_to_multiple_of,
+            is_split_into_words,
         )
-        batch = self._batch_inputs(text, text_pair, is_batched)
+        batch, is_batched = self._batch_inputs(text, text_pair, is_split_into_words)
         padding_strategy, truncation_strategy, max_length = self._resolve_strategies(
             padding, truncation, max_length, pad_to_multiple_of, verbose
         )
-        self._configure_backend(padding_strategy, truncation_strategy, max_length, stride, pad_to_multiple_of)
+        self._configure_truncation(truncation_strategy, max_length, stride)
+        self._configure_padding(padding_strategy, max_length, pad_to_multiple_of)
         encodings = self._encode_batch(batch, add_special_tokens, is_split_into_words)
 
         features, rows = self._collect_features(
@@ -879,52 +755,122 @@ class BloomTokenizerFast:
         if verbose and max_length is None:
             self._warn_if_too_long(features["input_ids"])
         if not is_batched and tensor_type is None and not return_overflowing_tokens:
-            # One text, lists wanted: drop the batch axis (transformers keeps `length` as a 1-list).
-            features = {k: v[0] if v and isinstance(v[0], list) else v for k, v in features.items()}
+            features = _without_batch_axis(features)
         return BatchEncoding(features, rows, tensor_type=tensor_type)
 
-    def _batch_inputs(self, text: Any, text_pair: Any, is_batched: bool) -> list[Any]:
+    def _check_call(
+        self,
+        text: Any,
+        text_pair: Any,
+        return_tensors: Any,
+        max_length: Any,
+        stride: Any,
+        pad_to_multiple_of: Any,
+        is_split_into_words: bool,
+    ) -> str | None:
+        """Reject arguments `__call__` cannot take; returns the checked tensor type."""
+        if text is None:
+            raise ValueError(f"text is required: {_TEXT_TYPES_MESSAGE}")
+        for name, value in (("text", text), ("text_pair", text_pair)):
+            if value is not None and not _is_text(value):
+                raise ValueError(
+                    f"{name} must be {_TEXT_TYPES_MESSAGE}; got {type(value).__name__}"
+                )
+        tensor_type = check_return_tensors(return_tensors)
+        _check_count("max_length", max_length, 0)
+        _check_count("stride", stride, 0)
+        _check_count("pad_to_multiple_of", pad_to_multiple_of, 1)
+        if is_split_into_words and not self.add_prefix_space:
+            raise ValueError(
+                f"You need to instantiate {type(self).__name__} with add_prefix_space=True to use "
+                "it with pretokenized inputs (is_split_into_words=True), e.g. "
+                "BloomTokenizerFast.from_pretrained(path, add_prefix_space=True)."
+            )
+        return tensor_type
+
+    def _batch_inputs(
+        self, text: Any, text_pair: Any, is_split_into_words: bool
+    ) -> tuple[list[Any], bool]:
+        """The backend's batch (texts, or (text, pair) tuples), and whether `text` was a batch."""
+        is_batched = isinstance(text, list | tuple) and (
+            not is_split_into_words or (len(text) > 0 and isinstance(text[0], list | tuple))
+        )
         if not is_batched:
             # As in transformers, an empty text_pair ("") means no pair at all.
-            return [(text, text_pair)] if text_pair else [text]
+            return ([(text, text_pair)] if text_pair else [text]), False
+        return self._batch_from_lists(text, text_pair), True
+
+    def _batch_from_lists(self, text: Any, text_pair: Any) -> list[Any]:
+        """Batched `text` (and `text_pair`, one entry per text, if given) as the backend's batch."""
         if len(text) == 0:
             raise ValueError("text is an empty batch; pass at least one text")
         if text_pair is None:
             return list(text)
         if isinstance(text_pair, str):
-            raise TypeError("when text is a batch, text_pair must be a list or tuple with one entry per text")
+            raise TypeError(
+                "when text is a batch, text_pair must be a list or tuple with one entry per text"
+            )
         if len(text_pair) != len(text):
             raise ValueError(
-                f"batch length of text ({len(text)}) does not match batch length of text_pair ({len(text_pair)})"
+                f"batch length of text ({len(text)}) does not match batch length of text_pair "
+                f"({len(text_pair)})"
             )
         return list(zip(text, text_pair))
 
     def _resolve_strategies(
-        self, padding: Any, truncation: Any, max_length: int | None, pad_to_multiple_of: int | None, verbose: bool
+        self,
+        padding: Any,
+        truncation: Any,
+        max_length: int | None,
+        pad_to_multiple_of: int | None,
+        verbose: bool,
     ) -> tuple[str, str, int | None]:
-        """transformers' rules turning padding/truncation/max_length into strategies and a length."""
-        if max_length is not None and padding is False and truncation is None:
-            # Backward-compatible transformers rule: max_length alone turns truncation on.
-            if verbose:
-                self._warn_once(
-                    "Truncation was not explicitly activated but `max_length` is provided a specific value, "
-                    "please use `truncation=True` to explicitly truncate examples to max length. Defaulting to "
-                    "'longest_first' truncation strategy."
-                )
-            truncation = "longest_first"
+        """transformers' rules turning padding/truncation/max_length into strategies + a length."""
+        truncation = self._implied_truncation(padding, truncation, max_length, verbose)
         padding_strategy = _padding_strategy(padding)
         truncation_strategy = _truncation_strategy(truncation)
-        if padding is True and verbose and max_length is not None and truncation_strategy == "do_not_truncate":
+        no_truncation = truncation_strategy == "do_not_truncate"
+        if padding is True and verbose and max_length is not None and no_truncation:
+            # stacklevel 3: the caller of __call__ or pad (both call this method directly).
             warnings.warn(
-                "`max_length` is ignored when `padding`=`True` and there is no truncation strategy. "
-                "To pad to max length, use `padding='max_length'`.",
+                "`max_length` is ignored when `padding`=`True` and there is no truncation "
+                "strategy. To pad to max length, use `padding='max_length'`.",
                 stacklevel=3,
             )
         if max_length is None:
             padding_strategy, truncation_strategy, max_length = self._default_to_model_max_length(
                 padding_strategy, truncation_strategy, verbose
             )
-        if padding_strategy != "do_not_pad" and (self.pad_token is None or (self.pad_token_id or 0) < 0):
+        self._check_strategies(
+            padding_strategy, truncation_strategy, max_length, pad_to_multiple_of
+        )
+        return padding_strategy, truncation_strategy, max_length
+
+    def _implied_truncation(
+        self, padding: Any, truncation: Any, max_length: int | None, verbose: bool
+    ) -> Any:
+        """`truncation`, or "longest_first" when max_length comes alone (transformers' old rule)."""
+        if max_length is None or padding is not False or truncation is not None:
+            return truncation
+        if verbose:
+            self._warn_once(
+                "Truncation was not explicitly activated but `max_length` is provided a specific "
+                "value, please use `truncation=True` to explicitly truncate examples to max "
+                "length. Defaulting to 'longest_first' truncation strategy."
+            )
+        return "longest_first"
+
+    def _check_strategies(
+        self,
+        padding_strategy: str,
+        truncation_strategy: str,
+        max_length: int | None,
+        pad_to_multiple_of: int | None,
+    ) -> None:
+        """Reject padding without a pad token, or a truncation length padding would overrun."""
+        if padding_strategy != "do_not_pad" and (
+            self.pad_token is None or (self.pad_token_id or 0) < 0
+        ):
             raise ValueError(
                 "Asking to pad but the tokenizer does not have a padding token. Set one, e.g. "
                 "`tokenizer.pad_token = tokenizer.eos_token`."
@@ -937,10 +883,9 @@ class BloomTokenizerFast:
             and max_length % pad_to_multiple_of != 0
         ):
             raise ValueError(
-                f"Truncation and padding are both activated but truncation length ({max_length}) is not a "
-                f"multiple of pad_to_multiple_of ({pad_to_multiple_of})."
+                "Truncation and padding are both activated but truncation length "
+                f"({max_length}) is not a multiple of pad_to_multiple_of ({pad_to_multiple_of})."
             )
-        return padding_strategy, truncation_strategy, max_length
 
     def _default_to_model_max_length(
         self, padding_strategy: str, truncation_strategy: str, verbose: bool
@@ -949,67 +894,80 @@ class BloomTokenizerFast:
         max_length padding and the truncation that would need it (transformers' rule)."""
         needs_length = padding_strategy == "max_length" or truncation_strategy != "do_not_truncate"
         if self.model_max_length <= LARGE_INTEGER:
-            return padding_strategy, truncation_strategy, self.model_max_length if needs_length else None
+            return (
+                padding_strategy,
+                truncation_strategy,
+                self.model_max_length if needs_length else None,
+            )
         if padding_strategy == "max_length":
             if verbose:
                 self._warn_once(
-                    "Asking to pad to max_length but no maximum length is provided and the model has no "
-                    "predefined maximum length. Default to no padding."
+                    "Asking to pad to max_length but no maximum length is provided and the model "
+                    "has no predefined maximum length. Default to no padding."
                 )
             padding_strategy = "do_not_pad"
         if truncation_strategy != "do_not_truncate":
             if verbose:
                 self._warn_once(
-                    "Asking to truncate to max_length but no maximum length is provided and the model has no "
-                    "predefined maximum length. Default to no truncation."
+                    "Asking to truncate to max_length but no maximum length is provided and the "
+                    "model has no predefined maximum length. Default to no truncation."
                 )
             truncation_strategy = "do_not_truncate"
         return padding_strategy, truncation_strategy, None
 
-    def _configure_backend(
-        self, padding: str, truncation: str, max_length: int | None, stride: int, pad_to_multiple_of: int | None
-    ) -> None:
-        """Set the backend's truncation and padding for this call (left set afterwards, as in transformers)."""
+    def _configure_truncation(self, strategy: str, max_length: int | None, stride: int) -> None:
+        """Set the backend's truncation for this call (left set afterwards, as in transformers)."""
         backend = self._tokenizer
-        if truncation == "do_not_truncate":
+        if strategy == "do_not_truncate":
             if backend.truncation is not None:
                 backend.no_truncation()
-        else:
-            target = {
-                "max_length": max_length,
-                "stride": stride,
-                "strategy": truncation,
-                "direction": self.truncation_side,
-            }
-            current = backend.truncation
-            if current is None or {k: current.get(k) for k in target} != target:
-                backend.enable_truncation(**target)
-        if padding == "do_not_pad":
+            return
+        target = {
+            "max_length": max_length,
+            "stride": stride,
+            "strategy": strategy,
+            "direction": self.truncation_side,
+        }
+        current = backend.truncation
+        if current is None or {k: current.get(k) for k in target} != target:
+            backend.enable_truncation(**target)
+
+    def _configure_padding(
+        self, strategy: str, max_length: int | None, pad_to_multiple_of: int | None
+    ) -> None:
+        """Set the backend's padding for this call (left set afterwards, as in transformers)."""
+        backend = self._tokenizer
+        if strategy == "do_not_pad":
             if backend.padding is not None:
                 backend.no_padding()
-        else:
-            target = {
-                "length": max_length if padding == "max_length" else None,
-                "direction": self.padding_side,
-                "pad_id": self.pad_token_id,
-                "pad_token": self.pad_token,
-                "pad_type_id": self.pad_token_type_id,
-                "pad_to_multiple_of": pad_to_multiple_of,
-            }
-            if backend.padding != target:
-                backend.enable_padding(**target)
+            return
+        target = {
+            "length": max_length if strategy == "max_length" else None,
+            "direction": self.padding_side,
+            "pad_id": self.pad_token_id,
+            "pad_token": self.pad_token,
+            "pad_type_id": self.pad_token_type_id,
+            "pad_to_multiple_of": pad_to_multiple_of,
+        }
+        if backend.padding != target:
+            backend.enable_padding(**target)
 
-    def _encode_batch(self, batch: list[Any], add_special_tokens: bool, is_pretokenized: bool) -> list[Encoding]:
+    def _encode_batch(
+        self, batch: list[Any], add_special_tokens: bool, is_pretokenized: bool
+    ) -> list[Encoding]:
         try:
             return self._tokenizer.encode_batch(
                 batch, add_special_tokens=add_special_tokens, is_pretokenized=is_pretokenized
             )
         except BaseException as err:
             # Truncation that cannot be met arrives as a bare Exception, or as a Rust panic (pyo3's
-            # PanicException, a BaseException) when a stride does not fit a pair's share of max_length.
-            # Both are bad arguments: make them a ValueError. Other errors already say what is wrong.
+            # PanicException, a BaseException) when a stride does not fit a pair's share of
+            # max_length. Both are bad arguments: make them a ValueError. Other errors already say
+            # what is wrong.
             if type(err) is Exception or type(err).__name__ == "PanicException":
-                raise ValueError(f"{err} (the truncation, max_length and stride settings cannot be met)") from err
+                raise ValueError(
+                    f"{err} (the truncation, max_length and stride settings cannot be met)"
+                ) from err
             raise
 
     def _collect_features(
@@ -1023,7 +981,7 @@ class BloomTokenizerFast:
         return_offsets_mapping: bool,
         return_length: bool,
     ) -> tuple[dict[str, list[Any]], list[Encoding]]:
-        """Backend encodings -> feature lists, in transformers' key order; overflows become extra rows."""
+        """Backend encodings -> feature lists, in transformers' key order; overflows: extra rows."""
         if return_token_type_ids is None:
             return_token_type_ids = "token_type_ids" in self.model_input_names
         if return_attention_mask is None:
@@ -1056,9 +1014,9 @@ class BloomTokenizerFast:
         longest = max((len(row) for row in rows), default=0)
         if longest > self.model_max_length:
             self._warn_once(
-                f"Token indices sequence length is longer than the specified maximum sequence length for this "
-                f"model ({longest} > {self.model_max_length}). Running this sequence through the model will "
-                "result in indexing errors"
+                "Token indices sequence length is longer than the specified maximum sequence "
+                f"length for this model ({longest} > {self.model_max_length}). Running this "
+                "sequence through the model will result in indexing errors"
             )
 
     def encode(
@@ -1066,10 +1024,12 @@ class BloomTokenizerFast:
     ) -> list[int] | Any:
         """The input ids of one text (or pair); `return_tensors` gives a [1, T] tensor instead."""
         if isinstance(text, list | tuple) and not kwargs.get("is_split_into_words"):
-            raise TypeError("encode takes one text (str); to encode a batch call the tokenizer on a list")
+            raise TypeError(
+                "encode takes one text (str); to encode a batch call the tokenizer on a list"
+            )
         return self(text, text_pair, **kwargs)["input_ids"]
 
-    # -- padding encoded inputs ---------------------------------------------------------------------------------
+    # -- padding encoded inputs --------------------------------------------------------------------
 
     def pad(
         self,
@@ -1081,17 +1041,15 @@ class BloomTokenizerFast:
         return_tensors: str | None = None,
         verbose: bool = True,
     ) -> BatchEncoding:
-        """Pad already-encoded inputs (one dict, a dict of rows, or a list of dicts, e.g. in a collate_fn).
+        """Pad already-encoded inputs (one dict, a dict of rows, or a list of dicts, as a collate_fn
+        gets them).
 
-        Tensor inputs come back as tensors of the same framework unless `return_tensors` says otherwise.
+        Tensor inputs come back as tensors of the same framework unless `return_tensors` says
+        otherwise.
         """
-        if isinstance(encoded_inputs, list | tuple) and encoded_inputs and isinstance(encoded_inputs[0], Mapping):
-            encoded_inputs = {key: [row[key] for row in encoded_inputs] for key in encoded_inputs[0]}
-        if not isinstance(encoded_inputs, Mapping) or "input_ids" not in encoded_inputs:
-            keys = list(encoded_inputs.keys()) if isinstance(encoded_inputs, Mapping) else type(encoded_inputs)
-            raise ValueError(f"pad needs a dict (or list of dicts) holding input_ids; got {keys}")
-        features = {key: _to_python(value) for key, value in encoded_inputs.items()}
-        return_tensors = return_tensors or _framework_of(encoded_inputs["input_ids"])
+        encoded_inputs = _feature_columns(encoded_inputs)
+        features = {key: to_python(value) for key, value in encoded_inputs.items()}
+        return_tensors = return_tensors or framework_of(encoded_inputs["input_ids"])
         ids = features["input_ids"]
         if not ids:
             if return_attention_mask:
@@ -1099,10 +1057,25 @@ class BloomTokenizerFast:
             return BatchEncoding(features)
         strategy, _, max_length = self._resolve_strategies(padding, None, max_length, None, verbose)
         if not isinstance(ids[0], list):
-            return BatchEncoding(
-                self._pad_row(features, max_length, strategy, pad_to_multiple_of, return_attention_mask),
-                tensor_type=return_tensors,
+            padded = self._pad_row(
+                features, max_length, strategy, pad_to_multiple_of, return_attention_mask
             )
+        else:
+            padded = self._pad_rows(
+                features, max_length, strategy, pad_to_multiple_of, return_attention_mask
+            )
+        return BatchEncoding(padded, tensor_type=return_tensors)
+
+    def _pad_rows(
+        self,
+        features: dict[str, list[Any]],
+        max_length: int | None,
+        strategy: str,
+        pad_to_multiple_of: int | None,
+        return_attention_mask: bool | None,
+    ) -> dict[str, list[Any]]:
+        """Pad every row of a batch to one length (the longest row's, for strategy "longest")."""
+        ids = features["input_ids"]
         if strategy == "longest":
             max_length, strategy = max(len(row) for row in ids), "max_length"
         padded: dict[str, list[Any]] = {}
@@ -1112,7 +1085,7 @@ class BloomTokenizerFast:
                 row, max_length, strategy, pad_to_multiple_of, return_attention_mask
             ).items():
                 padded.setdefault(key, []).append(value)
-        return BatchEncoding(padded, tensor_type=return_tensors)
+        return padded
 
     def _pad_row(
         self,
@@ -1128,7 +1101,11 @@ class BloomTokenizerFast:
         ids = row["input_ids"]
         if strategy == "longest":
             max_length = len(ids)
-        if max_length is not None and pad_to_multiple_of is not None and max_length % pad_to_multiple_of:
+        if (
+            max_length is not None
+            and pad_to_multiple_of is not None
+            and max_length % pad_to_multiple_of
+        ):
             max_length = (max_length // pad_to_multiple_of + 1) * pad_to_multiple_of
         if return_attention_mask and "attention_mask" not in row:
             row["attention_mask"] = [1] * len(ids)
@@ -1147,7 +1124,7 @@ class BloomTokenizerFast:
                 row[key] = padding + row[key] if self.padding_side == "left" else row[key] + padding
         return row
 
-    # -- decoding -------------------------------------------------------------------------------------------
+    # -- decoding ----------------------------------------------------------------------------------
 
     def decode(
         self,
@@ -1157,7 +1134,9 @@ class BloomTokenizerFast:
         **kwargs: Any,
     ) -> str:
         """Text of one sequence of ids (list, int, 1-d tensor or array)."""
-        text = self._tokenizer.decode(_as_id_list(token_ids), skip_special_tokens=skip_special_tokens)
+        text = self._tokenizer.decode(
+            _as_id_list(token_ids), skip_special_tokens=skip_special_tokens
+        )
         return self._clean_up(text, clean_up_tokenization_spaces)
 
     def batch_decode(
@@ -1182,42 +1161,30 @@ class BloomTokenizerFast:
     clean_up_tokenization = staticmethod(clean_up_tokenization)
 
     def __repr__(self) -> str:
-        added = "\n\t".join(f"{index}: {token!r}," for index, token in self.added_tokens_decoder.items())
+        added = "\n\t".join(
+            f"{index}: {token!r}," for index, token in self.added_tokens_decoder.items()
+        )
         return (
-            f"{type(self).__name__}(name_or_path='{self.name_or_path}', vocab_size={self.vocab_size}, "
-            f"model_max_length={self.model_max_length}, is_fast=True, padding_side='{self.padding_side}', "
+            f"{type(self).__name__}(name_or_path='{self.name_or_path}', "
+            f"vocab_size={self.vocab_size}, model_max_length={self.model_max_length}, "
+            "is_fast=True, "
+            f"padding_side='{self.padding_side}', "
             f"truncation_side='{self.truncation_side}', special_tokens={self.special_tokens_map}, "
             f"clean_up_tokenization_spaces={self.clean_up_tokenization_spaces}),  "
             "added_tokens_decoder={\n\t" + added + "\n}"
         )
 
 
-def _json_text(content: dict[str, Any]) -> str:
-    return json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n"
-
-
-def _to_python(value: Any) -> Any:
-    """Lists from tensors and arrays (pad works on lists, like transformers)."""
-    if hasattr(value, "tolist"):
-        return value.tolist()
-    if isinstance(value, list | tuple):
-        return [_to_python(item) for item in value]
-    return value
-
-
-def _framework_of(value: Any) -> str | None:
-    """The framework ("pt", "np" or "jax") whose tensor `value` (or its first row) is; None for lists."""
-    if isinstance(value, list | tuple) and value:
-        value = value[0]
-    module = type(value).__module__.split(".")[0]
-    return {"torch": "pt", "numpy": "np", "jax": "jax", "jaxlib": "jax"}.get(module)
-
-
 class AutoTokenizer:
-    """transformers' `AutoTokenizer.from_pretrained`, for BLOOM folders only: returns a `BloomTokenizerFast`."""
+    """transformers' `AutoTokenizer.from_pretrained`, for BLOOM folders only.
+
+    `from_pretrained` returns a `BloomTokenizerFast`.
+    """
 
     def __init__(self) -> None:
-        raise OSError("AutoTokenizer is designed to be instantiated with AutoTokenizer.from_pretrained(path)")
+        raise OSError(
+            "AutoTokenizer is designed to be instantiated with AutoTokenizer.from_pretrained(path)"
+        )
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomTokenizerFast:
