@@ -199,7 +199,7 @@ def main() -> int:
         import torch
 
         from bloomlm import AutoTokenizer, BloomForSequenceClassification
-        from bloomlm.finetune import classify
+        from bloomlm.tasks import classify
 
         torch.set_num_threads(args.threads)
         shutil.rmtree(trained / "training_state")  # optimizer and latest weights: not shipped

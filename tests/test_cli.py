@@ -29,7 +29,7 @@ from bloomlm import (
     BloomForTokenClassification,
 )
 from bloomlm.cli import main
-from bloomlm.finetune import answer_question, classify, tag
+from bloomlm.tasks import answer_question, classify, tag
 
 FIXTURE_TOKENIZER = pathlib.Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
 PACKAGE_ROOT = str(pathlib.Path(bloomlm.__file__).resolve().parent.parent)

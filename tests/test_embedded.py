@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from bloomlm import AutoTokenizer, BloomConfig, BloomForCausalLM, BloomForSequenceClassification
-from bloomlm.finetune import classify
 from bloomlm.hub import ASSETS_DIR
+from bloomlm.tasks import classify
 
 FIXTURE_TOKENIZER = pathlib.Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
 HELDOUT = ASSETS_DIR / "vader-heldout.jsonl"

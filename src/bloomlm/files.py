@@ -11,6 +11,8 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -101,3 +103,35 @@ def parse_size(size: int | str) -> int:
         f"size {size!r} is not understood; use a positive int of bytes or digits and a unit, "
         "e.g. '5GB', '200MB', '10KiB' (KB/MB/GB = 1000-based, KiB/MiB/GiB = 1024-based)"
     )
+
+
+# -- staging folders: build a whole folder aside, then rename it into place ------------------------
+# Moved as they were from finetune.py; the crash-safe saves issue replaces them with a commit step.
+
+
+def staging_dir(parent: Path, name: str) -> Path:
+    """A new hidden folder `parent/.name.tmp-XXXX` to build `name` in before renaming it into place.
+
+    On the same file system as the target, so the rename is atomic; mode 0755 like a folder made by
+    mkdir (mkdtemp's 0700 would make the renamed model folder private).
+    """
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
+    staging.chmod(0o755)
+    return staging
+
+
+def _swap_into_place(new_dir: Path, target: Path) -> None:
+    """Replace `target` by the complete folder `new_dir`.
+
+    Two renames (target -> a hidden `.old-PID` name, new_dir -> target); the old folder is removed
+    afterwards.
+    """
+    old = None
+    if target.exists():
+        old = target.with_name(f".{target.name}.old-{os.getpid()}")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(target, old)
+    os.replace(new_dir, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

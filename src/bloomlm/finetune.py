@@ -1,18 +1,30 @@
-"""Fine-tuning and inference helpers for the four BLOOM heads; `bloomlm finetune` is a thin front end.
+"""Fine-tuning the four BLOOM heads: the options, the data, and the training loop behind
+`bloomlm finetune`.
 
-    task        model class                       data (CSV or JSONL rows)                      metric (best)
-    seq-cls     BloomForSequenceClassification    text [, text pair], label                    accuracy (+ macro F1)
-    token-cls   BloomForTokenClassification       tokens (list, or space-separated), tags      token F1 (+ accuracy)
-    qa          BloomForQuestionAnswering         question, context, answers (SQuAD dict, or   F1 (+ exact match)
-                                                  answer text [+ answer_start])
-    causal-lm   BloomForCausalLM                  text                                          perplexity (lower)
+    task       model class                     data (CSV or JSONL rows)                 best metric
+    seq-cls    BloomForSequenceClassification  text [, text pair], label                accuracy
+    token-cls  BloomForTokenClassification     tokens (list or space-separated), tags   token F1
+    qa         BloomForQuestionAnswering       question, context, answers (SQuAD dict,  F1
+                                               or answer text [+ answer_start])
+    causal-lm  BloomForCausalLM                text                                     perplexity
 
-Training: AdamW (no weight decay on biases and LayerNorms), linear warmup then linear decay, gradient
-accumulation, optional bf16 autocast and gradient checkpointing, evaluation before training and after each
-epoch. The output folder is a normal model folder (config, weights, tokenizer files) holding the best
-epoch's model, plus `training_state/` (the latest epoch's weights, optimizer, scheduler and counters) that
-`resume=True` continues from. Both are written to a temporary folder and renamed into place, so a crash
-never leaves a half-written model behind.
+Training: AdamW (no weight decay on biases and LayerNorms), linear warmup then linear decay,
+gradient accumulation, optional bf16 autocast and gradient checkpointing, evaluation before training
+and after each epoch. `finetune()` runs four stages, each a function of its own:
+
+    prepare(config)                    options checked; tokenizer, features, model, optimizer
+                                       and schedule in a TrainingRun (data errors raised here)
+    restore(run, state)                a resumed run: optimizer, scheduler and progress as saved
+    train_epoch(run, epoch)            one pass over the shuffled batches -> mean training loss
+    end_epoch(run, epoch, train_loss)  evaluate, keep the best model, save `training_state/`
+
+The output folder is a normal model folder (config, weights, tokenizer files) holding the best
+epoch's model, plus `training_state/` (the latest epoch's weights, optimizer, scheduler and
+counters) that `resume=True` continues from. Both are written to a temporary folder and renamed
+into place, so a crash never leaves a half-written model behind.
+
+Inference with the trained heads lives in `bloomlm.tasks`, the metrics in `bloomlm.metrics`; their
+names stay importable from here too.
 """
 
 from __future__ import annotations
@@ -22,12 +34,8 @@ import json
 import math
 import os
 import random
-import re
 import shutil
-import string
 import sys
-import tempfile
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -37,6 +45,13 @@ import torch
 from torch import nn
 
 from bloomlm.config import BloomConfig
+from bloomlm.files import _swap_into_place, staging_dir
+from bloomlm.metrics import accuracy_and_macro_f1, perplexity, squad_scores, token_f1
+from bloomlm.tasks import MAX_ANSWER_TOKENS as MAX_ANSWER_TOKENS  # re-exported: its old home
+from bloomlm.tasks import answer_question as answer_question  # re-exported: its old home
+from bloomlm.tasks import best_span, char_span_to_tokens, encode_question
+from bloomlm.tasks import classify as classify  # re-exported: its old home
+from bloomlm.tasks import tag as tag  # re-exported: its old home
 from bloomlm.tokenizer import AutoTokenizer, BloomTokenizerFast
 from bloomlm.torch.model import (
     BloomForCausalLM,
@@ -57,16 +72,17 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RESULTS_FILE = "eval_results.json"
 IGNORE_INDEX = -100
-MAX_ANSWER_TOKENS = 30
+
+LabelMaps = tuple[dict[int, str], dict[str, int]]  # (id2label, label2id)
 
 
 class FinetuneError(ValueError):
-    """A problem with the data, the options or the output folder, worded for the person running the job."""
+    """A problem with the data, the options or the output folder, worded for whoever runs it."""
 
 
 @dataclass
 class FinetuneConfig:
-    """Everything a run needs; stored in `training_state/trainer_state.json` so `resume` can reuse it."""
+    """Everything a run needs; stored in `training_state/trainer_state.json` for `resume`."""
 
     task: str
     train_file: str
@@ -76,7 +92,7 @@ class FinetuneConfig:
     text_column: str = "text"
     text_pair_column: str | None = None
     label_column: str = "label"
-    labels: list[str] | None = None  # label names in id order; default: sorted labels of the training file
+    labels: list[str] | None = None  # names in id order; default: sorted labels of the train file
     tokens_column: str = "tokens"
     tags_column: str = "tags"
     question_column: str = "question"
@@ -100,11 +116,13 @@ class FinetuneConfig:
     threads: int | None = None
 
     def check(self) -> None:
+        """FinetuneError naming the first option out of range."""
         if self.task not in TASKS:
             raise FinetuneError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length"):
             if getattr(self, name) < 1:
-                raise FinetuneError(f"{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+                option = name.replace("_", "-")
+                raise FinetuneError(f"{option} must be at least 1, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
             raise FinetuneError(f"max-steps must be at least 1, got {self.max_steps}")
         if not 0 <= self.warmup_ratio < 1:
@@ -113,11 +131,11 @@ class FinetuneConfig:
             raise FinetuneError(f"learning-rate must be positive, got {self.learning_rate}")
 
 
-# -- data files --------------------------------------------------------------------------------------------
+# -- data files ------------------------------------------------------------------------------------
 
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a `.csv`/`.tsv` file (header line first) or a `.jsonl`/`.json` file (one object per line)."""
+    """Rows of a `.csv`/`.tsv` file (header line first) or a `.jsonl`/`.json` file (JSON lines)."""
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"data file {path} does not exist")
@@ -126,22 +144,29 @@ def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
         with path.open(newline="", encoding="utf-8") as handle:
             rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
     elif suffix in (".jsonl", ".json"):
-        rows = []
-        with path.open(encoding="utf-8") as handle:
-            for number, line in enumerate(handle, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as err:
-                    raise FinetuneError(f"{path} line {number} is not JSON ({err.msg})") from None
-                if not isinstance(row, dict):
-                    raise FinetuneError(f"{path} line {number} is not a JSON object")
-                rows.append(row)
+        rows = _read_json_lines(path)
     else:
-        raise FinetuneError(f"{path}: unknown data format '{suffix}'; use .csv, .tsv, .jsonl or .json (JSON lines)")
+        raise FinetuneError(
+            f"{path}: unknown data format '{suffix}'; use .csv, .tsv, .jsonl or .json (JSON lines)"
+        )
     if not rows:
         raise FinetuneError(f"{path} holds no rows")
+    return rows
+
+
+def _read_json_lines(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise FinetuneError(f"{path} line {number} is not JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise FinetuneError(f"{path} line {number} is not a JSON object")
+            rows.append(row)
     return rows
 
 
@@ -149,7 +174,9 @@ def _column(rows: list[dict[str, Any]], name: str, path: str, option: str) -> li
     missing = next((i for i, row in enumerate(rows) if name not in row), None)
     if missing is not None:
         columns = ", ".join(map(str, rows[missing])) or "none"
-        raise FinetuneError(f"{path} row {missing + 1} has no column '{name}' (it has: {columns}); pass {option}")
+        raise FinetuneError(
+            f"{path} row {missing + 1} has no column '{name}' (it has: {columns}); pass {option}"
+        )
     return [row[name] for row in rows]
 
 
@@ -160,7 +187,7 @@ def _words(value: Any) -> list[str]:
 
 
 def label_names(values: Sequence[Any]) -> list[str]:
-    """Distinct labels in a stable order: numerically when every label is a number, else alphabetically."""
+    """Distinct labels in a stable order: numerically when every label is a number, else sorted."""
     distinct = sorted({str(value) for value in values})
     try:
         return sorted(distinct, key=float)
@@ -168,20 +195,26 @@ def label_names(values: Sequence[Any]) -> list[str]:
         return distinct
 
 
-# -- features: tokenised examples, padded into batches ------------------------------------------------------
+# -- features: tokenised examples, padded into batches ---------------------------------------------
 
 
 def _seq_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path) -> list[dict]:
     texts = [str(t) for t in _column(rows, config.text_column, path, "--text-column")]
     pairs = None
     if config.text_pair_column:
-        pairs = [str(t) for t in _column(rows, config.text_pair_column, path, "--text-pair-column")]
+        column = _column(rows, config.text_pair_column, path, "--text-pair-column")
+        pairs = [str(t) for t in column]
     labels = [str(v) for v in _column(rows, config.label_column, path, "--label-column")]
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
-        raise FinetuneError(f"{path} has labels {unknown} not among the model's labels {list(label2id)}")
+        raise FinetuneError(
+            f"{path} has labels {unknown} not among the model's labels {list(label2id)}"
+        )
     encoded = tokenizer(texts, pairs, truncation=True, max_length=config.max_length)
-    return [{"input_ids": ids, "labels": label2id[label]} for ids, label in zip(encoded["input_ids"], labels)]
+    return [
+        {"input_ids": ids, "labels": label2id[label]}
+        for ids, label in zip(encoded["input_ids"], labels)
+    ]
 
 
 def _token_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path) -> list[dict]:
@@ -193,34 +226,46 @@ def _token_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path)
             raise FinetuneError(f"{path} row {number} has {len(words)} tokens but {len(tags)} tags")
         unknown = sorted(set(tags) - set(label2id))
         if unknown:
-            raise FinetuneError(f"{path} row {number} has tags {unknown} not among {list(label2id)}")
-        encoding = tokenizer(words, is_split_into_words=True, truncation=True, max_length=config.max_length)
+            raise FinetuneError(
+                f"{path} row {number} has tags {unknown} not among {list(label2id)}"
+            )
+        encoding = tokenizer(
+            words, is_split_into_words=True, truncation=True, max_length=config.max_length
+        )
         labels, previous = [], None
         for word in encoding.word_ids():
-            # Only a word's first token carries its tag; later pieces and special tokens are ignored.
-            labels.append(IGNORE_INDEX if word is None or word == previous else label2id[tags[word]])
+            # Only a word's first token carries its tag; later pieces and special tokens don't.
+            first = word is not None and word != previous
+            labels.append(label2id[tags[word]] if first else IGNORE_INDEX)
             previous = word
-        features.append({"input_ids": encoding["input_ids"], "labels": labels, "words": words, "tags": tags})
+        features.append(
+            {"input_ids": encoding["input_ids"], "labels": labels, "words": words, "tags": tags}
+        )
     return features
 
 
-def _answers(row: dict[str, Any], config: FinetuneConfig, context: str, path: str, number: int) -> list[tuple]:
-    """[(answer text, start character)] from a SQuAD `answers` dict, or an answer text (+ start) column."""
+def _answers(
+    row: dict[str, Any], config: FinetuneConfig, context: str, path: str, number: int
+) -> list[tuple]:
+    """[(answer text, start character)] from a SQuAD `answers` dict, or an answer text (+ start)."""
     if config.answers_column not in row:
         raise FinetuneError(
-            f"{path} row {number} has no column '{config.answers_column}' (it has: {', '.join(row)}); "
-            "pass --answers-column"
+            f"{path} row {number} has no column '{config.answers_column}' "
+            f"(it has: {', '.join(row)}); pass --answers-column"
         )
     value = row[config.answers_column]
     if isinstance(value, str) and value.lstrip().startswith("{"):
         value = json.loads(value)
     if isinstance(value, dict):
-        return [(str(t), int(s)) for t, s in zip(value.get("text", []), value.get("answer_start", []))]
+        starts = value.get("answer_start", [])
+        return [(str(t), int(s)) for t, s in zip(value.get("text", []), starts)]
     text = str(value)
     start = row.get(config.answer_start_column)
     start = context.find(text) if start in (None, "") else int(start)
     if start < 0 or context[start : start + len(text)] != text:
-        raise FinetuneError(f"{path} row {number}: answer {text!r} is not in the context at character {start}")
+        raise FinetuneError(
+            f"{path} row {number}: answer {text!r} is not in the context at character {start}"
+        )
     return [(text, start)]
 
 
@@ -231,7 +276,8 @@ def _qa_features(rows, config: FinetuneConfig, tokenizer, label2id, path) -> lis
     for number, (row, question, context) in enumerate(zip(rows, questions, contexts), 1):
         answers = _answers(row, config, context, path, number)
         encoding = encode_question(tokenizer, question, context, config.max_length)
-        start, end = 0, 0  # an answer cut off by truncation (or none at all) points at position 0, as in SQuAD 2
+        # An answer cut off by truncation (or none at all) points at position 0, as in SQuAD 2.
+        start, end = 0, 0
         if answers:
             text, char_start = answers[0]
             span = char_span_to_tokens(encoding, char_start, char_start + len(text))
@@ -267,18 +313,21 @@ _FEATURES = {
 }
 
 
+def _padded(rows: list[list[int]], width: int, value: int) -> torch.Tensor:
+    return torch.tensor([row + [value] * (width - len(row)) for row in rows])
+
+
 def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Pad on the right (positions come from the mask, so the side does not matter to BLOOM) into tensors."""
-    width = max(len(f["input_ids"]) for f in features)
+    """Pad on the right (positions come from the mask, so the side does not matter to BLOOM)."""
+    ids = [f["input_ids"] for f in features]
+    width = max(len(row) for row in ids)
     batch = {
-        "input_ids": torch.tensor([f["input_ids"] + [pad_token_id] * (width - len(f["input_ids"])) for f in features]),
-        "attention_mask": torch.tensor(
-            [[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features]
-        ),
+        "input_ids": _padded(ids, width, pad_token_id),
+        "attention_mask": _padded([[1] * len(row) for row in ids], width, 0),
     }
     first = features[0]
     if isinstance(first.get("labels"), list):
-        batch["labels"] = torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"])) for f in features])
+        batch["labels"] = _padded([f["labels"] for f in features], width, IGNORE_INDEX)
     elif "labels" in first:
         batch["labels"] = torch.tensor([f["labels"] for f in features])
     for key in ("start_positions", "end_positions"):
@@ -287,17 +336,21 @@ def collate(features: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def _batches(features: list[dict], batch_size: int, order: list[int] | None = None) -> Iterator[list[dict]]:
+def _batches(
+    features: list[dict], batch_size: int, order: list[int] | None = None
+) -> Iterator[list[dict]]:
     order = list(range(len(features))) if order is None else order
     for start in range(0, len(order), batch_size):
         yield [features[i] for i in order[start : start + batch_size]]
 
 
-def training_batches(features: list[dict], batch_size: int, seed: int, group_by_length: bool) -> list[list[dict]]:
+def training_batches(
+    features: list[dict], batch_size: int, seed: int, group_by_length: bool
+) -> list[list[dict]]:
     """One epoch's batches in a random order fixed by `seed` (so a resumed run sees the same order).
 
-    With `group_by_length`, examples of similar length share a batch (sorted within windows of 50 batches,
-    then the batches shuffled): far less padding to compute on, still a random order.
+    With `group_by_length`, examples of similar length share a batch (sorted within windows of 50
+    batches, then the batches shuffled): far less padding to compute on, still a random order.
     """
     rng = random.Random(seed)
     order = list(range(len(features)))
@@ -306,7 +359,9 @@ def training_batches(features: list[dict], batch_size: int, seed: int, group_by_
         window = 50 * batch_size
         for start in range(0, len(order), window):
             order[start : start + window] = sorted(
-                order[start : start + window], key=lambda i: len(features[i]["input_ids"]), reverse=True
+                order[start : start + window],
+                key=lambda i: len(features[i]["input_ids"]),
+                reverse=True,
             )
     batches = list(_batches(features, batch_size, order))
     if group_by_length:
@@ -314,196 +369,100 @@ def training_batches(features: list[dict], batch_size: int, seed: int, group_by_
     return batches
 
 
-# -- inference helpers shared by evaluation and the CLI ------------------------------------------------------
+# -- evaluation ------------------------------------------------------------------------------------
 
 
-def encode_question(tokenizer: BloomTokenizerFast, question: str, context: str, max_length: int | None = None):
-    """Question + context as one sequence, the context truncated to fit, with character offsets."""
-    return tokenizer(
-        question,
-        context,
-        truncation="only_second" if max_length else None,
-        max_length=max_length,
-        return_offsets_mapping=True,
-    )
+@dataclass
+class _Tally:
+    """What evaluation collects batch by batch before the task's metric is computed."""
+
+    predictions: list[Any] = field(default_factory=list)
+    references: list[Any] = field(default_factory=list)
+    qa_scores: list[tuple[float, float]] = field(default_factory=list)  # (exact match, F1)
 
 
-def char_span_to_tokens(encoding, char_start: int, char_end: int) -> tuple[int, int] | None:
-    """First and last context token overlapping [char_start, char_end), or None when truncated away."""
-    tokens = [
-        i
-        for i, (sequence, (start, end)) in enumerate(zip(encoding.sequence_ids(), encoding["offset_mapping"]))
-        if sequence == 1 and end > char_start and start < char_end
-    ]
-    return (tokens[0], tokens[-1]) if tokens else None
+def _tally_seq_cls(tally: _Tally, model, chunk: list[dict], batch: dict, output) -> None:
+    tally.predictions += output.logits.argmax(-1).tolist()
+    tally.references += batch["labels"].tolist()
 
 
-def best_span(
-    start_logits: torch.Tensor, end_logits: torch.Tensor, encoding, max_answer_tokens: int = MAX_ANSWER_TOKENS
-) -> tuple[int, int, float]:
-    """(start token, end token, probability) of the likeliest context span, end >= start.
-
-    The probability is softmax(start) * softmax(end), each taken over the context tokens only.
-    """
-    in_context = torch.tensor([s == 1 for s in encoding.sequence_ids()])
-    if not in_context.any():
-        raise ValueError("the context is empty after tokenisation; nothing to answer from")
-    start_p = start_logits.float().masked_fill(~in_context, -math.inf).softmax(-1)
-    end_p = end_logits.float().masked_fill(~in_context, -math.inf).softmax(-1)
-    scores = torch.triu(start_p[:, None] * end_p[None, :])  # [start, end], end >= start
-    scores = torch.tril(scores, diagonal=max_answer_tokens - 1)
-    flat = int(scores.argmax())
-    start, end = divmod(flat, scores.shape[1])
-    return start, end, float(scores[start, end])
-
-
-@torch.no_grad()
-def answer_question(model, tokenizer, question: str, context: str, max_length: int | None = None) -> dict[str, Any]:
-    """{"answer", "score", "start", "end"} (character offsets into `context`) for one question."""
-    encoding = encode_question(tokenizer, question, context, max_length)
-    input_ids = torch.tensor([encoding["input_ids"]], device=model.device)
-    output = model(input_ids=input_ids)
-    start, end, score = best_span(output.start_logits[0].cpu(), output.end_logits[0].cpu(), encoding)
-    offsets = encoding["offset_mapping"]
-    char_start, char_end = offsets[start][0], offsets[end][1]
-    return {"answer": context[char_start:char_end], "score": score, "start": char_start, "end": char_end}
-
-
-@torch.no_grad()
-def classify(model, tokenizer, texts: list[str], batch_size: int = 32) -> list[dict[str, Any]]:
-    """[{"label", "score", "scores": {label: probability}}] for each text, in the order given.
-
-    Texts are batched by length (less padding to compute); left padding leaves each row's result unchanged.
-    """
-    results: list[dict[str, Any]] = [{} for _ in texts]
+def _tally_token_cls(tally: _Tally, model, chunk: list[dict], batch: dict, output) -> None:
     id2label = model.config.id2label
-    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-    for start in range(0, len(order), batch_size):
-        indices = order[start : start + batch_size]
-        inputs = tokenizer([texts[i] for i in indices], padding=True, return_tensors="pt").to(model.device)
-        probabilities = model(**inputs).logits.float().softmax(-1).cpu()
-        for index, row in zip(indices, probabilities):
-            best = int(row.argmax())
-            scores = {id2label.get(i, str(i)): float(p) for i, p in enumerate(row)}
-            results[index] = {"label": id2label.get(best, str(best)), "score": float(row[best]), "scores": scores}
-    return results
+    for feature, row in zip(chunk, output.logits.argmax(-1).tolist()):
+        firsts = [p for p, label in zip(row, feature["labels"]) if label != IGNORE_INDEX]
+        tally.predictions += [id2label[p] for p in firsts]
+        tally.references += feature["tags"][: len(firsts)]
+
+
+def _tally_qa(tally: _Tally, model, chunk: list[dict], batch: dict, output) -> None:
+    for i, feature in enumerate(chunk):
+        n = len(feature["input_ids"])
+        start_logits, end_logits = output.start_logits[i, :n].cpu(), output.end_logits[i, :n].cpu()
+        start, end, _ = best_span(start_logits, end_logits, feature["encoding"])
+        offsets = feature["encoding"]["offset_mapping"]
+        prediction = feature["context"][offsets[start][0] : offsets[end][1]]
+        tally.qa_scores.append(squad_scores(prediction, feature["answers"]))
+
+
+def _tally_nothing(tally: _Tally, model, chunk: list[dict], batch: dict, output) -> None:
+    """causal-lm: perplexity needs only the loss."""
+
+
+_TALLY = {
+    "seq-cls": _tally_seq_cls,
+    "token-cls": _tally_token_cls,
+    "qa": _tally_qa,
+    "causal-lm": _tally_nothing,
+}
+
+
+def _task_metrics(task: str, tally: _Tally, loss: float, n_labels: int) -> dict[str, float]:
+    if task == "seq-cls":
+        return accuracy_and_macro_f1(tally.predictions, tally.references, n_labels)
+    if task == "token-cls":
+        return token_f1(tally.predictions, tally.references)
+    if task == "qa":
+        n = len(tally.qa_scores)
+        return {
+            "exact_match": sum(s[0] for s in tally.qa_scores) / n,
+            "f1": sum(s[1] for s in tally.qa_scores) / n,
+        }
+    return {"perplexity": perplexity(loss)}
 
 
 @torch.no_grad()
-def tag(model, tokenizer, text: str) -> list[dict[str, Any]]:
-    """[{"token", "label", "score", "start", "end"}] for every token of `text` (character offsets)."""
-    encoding = tokenizer(text, return_offsets_mapping=True)
-    input_ids = torch.tensor([encoding["input_ids"]], device=model.device)
-    probabilities = model(input_ids=input_ids).logits[0].float().softmax(-1).cpu()
-    id2label = model.config.id2label
-    rows = []
-    for (start, end), row in zip(encoding["offset_mapping"], probabilities):
-        best = int(row.argmax())
-        label = id2label.get(best, str(best))
-        rows.append({"token": text[start:end], "label": label, "score": float(row[best]), "start": start, "end": end})
-    return rows
-
-
-# -- metrics --------------------------------------------------------------------------------------------------
-
-
-def accuracy_and_macro_f1(predictions: Sequence[int], references: Sequence[int], n_labels: int) -> dict[str, float]:
-    correct = sum(p == r for p, r in zip(predictions, references))
-    f1s = []
-    for label in range(n_labels):
-        true_pos = sum(p == r == label for p, r in zip(predictions, references))
-        predicted, actual = predictions.count(label), references.count(label)
-        if predicted + actual:
-            f1s.append(2 * true_pos / (predicted + actual))
-    return {"accuracy": correct / len(references), "f1": sum(f1s) / len(f1s) if f1s else 0.0}
-
-
-def token_f1(predictions: Sequence[str], references: Sequence[str], outside: str = "O") -> dict[str, float]:
-    """Word-level micro F1 over the tags that are not `outside` (plus plain accuracy over all words)."""
-    true_pos = sum(p == r != outside for p, r in zip(predictions, references))
-    predicted = sum(p != outside for p in predictions)
-    actual = sum(r != outside for r in references)
-    precision = true_pos / predicted if predicted else 0.0
-    recall = true_pos / actual if actual else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    accuracy = sum(p == r for p, r in zip(predictions, references)) / max(1, len(references))
-    return {"f1": f1, "precision": precision, "recall": recall, "accuracy": accuracy}
-
-
-def _normalize_answer(text: str) -> list[str]:
-    """SQuAD's normalisation: lower case, no punctuation, no articles, single spaces; as words."""
-    text = "".join(ch for ch in text.lower() if ch not in string.punctuation)
-    return re.sub(r"\b(a|an|the)\b", " ", text).split()
-
-
-def squad_scores(prediction: str, answers: Sequence[str]) -> tuple[float, float]:
-    """(exact match, F1) of one prediction against the best-matching reference answer (SQuAD v1 rules)."""
-    if not answers:
-        return float(prediction == ""), float(prediction == "")
-    predicted = _normalize_answer(prediction)
-    best_em, best_f1 = 0.0, 0.0
-    for answer in answers:
-        reference = _normalize_answer(answer)
-        best_em = max(best_em, float(predicted == reference))
-        common = sum((Counter(predicted) & Counter(reference)).values())
-        if common:
-            precision, recall = common / len(predicted), common / len(reference)
-            best_f1 = max(best_f1, 2 * precision * recall / (precision + recall))
-    return best_em, best_f1
-
-
-@torch.no_grad()
-def evaluate(model, features: list[dict], task: str, pad_token_id: int, batch_size: int, bf16: bool = False):
-    """The task's metrics on `features` (and the mean loss)."""
+def evaluate(
+    model: nn.Module,
+    features: list[dict],
+    task: str,
+    pad_token_id: int,
+    batch_size: int,
+    bf16: bool = False,
+) -> dict[str, float]:
+    """The mean loss and the task's metrics on `features`."""
     model.eval()
-    total_loss, n_loss = 0.0, 0
-    predictions: list[Any] = []
-    references: list[Any] = []
-    qa_scores: list[tuple[float, float]] = []
+    total_loss, n_loss, tally = 0.0, 0, _Tally()
     for chunk in _batches(features, batch_size):
         batch = {k: v.to(model.device) for k, v in collate(chunk, pad_token_id).items()}
         with _autocast(model.device, bf16):
             output = model(**batch)
-        weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum()) if task == "causal-lm" else len(chunk)
+        # causal-lm: weight by the predicted tokens, so the mean is per token as perplexity needs
+        if task == "causal-lm":
+            weight = int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+        else:
+            weight = len(chunk)
         total_loss += float(output.loss) * weight
         n_loss += weight
-        if task == "seq-cls":
-            predictions += output.logits.argmax(-1).tolist()
-            references += batch["labels"].tolist()
-        elif task == "token-cls":
-            id2label = model.config.id2label
-            for feature, row in zip(chunk, output.logits.argmax(-1).tolist()):
-                firsts = [p for p, label in zip(row, feature["labels"]) if label != IGNORE_INDEX]
-                predictions += [id2label[p] for p in firsts]
-                references += feature["tags"][: len(firsts)]
-        elif task == "qa":
-            for i, feature in enumerate(chunk):
-                n = len(feature["input_ids"])
-                start, end, _ = best_span(
-                    output.start_logits[i, :n].cpu(), output.end_logits[i, :n].cpu(), feature["encoding"]
-                )
-                offsets = feature["encoding"]["offset_mapping"]
-                qa_scores.append(
-                    squad_scores(feature["context"][offsets[start][0] : offsets[end][1]], feature["answers"])
-                )
+        _TALLY[task](tally, model, chunk, batch, output)
     model.train()
-    metrics = {"loss": total_loss / max(1, n_loss)}
-    if task == "seq-cls":
-        metrics |= accuracy_and_macro_f1(predictions, references, model.config.num_labels)
-    elif task == "token-cls":
-        metrics |= token_f1(predictions, references)
-    elif task == "qa":
-        metrics["exact_match"] = sum(s[0] for s in qa_scores) / len(qa_scores)
-        metrics["f1"] = sum(s[1] for s in qa_scores) / len(qa_scores)
-    else:
-        metrics["perplexity"] = math.exp(min(metrics["loss"], 50.0))
-    return metrics
+    loss = total_loss / max(1, n_loss)
+    return {"loss": loss} | _task_metrics(task, tally, loss, model.config.num_labels)
 
 
 def _train_loss_score(task: str, train_loss: float) -> dict[str, float]:
     """Without an evaluation file the best epoch is the one with the lowest training loss."""
     if task == "causal-lm":
-        return {"perplexity": math.exp(min(train_loss, 50.0))}
+        return {"perplexity": perplexity(train_loss)}
     return {BEST_METRIC[task]: -train_loss}
 
 
@@ -514,11 +473,11 @@ def _is_better(metrics: dict[str, float], best: float | None, task: str) -> bool
     return value < best if task == "causal-lm" else value > best
 
 
-def _autocast(device: torch.device, bf16: bool):
+def _autocast(device: torch.device, bf16: bool) -> torch.autocast:
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16)
 
 
-# -- training -----------------------------------------------------------------------------------------------
+# -- the training run: prepare -> restore -> train_epoch -> end_epoch ------------------------------
 
 
 @dataclass
@@ -528,9 +487,58 @@ class FinetuneResult:
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
-def _label_maps(config: FinetuneConfig, rows: list[dict], path: str, base_config) -> tuple[dict, dict] | None:
+@dataclass
+class Progress:
+    """Where a run stands; saved in `training_state/trainer_state.json` after every epoch."""
+
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimizer steps taken, across epochs
+    best: float | None = None  # the best epoch's BEST_METRIC value
+    best_metrics: dict[str, float] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+
+
+def _log_to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class TrainingRun:
+    """What `prepare` builds; `restore`, `train_epoch` and `end_epoch` use it, move `progress`."""
+
+    config: FinetuneConfig
+    device: torch.device
+    tokenizer: BloomTokenizerFast
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    train_features: list[dict]
+    eval_features: list[dict] | None
+    steps_per_epoch: int
+    total_steps: int
+    warmup_steps: int
+    progress: Progress = field(default_factory=Progress)
+    log: Callable[[str], None] = _log_to_stderr
+
+    @property
+    def out(self) -> Path:
+        return Path(self.config.out_dir)
+
+    @property
+    def pad_token_id(self) -> int:
+        return self.model.config.pad_token_id
+
+
+def _label_maps(
+    config: FinetuneConfig, rows: list[dict], base_config: BloomConfig, resumed: bool
+) -> LabelMaps | None:
+    """The labels' ids: the saved model's on resume, else from --labels or the training file."""
     if config.task not in ("seq-cls", "token-cls"):
         return None
+    if resumed:
+        id2label = {int(k): v for k, v in base_config.id2label.items()}
+        return id2label, {v: k for k, v in id2label.items()}
+    path = config.train_file
     if config.labels:
         names = [str(label) for label in config.labels]
     elif config.task == "seq-cls":
@@ -539,14 +547,31 @@ def _label_maps(config: FinetuneConfig, rows: list[dict], path: str, base_config
         tags = _column(rows, config.tags_column, path, "--tags-column")
         names = label_names([tag for row in tags for tag in _words(row)])
     # Keep a fine-tuned model's own label order when it already knows exactly these labels.
-    known = [base_config.id2label[i] for i in sorted(base_config.id2label)] if base_config.id2label else []
+    base_labels = base_config.id2label or {}
+    known = [base_labels[i] for i in sorted(base_labels)]
     if sorted(known) == sorted(names) and len(known) == base_config.num_labels:
         names = known
     id2label = dict(enumerate(names))
     return id2label, {name: i for i, name in id2label.items()}
 
 
-def _load_model(config: FinetuneConfig, source: str, label_maps, device: torch.device):
+def _make_features(
+    config: FinetuneConfig, tokenizer, train_rows: list[dict], label_maps: LabelMaps | None
+) -> tuple[list[dict], list[dict] | None]:
+    """(training features, evaluation features or None)."""
+    make_features = _FEATURES[config.task]
+    label2id = label_maps[1] if label_maps else None
+    train = make_features(train_rows, config, tokenizer, label2id, config.train_file)
+    if not config.eval_file:
+        return train, None
+    eval_rows = read_records(config.eval_file)
+    return train, make_features(eval_rows, config, tokenizer, label2id, config.eval_file)
+
+
+def _load_model(
+    config: FinetuneConfig, source: str, label_maps: LabelMaps | None, device: torch.device
+) -> nn.Module:
+    """The task's model from `source` in float32 on `device`, in training mode."""
     cls = TASKS[config.task]
     kwargs: dict[str, Any] = {}
     if label_maps is not None:
@@ -558,13 +583,21 @@ def _load_model(config: FinetuneConfig, source: str, label_maps, device: torch.d
     model = cls.from_pretrained(source, torch_dtype=torch.float32, **kwargs)
     if model.config.pad_token_id is None:
         raise FinetuneError(f"{source} has no pad_token_id in its config; batching needs one")
-    return model.to(device)
+    model = model.to(device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    return model
 
 
 def _optimizer(model: nn.Module, config: FinetuneConfig) -> torch.optim.Optimizer:
-    decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]  # biases, LayerNorms
-    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.dim() >= 2]
+    no_decay = [p for p in trainable if p.dim() < 2]  # biases, LayerNorms
+    groups = [
+        {"params": decay, "weight_decay": config.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=config.learning_rate)
 
 
@@ -579,36 +612,181 @@ def linear_schedule(total_steps: int, warmup_steps: int) -> Callable[[int], floa
     return factor
 
 
-def staging_dir(parent: Path, name: str) -> Path:
-    """A new hidden folder `parent/.name.tmp-XXXX` to build `name` in before renaming it into place.
+def _schedule_lengths(config: FinetuneConfig, n_examples: int) -> tuple[int, int, int]:
+    """(optimizer steps per epoch, steps in all, warmup steps)."""
+    examples_per_step = config.batch_size * config.gradient_accumulation_steps
+    steps_per_epoch = math.ceil(n_examples / examples_per_step)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps is not None:
+        total_steps = min(total_steps, config.max_steps)
+    warmup = max(1, round(config.warmup_ratio * total_steps)) if config.warmup_ratio else 0
+    return steps_per_epoch, total_steps, warmup
 
-    On the same file system as the target, so the rename is atomic; mode 0755 like a folder made by mkdir
-    (mkdtemp's 0700 would make the renamed model folder private).
+
+def prepare(
+    config: FinetuneConfig, resumed: bool = False, log: Callable[[str], None] | None = None
+) -> TrainingRun:
+    """Check the options, read the data and build everything a run needs, in training mode.
+
+    With `resumed`, the model and labels come from `out_dir/training_state/` and the tokenizer from
+    `out_dir`, not from `config.model`. Every data error is raised here, before anything is written.
     """
-    staging = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent))
-    staging.chmod(0o755)
-    return staging
+    config.check()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    device = torch.device(config.device)
+    torch.manual_seed(config.seed)
+    out = Path(config.out_dir)
+    source = str(out / STATE_DIR) if resumed else config.model
+    # Pre-split words (token-cls) need a space before every word, as transformers requires.
+    prefix_space = {"add_prefix_space": True} if config.task == "token-cls" else {}
+    tokenizer = AutoTokenizer.from_pretrained(out if resumed else config.model, **prefix_space)
+    train_rows = read_records(config.train_file)
+    label_maps = _label_maps(config, train_rows, BloomConfig.from_pretrained(source), resumed)
+    train_features, eval_features = _make_features(config, tokenizer, train_rows, label_maps)
+    # On resume the saved model already has its labels; passing them would reset its head.
+    model = _load_model(config, source, None if resumed else label_maps, device)
+    optimizer = _optimizer(model, config)
+    steps_per_epoch, total_steps, warmup = _schedule_lengths(config, len(train_features))
+    schedule = linear_schedule(total_steps, warmup)
+    return TrainingRun(
+        config=config,
+        device=device,
+        tokenizer=tokenizer,
+        model=model,
+        optimizer=optimizer,
+        scheduler=torch.optim.lr_scheduler.LambdaLR(optimizer, schedule),
+        train_features=train_features,
+        eval_features=eval_features,
+        steps_per_epoch=steps_per_epoch,
+        total_steps=total_steps,
+        warmup_steps=warmup,
+        log=log or _log_to_stderr,
+    )
 
 
-def _swap_into_place(new_dir: Path, target: Path) -> None:
-    """Replace `target` by the complete folder `new_dir` (two renames; the old one is removed afterwards)."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{os.getpid()}")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(target, old)
-    os.replace(new_dir, target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def restore(run: TrainingRun, state: dict[str, Any]) -> None:
+    """Continue a saved run: optimizer and scheduler state, step and epoch counts, best, history.
+
+    `state` is the content of `training_state/trainer_state.json`; the optimizer and scheduler come
+    from `training_state/optimizer.pt` beside it.
+    """
+    saved = torch.load(
+        run.out / STATE_DIR / OPTIMIZER_FILE, map_location=run.device, weights_only=True
+    )
+    run.optimizer.load_state_dict(saved["optimizer"])
+    run.scheduler.load_state_dict(saved["scheduler"])
+    # The schedule's length follows the (possibly raised) epoch count of this run.
+    schedule = linear_schedule(run.total_steps, run.warmup_steps)
+    run.scheduler.lr_lambdas = [schedule] * len(run.optimizer.param_groups)
+    run.progress = Progress(
+        epoch=state["epoch"],
+        step=state["step"],
+        best=state["best"],
+        best_metrics=state["best_metrics"],
+        history=state["history"],
+    )
+    run.log(f"resuming from {run.out / STATE_DIR}: epoch {state['epoch']}, step {state['step']}")
+
+
+def _progress_bar(total: int, description: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, desc=description, unit="step", disable=not sys.stderr.isatty(), leave=False
+    )
+
+
+def _backward(run: TrainingRun, chunk: list[dict]) -> float:
+    """Forward and backward on one micro-batch (gradients accumulate); its loss."""
+    batch = {k: v.to(run.device) for k, v in collate(chunk, run.pad_token_id).items()}
+    with _autocast(run.device, run.config.bf16):
+        loss = run.model(**batch).loss
+    (loss / run.config.gradient_accumulation_steps).backward()
+    return loss.detach().item()
+
+
+def _optimizer_step(run: TrainingRun) -> None:
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    run.progress.step += 1
+
+
+def _report_step(run: TrainingRun, bar: Any, epoch: int, loss: float) -> None:
+    bar.update(1)
+    bar.set_postfix(loss=f"{loss:.4f}")
+    step, log_every = run.progress.step, max(1, run.steps_per_epoch // 10)
+    if bar.disable and step % log_every == 0:  # no bar (piped): a line every ~10% of an epoch
+        where = f"epoch {epoch + 1}/{run.config.epochs}, step {step}/{run.total_steps}"
+        run.log(f"{where}: loss {loss:.4f}")
+
+
+def train_epoch(run: TrainingRun, epoch: int) -> float:
+    """One pass over the training batches, shuffled by `seed + epoch`; the mean micro-batch loss.
+
+    Stops early once `run.total_steps` optimizer steps have been taken, counted across epochs.
+    """
+    config = run.config
+    micro_batches = training_batches(
+        run.train_features, config.batch_size, config.seed + epoch, config.group_by_length
+    )
+    remaining = min(run.steps_per_epoch, run.total_steps - run.progress.step)
+    bar = _progress_bar(remaining, f"epoch {epoch + 1}/{config.epochs}")
+    total_loss, n_batches = 0.0, 0
+    for index, chunk in enumerate(micro_batches):
+        total_loss += _backward(run, chunk)
+        n_batches += 1
+        last_micro = index == len(micro_batches) - 1
+        if (index + 1) % config.gradient_accumulation_steps and not last_micro:
+            continue  # accumulate more micro-batches before the next optimizer step
+        _optimizer_step(run)
+        _report_step(run, bar, epoch, total_loss / n_batches)
+        if run.progress.step >= run.total_steps:
+            break
+    bar.close()
+    return total_loss / max(1, n_batches)
+
+
+def _run_evaluation(run: TrainingRun) -> dict[str, float]:
+    config = run.config
+    return evaluate(
+        run.model, run.eval_features, config.task, run.pad_token_id, config.batch_size, config.bf16
+    )
+
+
+def end_epoch(run: TrainingRun, epoch: int, train_loss: float) -> dict[str, float]:
+    """Evaluate, add the epoch to the history, save the model when it is the best so far, and save
+    `training_state/`; the epoch's metrics.
+
+    Without evaluation data the best epoch is the one with the lowest training loss.
+    """
+    config, progress = run.config, run.progress
+    metrics = {"train_loss": train_loss}
+    if run.eval_features:
+        metrics |= _run_evaluation(run)
+    progress.epoch = epoch + 1
+    progress.history.append({"epoch": epoch + 1, "step": progress.step, **metrics})
+    run.log(f"epoch {epoch + 1}/{config.epochs} (step {progress.step}): {_format_metrics(metrics)}")
+    scored = metrics if run.eval_features else _train_loss_score(config.task, train_loss)
+    if _is_better(scored, progress.best, config.task):
+        progress.best, progress.best_metrics = scored[BEST_METRIC[config.task]], metrics
+        results = {"best_epoch": epoch + 1, "best": metrics, "history": progress.history}
+        _save_best(run.out, run.model, run.tokenizer, results)
+        run.log(f"saved the best model so far to {run.out}")
+    state = {"config": asdict(config), **asdict(progress)}
+    _save_state(run.out, run.model, run.optimizer, run.scheduler, state)
+    return metrics
 
 
 def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters) through a temporary folder."""
+    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters) via staging."""
     staging = staging_dir(out, STATE_DIR)
     try:
         model.save_pretrained(staging)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, staging / OPTIMIZER_FILE)
+        optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
+        torch.save(optimizer_state, staging / OPTIMIZER_FILE)
         (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
         _swap_into_place(staging, out / STATE_DIR)
     finally:
@@ -621,7 +799,8 @@ def _save_best(out: Path, model, tokenizer, results: dict[str, Any]) -> None:
     try:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        (staging / RESULTS_FILE).write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+        results_text = json.dumps(results, indent=2) + "\n"
+        (staging / RESULTS_FILE).write_text(results_text, encoding="utf-8")
         if (out / STATE_DIR).is_dir():
             os.replace(out / STATE_DIR, staging / STATE_DIR)
         _swap_into_place(staging, out)
@@ -629,140 +808,46 @@ def _save_best(out: Path, model, tokenizer, results: dict[str, Any]) -> None:
         shutil.rmtree(staging, ignore_errors=True)
 
 
-def _progress(total: int, description: str):
-    from tqdm.auto import tqdm
+def finetune(
+    config: FinetuneConfig, resume: bool = False, log: Callable[[str], None] | None = None
+) -> FinetuneResult:
+    """Fine-tune `config.model` on `config.train_file`; the best epoch's model ends up in `out_dir`.
 
-    return tqdm(total=total, desc=description, unit="step", disable=not sys.stderr.isatty(), leave=False)
-
-
-def finetune(config: FinetuneConfig, resume: bool = False, log: Callable[[str], None] | None = None) -> FinetuneResult:
-    """Fine-tune `config.model` on `config.train_file`; the best epoch's model ends up in `config.out_dir`.
-
-    With `resume=True`, continue from `out_dir/training_state/` (the options saved there are used, except
-    `epochs`, `max_steps`, `device` and `threads`, which may be raised or changed).
+    With `resume=True`, continue from `out_dir/training_state/` (the options saved there are used,
+    except `epochs`, `max_steps`, `device` and `threads`, which may be raised or changed).
     """
-    log = log or (lambda message: print(message, file=sys.stderr, flush=True))
     out = Path(config.out_dir)
     saved_state = None
     if resume:
         config, saved_state = _resume_config(out, config)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(
-            f"{out} already exists and is not empty; pass --resume to continue, or choose another --out"
+            f"{out} already exists and is not empty; "
+            "pass --resume to continue, or choose another --out"
         )
-    config.check()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    device = torch.device(config.device)
-    torch.manual_seed(config.seed)
-
-    source = str(out / STATE_DIR) if saved_state else config.model
-    # Pre-split words (token-cls) need a space before every word, as transformers requires.
-    prefix_space = {"add_prefix_space": True} if config.task == "token-cls" else {}
-    tokenizer = AutoTokenizer.from_pretrained(out if saved_state else config.model, **prefix_space)
-    train_rows = read_records(config.train_file)
-    base_config = BloomConfig.from_pretrained(source)
-    label_maps = _label_maps(config, train_rows, config.train_file, base_config) if not saved_state else None
-    if saved_state and config.task in ("seq-cls", "token-cls"):
-        id2label = {int(k): v for k, v in base_config.id2label.items()}
-        label_maps = (id2label, {v: k for k, v in id2label.items()})
-    label2id = label_maps[1] if label_maps else None
-    make_features = _FEATURES[config.task]
-    train_features = make_features(train_rows, config, tokenizer, label2id, config.train_file)
-    eval_features = None
-    if config.eval_file:
-        eval_rows = read_records(config.eval_file)
-        eval_features = make_features(eval_rows, config, tokenizer, label2id, config.eval_file)
-
-    model = _load_model(config, source, label_maps if not saved_state else None, device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    optimizer = _optimizer(model, config)
-    steps_per_epoch = math.ceil(len(train_features) / (config.batch_size * config.gradient_accumulation_steps))
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    warmup = max(1, round(config.warmup_ratio * total_steps)) if config.warmup_ratio else 0
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, linear_schedule(total_steps, warmup))
-    pad_id = model.config.pad_token_id
-
-    history: list[dict[str, Any]] = []
-    best: float | None = None
-    best_metrics: dict[str, float] = {}
-    start_epoch, step = 0, 0
-    if saved_state:
-        optimizer_state = torch.load(out / STATE_DIR / OPTIMIZER_FILE, map_location=device, weights_only=True)
-        optimizer.load_state_dict(optimizer_state["optimizer"])
-        scheduler.load_state_dict(optimizer_state["scheduler"])
-        # The schedule's length follows the (possibly raised) epoch count of this run.
-        scheduler.lr_lambdas = [linear_schedule(total_steps, warmup)] * len(optimizer.param_groups)
-        history, best, best_metrics = saved_state["history"], saved_state["best"], saved_state["best_metrics"]
-        start_epoch, step = saved_state["epoch"], saved_state["step"]
-        log(f"resuming from {out / STATE_DIR}: epoch {start_epoch}, step {step}")
-    elif eval_features:
-        metrics = evaluate(model, eval_features, config.task, pad_id, config.batch_size, config.bf16)
-        history.append({"epoch": 0, "step": 0, **metrics})
-        log(f"before training: {_format_metrics(metrics)}")
-
+    run = prepare(config, resumed=saved_state is not None, log=log)
+    if saved_state is not None:
+        restore(run, saved_state)
+    elif run.eval_features:
+        metrics = _run_evaluation(run)
+        run.progress.history.append({"epoch": 0, "step": 0, **metrics})
+        run.log(f"before training: {_format_metrics(metrics)}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    log_every = max(1, steps_per_epoch // 10)
-    for epoch in range(start_epoch, config.epochs):
-        if step >= total_steps:
+    for epoch in range(run.progress.epoch, config.epochs):
+        if run.progress.step >= run.total_steps:
             break
-        micro_batches = training_batches(train_features, config.batch_size, config.seed + epoch, config.group_by_length)
-        train_loss, n_batches = 0.0, 0
-        progress = _progress(min(steps_per_epoch, total_steps - step), f"epoch {epoch + 1}/{config.epochs}")
-        for index, chunk in enumerate(micro_batches):
-            batch = {k: v.to(device) for k, v in collate(chunk, pad_id).items()}
-            with _autocast(device, config.bf16):
-                loss = model(**batch).loss
-            (loss / config.gradient_accumulation_steps).backward()
-            train_loss += loss.detach().item()
-            n_batches += 1
-            last_micro = index == len(micro_batches) - 1
-            if (index + 1) % config.gradient_accumulation_steps == 0 or last_micro:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                progress.update(1)
-                progress.set_postfix(loss=f"{train_loss / n_batches:.4f}")
-                if progress.disable and step % log_every == 0:  # no bar (piped): a line every ~10% of an epoch
-                    log(
-                        f"epoch {epoch + 1}/{config.epochs}, step {step}/{total_steps}: "
-                        f"loss {train_loss / n_batches:.4f}"
-                    )
-                if step >= total_steps:
-                    break
-        progress.close()
-        metrics = {"train_loss": train_loss / max(1, n_batches)}
-        if eval_features:
-            metrics |= evaluate(model, eval_features, config.task, pad_id, config.batch_size, config.bf16)
-        history.append({"epoch": epoch + 1, "step": step, **metrics})
-        log(f"epoch {epoch + 1}/{config.epochs} (step {step}): {_format_metrics(metrics)}")
-        scored = metrics if eval_features else _train_loss_score(config.task, metrics["train_loss"])
-        if _is_better(scored, best, config.task):
-            best, best_metrics = scored[BEST_METRIC[config.task]], metrics
-            _save_best(out, model, tokenizer, {"best_epoch": epoch + 1, "best": best_metrics, "history": history})
-            log(f"saved the best model so far to {out}")
-        state = {
-            "config": asdict(config),
-            "epoch": epoch + 1,
-            "step": step,
-            "best": best,
-            "best_metrics": best_metrics,
-            "history": history,
-        }
-        _save_state(out, model, optimizer, scheduler, state)
-    return FinetuneResult(out, best_metrics, history)
+        end_epoch(run, epoch, train_epoch(run, epoch))
+    return FinetuneResult(out, run.progress.best_metrics, run.progress.history)
 
 
 def _resume_config(out: Path, config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """The options saved in `out/training_state/` (with this run's epochs, max_steps, device and
+    threads) and the saved trainer state."""
     state_file = out / STATE_DIR / STATE_FILE
     if not state_file.is_file():
-        raise FinetuneError(f"nothing to resume: {state_file} does not exist (run without --resume first)")
+        raise FinetuneError(
+            f"nothing to resume: {state_file} does not exist (run without --resume first)"
+        )
     state = json.loads(state_file.read_text(encoding="utf-8"))
     known = {f.name for f in fields(FinetuneConfig)}
     saved = FinetuneConfig(**{k: v for k, v in state["config"].items() if k in known})
