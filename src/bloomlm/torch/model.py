@@ -14,7 +14,9 @@ saving and the shared plumbing (flags, head mask, embeddings) live in `pretraine
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,15 +29,20 @@ from bloomlm.generation import GenerationConfigMixin
 from bloomlm.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
+    ModelOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
 from bloomlm.torch import checks
+from bloomlm.torch.cache import LayerPast, StaticCache
+from bloomlm.torch.losses import (
+    causal_lm_loss,
+    question_answering_loss,
+    sequence_classification_loss,
+    token_classification_loss,
+)
 from bloomlm.torch.pretrained import BloomPreTrainedModel
-
-LayerPast = tuple[torch.Tensor, torch.Tensor]
-
 
 # ---------------------------------------------------------------------------------------------------
 # Position bias and masks
@@ -66,7 +73,9 @@ def build_causal_mask(attention_mask: torch.Tensor, query_length: int) -> torch.
     return future[None, None] | padding
 
 
-def attention_bias(alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(
+    alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype
+) -> torch.Tensor:
     """ALiBi and masking as one additive bias (B, H, T, S) for the fused attention path.
 
     Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row) then
@@ -75,65 +84,6 @@ def attention_bias(alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, 
     batch_size = causal_mask.shape[0]
     bias = alibi.view(batch_size, n_head, 1, -1).to(dtype)
     return bias.masked_fill(causal_mask, torch.finfo(dtype).min)
-
-
-class StaticCache:
-    """Keys and values of every layer, preallocated to `max_length` and written in place.
-
-    transformers grows BLOOM's cache with a `torch.cat` of the whole cache per layer per step; here a
-    step writes only its new positions. Layout (n_layer, B, H, max_length, D); positions `:length` are
-    filled. `to_legacy()` / `from_legacy()` convert to and from BLOOM's tuple layout at the API boundary.
-    """
-
-    def __init__(self, config: BloomConfig, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
-        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, H, T, D) keys/values after the filled part; return views of all so far."""
-        end = self.length + key.shape[2]
-        self.keys[layer, :, :, self.length : end] = key
-        self.values[layer, :, :, self.length : end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens
-
-    def reorder_(self, batch_index: torch.LongTensor) -> None:
-        """Keep rows `batch_index` (beam search), in place."""
-        self.keys = self.keys.index_select(1, batch_index.to(self.keys.device))
-        self.values = self.values.index_select(1, batch_index.to(self.values.device))
-
-    def to_legacy(self) -> tuple[LayerPast, ...]:
-        n_layer, B, H, _, D = self.keys.shape
-        S = self.length
-        return tuple(
-            (
-                self.keys[i, :, :, :S].transpose(-1, -2).reshape(B * H, D, S),
-                self.values[i, :, :, :S].reshape(B * H, S, D),
-            )
-            for i in range(n_layer)
-        )
-
-    @classmethod
-    def from_legacy(cls, config: BloomConfig, past: tuple[LayerPast, ...], max_length: int) -> StaticCache:
-        rows, D, S = past[0][0].shape
-        cache = cls(config, rows // config.n_head, max_length, past[0][0].dtype, past[0][0].device)
-        for i, (key, value) in enumerate(past):
-            cache.keys[i, :, :, :S] = key.view(-1, config.n_head, D, S).transpose(-1, -2)
-            cache.values[i, :, :, :S] = value.view(-1, config.n_head, S, D)
-        cache.length = S
-        return cache
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -146,11 +96,12 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
 
 
 def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
-    """`layer(x)` summed in `pretraining_tp` column slices, the order Megatron's TP ranks added them.
-
-    This is `slow_but_exact`: it reproduces the pre-training rounding. Unlike transformers 4.37 it
-    also adds the bias, so it equals `layer(x)` up to rounding.
+    """`layer(x)`, summed in `pretraining_tp` column slices when that is > 1: the order Megatron's TP
+    ranks added them (`slow_but_exact` reproduces the pre-training rounding). Unlike transformers
+    4.37 it also adds the bias, so it equals `layer(x)` up to rounding.
     """
+    if pretraining_tp == 1:
+        return layer(x)
     in_features = layer.weight.shape[-1]
     slice_width = in_features / pretraining_tp
     out = torch.zeros(*x.shape[:-1], layer.weight.shape[0], dtype=x.dtype, device=x.device)
@@ -201,11 +152,10 @@ class BloomAttention(nn.Module):
         if alibi is None:
             context, present, probs = self._attend_fused(qkv, attention_mask, layer_past, use_cache)
         else:
-            context, present, probs = self._attend_eager(qkv, alibi, attention_mask, layer_past, head_mask, use_cache)
-        if self.tp_slices > 1:
-            output = tp_linear(context, self.dense, self.tp_slices)
-        else:
-            output = self.dense(context)
+            context, present, probs = self._attend_eager(
+                qkv, alibi, attention_mask, layer_past, head_mask, use_cache
+            )
+        output = tp_linear(context, self.dense, self.tp_slices)
         output = dropout_add(output, residual, self.hidden_dropout, self.training)
         return output, present, (probs if output_attentions else None)
 
@@ -277,10 +227,7 @@ class BloomMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = bloom_gelu(self.dense_h_to_4h(hidden_states))
-        if self.tp_slices > 1:
-            output = tp_linear(hidden_states, self.dense_4h_to_h, self.tp_slices)
-        else:
-            output = self.dense_4h_to_h(hidden_states)
+        output = tp_linear(hidden_states, self.dense_4h_to_h, self.tp_slices)
         return dropout_add(output, residual, self.hidden_dropout, self.training)
 
 
@@ -289,7 +236,9 @@ class BloomBlock(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = BloomAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_attention_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon
+        )
         self.mlp = BloomMLP(config)
         # Some BLOOM variants take the residual after the LayerNorm instead of before it.
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
@@ -307,7 +256,14 @@ class BloomBlock(nn.Module):
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.post_ln_residual else hidden_states
         attn_output, present, probs = self.self_attention(
-            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache, output_attentions
+            normed,
+            residual,
+            alibi,
+            attention_mask,
+            layer_past,
+            head_mask,
+            use_cache,
+            output_attentions,
         )
         normed = self.post_attention_layernorm(attn_output)
         residual = normed if self.post_ln_residual else attn_output
@@ -327,7 +283,9 @@ class BloomModel(BloomPreTrainedModel):
         self.embed_dim = config.hidden_size
         self.num_heads = config.n_head
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.word_embeddings_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon
+        )
         self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.n_layer)])
         for i, block in enumerate(self.h):
             block.self_attention.layer_idx = i  # the StaticCache slot this layer writes
@@ -343,7 +301,7 @@ class BloomModel(BloomPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: tuple[LayerPast, ...] | None = None,
+        past_key_values: tuple[LayerPast, ...] | StaticCache | None = None,
         attention_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -353,62 +311,42 @@ class BloomModel(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
+        # Over 40 lines: the one pass down the blocks, collecting what each flag asks for.
         self._pop_deprecated(deprecated_arguments)
         flags = self._resolve_flags(use_cache, output_attentions, output_hidden_states, return_dict)
         use_cache, output_attentions, output_hidden_states, return_dict = flags
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputed blocks cannot hand back a cache
-
-        checks.check_inputs(self.config, input_ids, inputs_embeds)
-        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        # The eager path exposes the probabilities and head masks, and gives transformers' gradients:
+        # a padding query sees only masked keys, and there the fused kernel's backward (an additive
+        # bias instead of masked_fill) lets gradient into its q and k. The fused path serves inference.
+        eager = output_attentions or head_mask is not None or torch.is_grad_enabled()
+        hidden_states, alibi, mask = self._embed(
+            input_ids, past_key_values, attention_mask, inputs_embeds, eager
+        )
         static_cache = past_key_values if isinstance(past_key_values, StaticCache) else None
-        if static_cache is not None:
-            past_length = checks.check_static_cache(static_cache, batch_size, seq_length)
-        else:
-            past_length = checks.check_past(self.config, past_key_values, batch_size)
-        if inputs_embeds is None:
-            inputs_embeds = self.word_embeddings(input_ids)
-        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
-
-        if attention_mask is None:
-            attention_mask = torch.ones((batch_size, past_length + seq_length), device=hidden_states.device)
-        else:
-            checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
-            attention_mask = attention_mask.to(hidden_states.device)
-        # Position bias and masks are built once here, not once per layer.
-        alibi = build_alibi(attention_mask, self.num_heads, hidden_states.dtype)
-        causal_mask = build_causal_mask(attention_mask, seq_length)
-        # The fused path serves inference. The eager path exposes the probabilities and head masks, and
-        # gives transformers' gradients: a padding query sees only masked keys, and there the fused
-        # kernel's backward (an additive bias instead of masked_fill) lets gradient into its q and k.
-        if output_attentions or head_mask is not None or torch.is_grad_enabled():
-            mask = causal_mask
-        else:
-            mask = attention_bias(alibi, causal_mask, self.num_heads, hidden_states.dtype)
-            alibi = None
-        head_masks = self._layer_head_masks(head_mask)
-        if static_cache is not None:
-            layer_pasts = (static_cache,) * len(self.h)
-        else:
-            layer_pasts = past_key_values if past_key_values is not None else (None,) * len(self.h)
+        if past_key_values is None or static_cache is not None:
+            past_key_values = (static_cache,) * len(self.h)  # a StaticCache serves every layer
 
         presents = () if use_cache else None
         all_attentions = () if output_attentions else None
         all_hidden_states = () if output_hidden_states else None
-        for block, layer_past, layer_head_mask in zip(self.h, layer_pasts, head_masks):
+        head_masks = self._layer_head_masks(head_mask)
+        for block, layer_past, layer_head_mask in zip(self.h, past_key_values, head_masks):
             if output_hidden_states:
                 all_hidden_states += (hidden_states,)
-            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache, output_attentions)
+            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache)
             if self.gradient_checkpointing and self.training:
-                hidden_states, present, probs = checkpoint(block, *args, use_reentrant=False)
+                outputs = checkpoint(block, *args, output_attentions, use_reentrant=False)
             else:
-                hidden_states, present, probs = block(*args)
-            if use_cache and static_cache is None:
+                outputs = block(*args, output_attentions)
+            hidden_states, present, probs = outputs
+            if use_cache:
                 presents += (present,)
             if output_attentions:
                 all_attentions += (probs,)
         if static_cache is not None:
-            static_cache.advance(seq_length)
+            static_cache.advance(hidden_states.shape[1])
             presents = static_cache if use_cache else None
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
@@ -422,13 +360,84 @@ class BloomModel(BloomPreTrainedModel):
         )
         return output if return_dict else output.to_tuple()
 
+    def _embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        past_key_values: tuple[LayerPast, ...] | StaticCache | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        eager: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Checked inputs to (hidden states, alibi, mask), the blocks' inputs.
+
+        The hidden states are the embeddings after `word_embeddings_layernorm`. The position bias and
+        masks are built once here, not once per layer: for the eager path ALiBi and the causal mask,
+        for the fused path (None, one additive bias).
+        """
+        checks.check_inputs(self.config, input_ids, inputs_embeds)
+        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
+        if isinstance(past_key_values, StaticCache):
+            past_length = checks.check_static_cache(past_key_values, batch_size, seq_length)
+        else:
+            past_length = checks.check_past(self.config, past_key_values, batch_size)
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
+
+        if attention_mask is None:
+            shape = (batch_size, past_length + seq_length)
+            attention_mask = torch.ones(shape, device=hidden_states.device)
+        else:
+            checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
+            attention_mask = attention_mask.to(hidden_states.device)
+        dtype = hidden_states.dtype
+        alibi = build_alibi(attention_mask, self.num_heads, dtype)
+        causal_mask = build_causal_mask(attention_mask, seq_length)
+        if eager:
+            return hidden_states, alibi, causal_mask
+        return hidden_states, None, attention_bias(alibi, causal_mask, self.num_heads, dtype)
+
 
 # ---------------------------------------------------------------------------------------------------
 # Heads
 # ---------------------------------------------------------------------------------------------------
 
 
-class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
+class _BloomHead(BloomPreTrainedModel):
+    """What the task heads share: the trunk run with the arguments in order, and the output built.
+
+    Each head's `forward` keeps transformers' positional signature (users call it positionally) and
+    says only what differs: its layer on the last hidden state, its loss, its output type.
+    """
+
+    transformer: BloomModel
+
+    def _run_trunk(
+        self, *args: Any, return_dict: bool | None, deprecated_arguments: dict[str, Any]
+    ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, bool]:
+        """Run the trunk on `args`, BloomModel's positional arguments in their order (input_ids ..
+        output_hidden_states); return its output (always the dataclass) and whether the head
+        returns one (`return_dict`, else the config's)."""
+        self._pop_deprecated(deprecated_arguments)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return self.transformer(*args, return_dict=True), return_dict
+
+    @staticmethod
+    def _output(
+        output_type: type[ModelOutput],
+        base: BaseModelOutputWithPastAndCrossAttentions,
+        return_dict: bool,
+        **head_fields: Any,
+    ) -> ModelOutput | tuple:
+        """`output_type(**head_fields)` plus the trunk's cache, hidden states and attentions where
+        the type has those fields; as a tuple of the set fields unless `return_dict`."""
+        names = {field.name for field in dataclasses.fields(output_type)}
+        shared = ("past_key_values", "hidden_states", "attentions")
+        output = output_type(**head_fields, **{k: getattr(base, k) for k in shared if k in names})
+        return output if return_dict else output.to_tuple()
+
+
+class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
     """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
 
     _tied_weights_keys = ["lm_head.weight"]
@@ -463,35 +472,27 @@ class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        *,
+        num_logits_to_keep: int = 0,
         **deprecated_arguments,
     ) -> CausalLMOutputWithCrossAttentions | tuple:
-        # Generation needs only the last position's logits; the LM head (vocab x hidden, the largest
-        # matrix) is then applied to that position alone. 0 keeps all (transformers' behaviour).
-        num_logits_to_keep = deprecated_arguments.pop("num_logits_to_keep", 0)
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        """`num_logits_to_keep`: logits for only the last k positions (0: all, transformers'
+        behaviour). Generation needs only the last one, and the LM head (vocab x hidden, the
+        largest matrix) then runs on that position alone."""
+        checks.check_logits_to_keep(num_logits_to_keep, labels)
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states, return_dict=True,
+            use_cache, output_attentions, output_hidden_states,
+            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
         )  # fmt: skip
-        hidden_states = base.last_hidden_state
-        if num_logits_to_keep:
-            if labels is not None:
-                raise ValueError("num_logits_to_keep cannot be combined with labels: the loss needs every position")
-            hidden_states = hidden_states[:, -num_logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(base.last_hidden_state[:, -num_logits_to_keep:])  # -0: every position
         loss = None
         if labels is not None:
             checks.check_token_labels(labels, logits.shape[:2], "labels")
             loss = causal_lm_loss(logits, labels.to(logits.device))
-        output = CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=base.past_key_values,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
+        return self._output(
+            CausalLMOutputWithCrossAttentions, base, return_dict, loss=loss, logits=logits
         )
-        return output if return_dict else output.to_tuple()
 
     def generate(self, *args, **kwargs):
         """Greedy, sampling and beam search with transformers' arguments; see `bloomlm.torch.generate`."""
@@ -503,15 +504,21 @@ class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
         """A preallocated cache for `generate`: written in place, no concatenation per step."""
         return StaticCache(self.config, batch_size, max_length, self.dtype, self.device)
 
-    def _reorder_cache(self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor) -> tuple[LayerPast, ...]:
+    def _reorder_cache(
+        self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
+    ) -> tuple[LayerPast, ...]:
         """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
         n_head = self.config.n_head
-        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(n_head, device=past[0][0].device)
+        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(
+            n_head, device=past[0][0].device
+        )
         rows = rows.reshape(-1)
-        return tuple((key.index_select(0, rows), value.index_select(0, rows)) for key, value in past)
+        return tuple(
+            (key.index_select(0, rows), value.index_select(0, rows)) for key, value in past
+        )
 
 
-class BloomForSequenceClassification(BloomPreTrainedModel):
+class BloomForSequenceClassification(_BloomHead):
     """One label (or regression value) per sequence, read at the last non-padding token of each row."""
 
     def __init__(self, config: BloomConfig):
@@ -535,27 +542,26 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> SequenceClassifierOutputWithPast | tuple:
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states, return_dict=True,
+            use_cache, output_attentions, output_hidden_states,
+            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
         )  # fmt: skip
         logits = self.score(base.last_hidden_state)  # (B, T, num_labels)
         last = self._last_token_index(input_ids, inputs_embeds)
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         loss = None
         if labels is not None:
-            problem_type = checks.sequence_problem_type(self.config, self.num_labels, labels, logits.shape[0])
-            loss = sequence_classification_loss(pooled_logits, labels.to(logits.device), problem_type)
-        output = SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=base.past_key_values,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
+            batch_size = logits.shape[0]
+            problem_type = checks.sequence_problem_type(
+                self.config, self.num_labels, labels, batch_size
+            )
+            loss = sequence_classification_loss(
+                pooled_logits, labels.to(logits.device), problem_type
+            )
+        return self._output(
+            SequenceClassifierOutputWithPast, base, return_dict, loss=loss, logits=pooled_logits
         )
-        return output if return_dict else output.to_tuple()
 
     def _last_token_index(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None):
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -581,7 +587,7 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         return (not_pad * positions).argmax(-1).to(input_ids.device)
 
 
-class BloomForTokenClassification(BloomPreTrainedModel):
+class BloomForTokenClassification(_BloomHead):
     """One label per token (tagging, NER)."""
 
     def __init__(self, config: BloomConfig):
@@ -610,25 +616,21 @@ class BloomForTokenClassification(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> TokenClassifierOutput | tuple:
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         # The output has no cache field, so none is built (transformers builds one and drops it).
-        base = self.transformer(
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states, return_dict=True,
+            False, output_attentions, output_hidden_states,
+            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
         )  # fmt: skip
         logits = self.classifier(self.dropout(base.last_hidden_state))
         loss = None
         if labels is not None:
             checks.check_token_labels(labels, logits.shape[:2], "labels")
             loss = token_classification_loss(logits, labels.to(logits.device))
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
-        return output if return_dict else output.to_tuple()
+        return self._output(TokenClassifierOutput, base, return_dict, loss=loss, logits=logits)
 
 
-class BloomForQuestionAnswering(BloomPreTrainedModel):
+class BloomForQuestionAnswering(_BloomHead):
     """Extractive QA: a start and an end logit for every token."""
 
     def __init__(self, config: BloomConfig):
@@ -652,64 +654,23 @@ class BloomForQuestionAnswering(BloomPreTrainedModel):
     ) -> QuestionAnsweringModelOutput | tuple:
         if position_ids is not None:
             self._warn_position_ids()
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        # No cache in, none out: transformers' QA signature has neither.
+        base, return_dict = self._run_trunk(
             input_ids, None, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states, return_dict=True,
+            False, output_attentions, output_hidden_states,
+            return_dict=return_dict, deprecated_arguments={},
         )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(base.last_hidden_state).unbind(dim=-1)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
             batch_size = start_logits.shape[0]
-            start_positions = checks.check_span_positions(start_positions, batch_size, "start_positions")
+            start_positions = checks.check_span_positions(
+                start_positions, batch_size, "start_positions"
+            )
             end_positions = checks.check_span_positions(end_positions, batch_size, "end_positions")
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        output = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
-        )
-        return output if return_dict else output.to_tuple()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses (the heads' semantics, as pure functions)
-# ---------------------------------------------------------------------------------------------------
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the logits at t against the label at t + 1; -100 labels are ignored."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1))
-
-
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    if problem_type == "regression":
-        if logits.shape[-1] == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels.to(logits.dtype))
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def question_answering_loss(
-    start_logits: torch.Tensor,
-    end_logits: torch.Tensor,
-    start_positions: torch.Tensor,
-    end_positions: torch.Tensor,
-) -> torch.Tensor:
-    """Mean of the start and end cross-entropies; positions beyond the sequence are ignored."""
-    ignored_index = start_logits.shape[1]
-    start_positions = start_positions.clamp(0, ignored_index)
-    end_positions = end_positions.clamp(0, ignored_index)
-    start_loss = F.cross_entropy(start_logits, start_positions, ignore_index=ignored_index)
-    end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
-    return (start_loss + end_loss) / 2
+        return self._output(
+            QuestionAnsweringModelOutput, base, return_dict,
+            loss=loss, start_logits=start_logits, end_logits=end_logits,
+        )  # fmt: skip
