@@ -18,9 +18,10 @@ LayerPast = tuple[torch.Tensor, torch.Tensor]
 class StaticCache:
     """Keys and values of every layer, preallocated to `max_length` and written in place.
 
-    transformers grows BLOOM's cache with a `torch.cat` of the whole cache per layer per step; here a
-    step writes only its new positions. Layout (n_layer, B, H, max_length, D); positions `:length` are
-    filled. `to_legacy()` / `from_legacy()` convert to and from BLOOM's tuple layout at the API boundary.
+    transformers grows BLOOM's cache with a `torch.cat` of the whole cache per layer per step; here
+    a step writes only its new positions. Layout (n_layer, B, H, max_length, D); positions
+    `:length` are filled. `to_legacy()` / `from_legacy()` convert to and from BLOOM's tuple layout
+    at the API boundary.
     """
 
     def __init__(
@@ -42,7 +43,8 @@ class StaticCache:
     def update(
         self, layer: int, key: torch.Tensor, value: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, H, T, D) keys/values after the filled part; return views of all so far."""
+        """Write this step's (B, H, T, D) keys/values after the filled part; return views of all
+        positions so far."""
         end = self.length + key.shape[2]
         self.keys[layer, :, :, self.length : end] = key
         self.values[layer, :, :, self.length : end] = value
@@ -78,3 +80,17 @@ class StaticCache:
             cache.values[i, :, :, :S] = value.view(-1, config.n_head, S, D)
         cache.length = S
         return cache
+
+
+def reorder_legacy_cache(
+    past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
+) -> tuple[LayerPast, ...]:
+    """Row i of the result is batch row beam_idx[i] of `past` (beam search), in BLOOM's layout:
+    a batch row is H consecutive rows of the leading B * H dimension."""
+    batch_size = beam_idx.numel()
+
+    def select(tensor: torch.Tensor) -> torch.Tensor:
+        rows = tensor.view(batch_size, -1, *tensor.shape[1:])  # (B * H, ...) -> (B, H, ...)
+        return rows.index_select(0, beam_idx.to(tensor.device)).view(tensor.shape)
+
+    return tuple((select(key), select(value)) for key, value in past)

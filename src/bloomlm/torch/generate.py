@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from bloomlm.generation import GenerationConfig
+from bloomlm.torch.cache import reorder_legacy_cache
 
 logger = logging.getLogger(__name__)
 
@@ -533,13 +534,7 @@ class _Stepper:
         if hasattr(self.past, "reorder_"):
             self.past.reorder_(beam_idx)
             return
-        rows = beam_idx.numel()
-        self.past = tuple(tuple(_select_rows(t, beam_idx, rows) for t in layer) for layer in self.past)
-
-
-def _select_rows(tensor: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    split = tensor.view(num_rows, tensor.shape[0] // num_rows, *tensor.shape[1:])  # [N*H, ...] -> [N, H, ...]
-    return split.index_select(0, rows.to(tensor.device)).view(tensor.shape)
+        self.past = reorder_legacy_cache(self.past, beam_idx)
 
 
 class _Recorder:

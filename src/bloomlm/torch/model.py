@@ -1,22 +1,21 @@
 """BLOOM in PyTorch, top to bottom as the architecture diagram reads.
 
     input_ids ─ word_embeddings ─ word_embeddings_layernorm ─┬─ BloomBlock × n_layer ─ ln_f ─ head
-                                                              │   x = x + attention(ln(x), ALiBi bias)
-                                                              │   x = x + mlp(ln(x))
+                                                              │ x = x + attention(ln(x), ALiBi)
+                                                              │ x = x + mlp(ln(x))
 
 Notation in shape comments: B batch, T new tokens, S past + new tokens (key length), H heads,
 D head_dim, C hidden_size = H * D.
 
 Parameter names are transformers' (the checkpoint schema), so its folders load unchanged. Loading,
-saving and the shared plumbing (flags, head mask, embeddings) live in `pretrained.py`; input checks in
-`checks.py`; this file holds the math.
+saving and the shared plumbing (flags, head mask, embeddings, the heads' trunk call and outputs)
+live in `pretrained.py`; input checks in `checks.py`, the cache in `cache.py`, the heads' losses in
+`losses.py`; this file holds the math.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import warnings
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,28 +28,27 @@ from bloomlm.generation import GenerationConfigMixin
 from bloomlm.outputs import (
     BaseModelOutputWithPastAndCrossAttentions,
     CausalLMOutputWithCrossAttentions,
-    ModelOutput,
     QuestionAnsweringModelOutput,
     SequenceClassifierOutputWithPast,
     TokenClassifierOutput,
 )
 from bloomlm.torch import checks
-from bloomlm.torch.cache import LayerPast, StaticCache
+from bloomlm.torch.cache import LayerPast, StaticCache, reorder_legacy_cache
 from bloomlm.torch.losses import (
     causal_lm_loss,
     question_answering_loss,
     sequence_classification_loss,
     token_classification_loss,
 )
-from bloomlm.torch.pretrained import BloomPreTrainedModel
+from bloomlm.torch.pretrained import BloomPreTrainedModel, _BloomHead
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Position bias and masks
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def build_alibi(attention_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, positions counted over kept tokens."""
+    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, counted over kept tokens only."""
     batch_size, key_length = attention_mask.shape
     slopes = torch.from_numpy(alibi_slopes(n_head)).to(attention_mask.device)
     positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]  # (B, 1, S)
@@ -78,8 +76,8 @@ def attention_bias(
 ) -> torch.Tensor:
     """ALiBi and masking as one additive bias (B, H, T, S) for the fused attention path.
 
-    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row) then
-    gets uniform weights, as in transformers' eager path, instead of NaN.
+    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row)
+    then gets uniform weights, as in transformers' eager path, instead of NaN.
     """
     batch_size = causal_mask.shape[0]
     bias = alibi.view(batch_size, n_head, 1, -1).to(dtype)
@@ -87,17 +85,17 @@ def attention_bias(
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation, as BLOOM was trained with: x/2 (1 + tanh(0.79788456 x (1 + 0.044715 x^2))).
+    """GELU's tanh approximation, BLOOM's: x/2 (1 + tanh(0.79788456 x (1 + 0.044715 x²))).
 
-    torch's fused kernel computes the same formula (its sqrt(2/pi) differs from BLOOM's 0.79788456 by 1e-9,
-    results by ~1e-8 relative) in one op instead of seven, which matters when decoding one token at a time.
+    torch's fused kernel computes the same formula (its sqrt(2/pi) differs from BLOOM's 0.79788456
+    by 1e-9, results by ~1e-8 relative) in one op instead of seven: decoding runs it every token.
     """
     return F.gelu(x, approximate="tanh")
 
 
 def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
-    """`layer(x)`, summed in `pretraining_tp` column slices when that is > 1: the order Megatron's TP
-    ranks added them (`slow_but_exact` reproduces the pre-training rounding). Unlike transformers
+    """`layer(x)`, summed in `pretraining_tp` column slices when that is > 1: the order Megatron's
+    TP ranks added them (`slow_but_exact` reproduces the pre-training rounding). Unlike transformers
     4.37 it also adds the bias, so it equals `layer(x)` up to rounding.
     """
     if pretraining_tp == 1:
@@ -115,9 +113,9 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     return residual + F.dropout(x, p=p, training=training)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class BloomAttention(nn.Module):
@@ -143,78 +141,64 @@ class BloomAttention(nn.Module):
         use_cache: bool = False,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, LayerPast | StaticCache | None, torch.Tensor | None]:
-        """Two paths with the same result. With `alibi` given, transformers' eager math, needed to return
-        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the ready
-        additive bias (ALiBi + masking, see `attention_bias`) and one fused SDPA call does the rest."""
+        """Two paths, one result. With `alibi` given, transformers' eager math, needed to return
+        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the
+        ready additive bias (ALiBi + masking, `attention_bias`); one fused SDPA call does the rest.
+        """
         B, T, _ = hidden_states.shape
         # The fused projection is laid out per head: (..., H, 3, D), not (..., 3, H, D).
         qkv = self.query_key_value(hidden_states).view(B, T, self.num_heads, 3, self.head_dim)
+        query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
+        key, value, present = self._extend_cache(key, value, layer_past, use_cache)  # (B, H, S, D)
         if alibi is None:
-            context, present, probs = self._attend_fused(qkv, attention_mask, layer_past, use_cache)
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
+                scale=self.inv_norm_factor,
+            )  # fmt: skip
+            probs = None
         else:
-            context, present, probs = self._attend_eager(
-                qkv, alibi, attention_mask, layer_past, head_mask, use_cache
-            )
+            context, probs = self._attend_eager(query, key, value, alibi, attention_mask, head_mask)
+        context = context.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         output = tp_linear(context, self.dense, self.tp_slices)
         output = dropout_add(output, residual, self.hidden_dropout, self.training)
         return output, present, (probs if output_attentions else None)
 
-    def _attend_eager(self, qkv, alibi, causal_mask, layer_past, head_mask, use_cache):
-        B, T, H, _, D = qkv.shape
-        query = qkv[..., 0, :].transpose(1, 2).reshape(B * H, T, D)
-        key = qkv[..., 1, :].permute(0, 2, 3, 1).reshape(B * H, D, T)  # keys stored transposed
-        value = qkv[..., 2, :].transpose(1, 2).reshape(B * H, T, D)
+    def _extend_cache(self, key, value, layer_past, use_cache):
+        """Past + new keys and values (B, H, S, D) and the cache to hand back: a StaticCache written
+        in place, or BLOOM's tuple layout, converted here at the boundary."""
         if isinstance(layer_past, StaticCache):
-            key, value = layer_past.update(
-                self.layer_idx, key.view(B, H, D, T).transpose(-1, -2), value.view(B, H, T, D)
-            )
-            S = key.shape[2]
-            key, value = key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D)
-            present = layer_past
-        else:
-            if layer_past is not None:
-                past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
-                key = torch.cat((past_key, key), dim=2)
-                value = torch.cat((past_value, value), dim=1)
-            present = (key, value) if use_cache else None
+            key, value = layer_past.update(self.layer_idx, key, value)
+            return key, value, layer_past
+        B, H, _, D = key.shape
+        if layer_past is not None:
+            past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
+            P = past_key.shape[-1]
+            key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
+            value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
+        if not use_cache:
+            return key, value, None
         S = key.shape[2]
+        return key, value, (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
 
-        # scores = alibi + (q . k) / sqrt(D), then the softmax in float32 whatever the weights' dtype:
+    def _attend_eager(self, query, key, value, alibi, causal_mask, head_mask):
+        """transformers' eager math on (B, H, *, D) inputs; returns context (B, H, T, D), probs."""
+        B, H, T, D = query.shape
+        S = key.shape[2]
+        query = query.reshape(B * H, T, D)
+        key = key.transpose(-1, -2).reshape(B * H, D, S)
+        # scores = alibi + (q . k) / sqrt(D), softmax in float32 whatever the weights' dtype:
         # float16's smallest value (-65504) could not mask, and half-precision sums lose the tail.
         scores = alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor).view(B, H, T, S)
         if scores.dtype == torch.float16:
             scores = scores.float()
         scores = scores.masked_fill(causal_mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(qkv.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         probs = self.attention_dropout(probs)
         if head_mask is not None:
             probs = probs * head_mask
-
-        context = torch.bmm(probs.view(B * H, T, S), value)  # (B*H, T, D)
-        context = context.view(B, H, T, D).permute(0, 2, 1, 3).reshape(B, T, H * D)
-        return context, present, probs
-
-    def _attend_fused(self, qkv, bias, layer_past, use_cache):
-        B, T, H, _, D = qkv.shape
-        query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
-        present = None
-        if isinstance(layer_past, StaticCache):
-            key, value = layer_past.update(self.layer_idx, key, value)
-            present = layer_past
-        else:
-            if layer_past is not None:  # BLOOM's tuple layout, converted at this boundary
-                past_key, past_value = layer_past
-                P = past_key.shape[-1]
-                key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
-                value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
-            if use_cache:
-                S = key.shape[2]
-                present = (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
-        dropout_p = self.attention_dropout.p if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=dropout_p, scale=self.inv_norm_factor
-        )  # (B, H, T, D)
-        return context.transpose(1, 2).reshape(B, T, H * D), present, None
+        context = torch.bmm(probs.view(B * H, T, S), value.reshape(B * H, S, D))
+        return context.view(B, H, T, D), probs
 
 
 class BloomMLP(nn.Module):
@@ -256,23 +240,17 @@ class BloomBlock(nn.Module):
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.post_ln_residual else hidden_states
         attn_output, present, probs = self.self_attention(
-            normed,
-            residual,
-            alibi,
-            attention_mask,
-            layer_past,
-            head_mask,
-            use_cache,
+            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache,
             output_attentions,
-        )
+        )  # fmt: skip
         normed = self.post_attention_layernorm(attn_output)
         residual = normed if self.post_ln_residual else attn_output
         return self.mlp(normed, residual), present, probs
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The base model
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class BloomModel(BloomPreTrainedModel):
@@ -317,9 +295,10 @@ class BloomModel(BloomPreTrainedModel):
         use_cache, output_attentions, output_hidden_states, return_dict = flags
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputed blocks cannot hand back a cache
-        # The eager path exposes the probabilities and head masks, and gives transformers' gradients:
-        # a padding query sees only masked keys, and there the fused kernel's backward (an additive
-        # bias instead of masked_fill) lets gradient into its q and k. The fused path serves inference.
+        # The eager path exposes the probabilities and head masks, and gives transformers'
+        # gradients: a padding query sees only masked keys, and there the fused kernel's backward
+        # (an additive bias instead of masked_fill) lets gradient into its q and k. The fused path
+        # serves inference.
         eager = output_attentions or head_mask is not None or torch.is_grad_enabled()
         hidden_states, alibi, mask = self._embed(
             input_ids, past_key_values, attention_mask, inputs_embeds, eager
@@ -353,11 +332,8 @@ class BloomModel(BloomPreTrainedModel):
             all_hidden_states += (hidden_states,)
 
         output = BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            past_key_values=presents,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
+            hidden_states, presents, all_hidden_states, all_attentions
+        )  # last_hidden_state, past_key_values, hidden_states, attentions
         return output if return_dict else output.to_tuple()
 
     def _embed(
@@ -368,12 +344,9 @@ class BloomModel(BloomPreTrainedModel):
         inputs_embeds: torch.Tensor | None,
         eager: bool,
     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Checked inputs to (hidden states, alibi, mask), the blocks' inputs.
-
-        The hidden states are the embeddings after `word_embeddings_layernorm`. The position bias and
-        masks are built once here, not once per layer: for the eager path ALiBi and the causal mask,
-        for the fused path (None, one additive bias).
-        """
+        """Checked inputs to the blocks' (hidden states, alibi, mask): the embeddings after their
+        LayerNorm, and the position bias and masks built once, not once per layer: ALiBi and the
+        causal mask for the eager path, (None, one additive bias) for the fused path."""
         checks.check_inputs(self.config, input_ids, inputs_embeds)
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
         if isinstance(past_key_values, StaticCache):
@@ -398,43 +371,9 @@ class BloomModel(BloomPreTrainedModel):
         return hidden_states, None, attention_bias(alibi, causal_mask, self.num_heads, dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Heads
-# ---------------------------------------------------------------------------------------------------
-
-
-class _BloomHead(BloomPreTrainedModel):
-    """What the task heads share: the trunk run with the arguments in order, and the output built.
-
-    Each head's `forward` keeps transformers' positional signature (users call it positionally) and
-    says only what differs: its layer on the last hidden state, its loss, its output type.
-    """
-
-    transformer: BloomModel
-
-    def _run_trunk(
-        self, *args: Any, return_dict: bool | None, deprecated_arguments: dict[str, Any]
-    ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, bool]:
-        """Run the trunk on `args`, BloomModel's positional arguments in their order (input_ids ..
-        output_hidden_states); return its output (always the dataclass) and whether the head
-        returns one (`return_dict`, else the config's)."""
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        return self.transformer(*args, return_dict=True), return_dict
-
-    @staticmethod
-    def _output(
-        output_type: type[ModelOutput],
-        base: BaseModelOutputWithPastAndCrossAttentions,
-        return_dict: bool,
-        **head_fields: Any,
-    ) -> ModelOutput | tuple:
-        """`output_type(**head_fields)` plus the trunk's cache, hidden states and attentions where
-        the type has those fields; as a tuple of the set fields unless `return_dict`."""
-        names = {field.name for field in dataclasses.fields(output_type)}
-        shared = ("past_key_values", "hidden_states", "attentions")
-        output = output_type(**head_fields, **{k: getattr(base, k) for k in shared if k in names})
-        return output if return_dict else output.to_tuple()
+# --------------------------------------------------------------------------------------------------
 
 
 class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
@@ -482,8 +421,7 @@ class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
         checks.check_logits_to_keep(num_logits_to_keep, labels)
         base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states,
-            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
+            use_cache, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
         logits = self.lm_head(base.last_hidden_state[:, -num_logits_to_keep:])  # -0: every position
         loss = None
@@ -495,7 +433,7 @@ class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
         )
 
     def generate(self, *args, **kwargs):
-        """Greedy, sampling and beam search with transformers' arguments; see `bloomlm.torch.generate`."""
+        """Greedy, sampling and beam search with transformers' arguments (`torch/generate.py`)."""
         from bloomlm.torch.generate import generate
 
         return generate(self, *args, **kwargs)
@@ -507,19 +445,12 @@ class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
     def _reorder_cache(
         self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
     ) -> tuple[LayerPast, ...]:
-        """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
-        n_head = self.config.n_head
-        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(
-            n_head, device=past[0][0].device
-        )
-        rows = rows.reshape(-1)
-        return tuple(
-            (key.index_select(0, rows), value.index_select(0, rows)) for key, value in past
-        )
+        """transformers' beam-search hook: row i of the result is row beam_idx[i] of `past`."""
+        return reorder_legacy_cache(past, beam_idx)
 
 
 class BloomForSequenceClassification(_BloomHead):
-    """One label (or regression value) per sequence, read at the last non-padding token of each row."""
+    """One label (or regression value) per sequence, read at the last non-padding token of a row."""
 
     def __init__(self, config: BloomConfig):
         super().__init__(config)
@@ -544,44 +475,43 @@ class BloomForSequenceClassification(_BloomHead):
     ) -> SequenceClassifierOutputWithPast | tuple:
         base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states,
-            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
+            use_cache, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
         logits = self.score(base.last_hidden_state)  # (B, T, num_labels)
         last = self._last_token_index(input_ids, inputs_embeds)
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         loss = None
         if labels is not None:
-            batch_size = logits.shape[0]
-            problem_type = checks.sequence_problem_type(
-                self.config, self.num_labels, labels, batch_size
+            problem = checks.sequence_problem_type(
+                self.config, self.num_labels, labels, len(logits)
             )
-            loss = sequence_classification_loss(
-                pooled_logits, labels.to(logits.device), problem_type
-            )
+            loss = sequence_classification_loss(pooled_logits, labels.to(logits.device), problem)
         return self._output(
             SequenceClassifierOutputWithPast, base, return_dict, loss=loss, logits=pooled_logits
         )
 
-    def _last_token_index(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None):
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | int:
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         pad_token_id = self.config.pad_token_id
         if pad_token_id is None:
             if batch_size != 1:
                 raise ValueError(
-                    "BloomForSequenceClassification needs config.pad_token_id to find the last token of each "
-                    f"row when batch size > 1 (got batch size {batch_size}); set pad_token_id or pass one row"
+                    "BloomForSequenceClassification needs config.pad_token_id to find the last "
+                    f"token of each row when batch size > 1 (got batch size {batch_size}); set "
+                    "pad_token_id or pass one row"
                 )
             return -1
         if input_ids is None:
             warnings.warn(
-                "BloomForSequenceClassification cannot detect padding in inputs_embeds; the last position of "
-                "each row is used",
+                "BloomForSequenceClassification cannot detect padding in inputs_embeds; the last "
+                "position of each row is used",
                 stacklevel=3,
             )
             return -1
-        # The last position holding a real token. Unlike transformers 4.37 (the token before the first
-        # pad), a pad id inside a row, or a BOS equal to the pad id, does not cut the row short.
+        # The last position holding a real token. Unlike transformers 4.37 (the token before the
+        # first pad), a pad id inside a row, or a BOS equal to the pad id, does not cut it short.
         not_pad = (input_ids != pad_token_id).int()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return (not_pad * positions).argmax(-1).to(input_ids.device)
@@ -594,11 +524,8 @@ class BloomForTokenClassification(_BloomHead):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.transformer = BloomModel(config)
-        if config.classifier_dropout is not None:
-            classifier_dropout = config.classifier_dropout
-        else:
-            classifier_dropout = config.hidden_dropout
-        self.dropout = nn.Dropout(classifier_dropout)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -619,8 +546,7 @@ class BloomForTokenClassification(_BloomHead):
         # The output has no cache field, so none is built (transformers builds one and drops it).
         base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states,
-            return_dict=return_dict, deprecated_arguments=deprecated_arguments,
+            False, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
         logits = self.classifier(self.dropout(base.last_hidden_state))
         loss = None
@@ -657,18 +583,15 @@ class BloomForQuestionAnswering(_BloomHead):
         # No cache in, none out: transformers' QA signature has neither.
         base, return_dict = self._run_trunk(
             input_ids, None, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states,
-            return_dict=return_dict, deprecated_arguments={},
+            False, output_attentions, output_hidden_states, return_dict, {},
         )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(base.last_hidden_state).unbind(dim=-1)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            batch_size = start_logits.shape[0]
-            start_positions = checks.check_span_positions(
-                start_positions, batch_size, "start_positions"
-            )
-            end_positions = checks.check_span_positions(end_positions, batch_size, "end_positions")
+            B = start_logits.shape[0]
+            start_positions = checks.check_span_positions(start_positions, B, "start_positions")
+            end_positions = checks.check_span_positions(end_positions, B, "end_positions")
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
         return self._output(
             QuestionAnsweringModelOutput, base, return_dict,
