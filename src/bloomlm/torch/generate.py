@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from bloomlm.generation import GenerationConfig
+from bloomlm.outputs import ModelOutput
 from bloomlm.torch.cache import reorder_legacy_cache
 
 logger = logging.getLogger(__name__)
@@ -433,29 +434,10 @@ class BeamSearchScorer:
 # --------------------------------------------------------------------------------------------------
 
 
-class _OutputMixin:
-    """Index by name or position (over the fields that are not None), like transformers' ModelOutput."""
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key: str | int | slice) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
-
-
-@dataclasses.dataclass
-class GenerateDecoderOnlyOutput(_OutputMixin):
+# transformers' ModelOutput rule (bloomlm.outputs): index by name or position over the set fields,
+# iterate over their names.
+@dataclasses.dataclass(repr=False)
+class GenerateDecoderOnlyOutput(ModelOutput):
     """Greedy and sampling output: sequences [N, L]; scores per step [N, V] (processed), when asked for."""
 
     sequences: torch.Tensor
@@ -465,8 +447,8 @@ class GenerateDecoderOnlyOutput(_OutputMixin):
     past_key_values: Any = None
 
 
-@dataclasses.dataclass
-class GenerateBeamDecoderOnlyOutput(_OutputMixin):
+@dataclasses.dataclass(repr=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
     """Beam output: sequences [B * num_return_sequences, L], their scores, per-step beam scores [N, V]."""
 
     sequences: torch.Tensor
