@@ -39,7 +39,7 @@ HEAD_COUNTS = (1, 3, 4, 12, 16, 112)
 
 
 def _reference_blocked(mask: np.ndarray, query_length: int) -> np.ndarray:
-    """(B, 1, T, S), True where query t (at slot S - T + t) may not look: a later slot, or padding."""
+    """(B, 1, T, S), True where query t (at slot S - T + t) may not look: later slots, padding."""
     key_length = mask.shape[1]
     query_slots = np.arange(key_length - query_length, key_length)[:, None]
     future = np.arange(key_length)[None, :] > query_slots
@@ -61,7 +61,11 @@ def test_slopes_equal_transformers_bit_for_bit():
     """Every head count 1..128, against transformers on torch's reference CPU kernel."""
     env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
     result = subprocess.run(
-        [sys.executable, "-c", THEIR_SLOPE_BITS], capture_output=True, text=True, env=env, timeout=300
+        [sys.executable, "-c", THEIR_SLOPE_BITS],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     theirs = json.loads(result.stdout.strip().splitlines()[-1])

@@ -33,8 +33,8 @@ def _initialised_elsewhere(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_meta_construction_leaves_other_threads_init_alone(tmp_path):
-    """Thread A pauses inside from_pretrained's meta construction; meanwhile thread B's nn.init calls
-    must write real values, and B's factory calls must not land on the meta device."""
+    """Thread A pauses inside from_pretrained's meta construction; meanwhile thread B's nn.init
+    calls must write real values, and B's factory calls must not land on the meta device."""
     BloomForCausalLM(BloomConfig(**TINY)).save_pretrained(tmp_path)
     inside, released = threading.Event(), threading.Event()
     results: dict[str, object] = {}
@@ -80,8 +80,10 @@ def test_meta_construction_leaves_other_threads_init_alone(tmp_path):
 
     loaded = results["loaded"]
     reference = BloomForCausalLM.from_pretrained(tmp_path)
-    for (name, ours), (_, theirs) in zip(loaded.state_dict().items(), reference.state_dict().items()):
-        torch.testing.assert_close(ours, theirs, rtol=0, atol=0, msg=name)
+    theirs = reference.state_dict()
+    assert list(loaded.state_dict()) == list(theirs)
+    for name, ours in loaded.state_dict().items():
+        torch.testing.assert_close(ours, theirs[name], rtol=0, atol=0, msg=name)
 
 
 def test_cold_load_does_not_import_the_compiler_stack():
@@ -90,7 +92,8 @@ def test_cold_load_does_not_import_the_compiler_stack():
     import bloomlm
 
     package_root = os.path.dirname(os.path.dirname(bloomlm.__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    path = os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])
+    env = {**os.environ, "PYTHONPATH": path}
     script = (
         "import sys\n"
         "from bloomlm import BloomForCausalLM\n"
@@ -106,7 +109,7 @@ def test_cold_load_does_not_import_the_compiler_stack():
 
 
 def test_int8_tie_is_the_models_own_tie_weights():
-    """quantize_int8_ replaces no method on the instance; the class's tie_weights ties the int8 pair."""
+    """quantize_int8_ patches no method on the instance; the class's tie_weights ties int8 pairs."""
     model = BloomForCausalLM(BloomConfig(**TINY))
     quantize_int8_(model)
     assert "tie_weights" not in vars(model), "quantize_int8_ patched tie_weights on the instance"

@@ -24,7 +24,13 @@ CASES = {
     "causal_lm_all_set": (
         our_outputs.CausalLMOutputWithCrossAttentions,
         hf_outputs.CausalLMOutputWithCrossAttentions,
-        dict(loss=T[0], logits=T[1], past_key_values=(T[2],), hidden_states=(T[3],), attentions=(T[4],)),
+        dict(
+            loss=T[0],
+            logits=T[1],
+            past_key_values=(T[2],),
+            hidden_states=(T[3],),
+            attentions=(T[4],),
+        ),
     ),
     "causal_lm_logits_only": (
         our_outputs.CausalLMOutputWithCrossAttentions,

@@ -124,9 +124,13 @@ def check_logits_to_keep(num_logits_to_keep: int, labels: torch.Tensor | None) -
         kind = type(num_logits_to_keep).__name__
         raise TypeError(f"num_logits_to_keep must be an int (0 keeps every position), got {kind}")
     if num_logits_to_keep < 0:
-        raise ValueError(f"num_logits_to_keep must be >= 0 (0 keeps every position), got {num_logits_to_keep}")
+        raise ValueError(
+            f"num_logits_to_keep must be >= 0 (0 keeps every position), got {num_logits_to_keep}"
+        )
     if num_logits_to_keep and labels is not None:
-        raise ValueError("num_logits_to_keep cannot be combined with labels: the loss needs every position")
+        raise ValueError(
+            "num_logits_to_keep cannot be combined with labels: the loss needs every position"
+        )
 
 
 def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:

@@ -199,6 +199,7 @@ def build_logits_processors(
     config: GenerationConfig, prompt_length: int, custom: Sequence[LogitsFn] = ()
 ) -> list[LogitsFn]:
     """The processors transformers' `_get_logits_processor` builds for `config`, in its order."""
+    # Over 40 lines: one branch per GenerationConfig setting, kept in transformers' order.
     eos = _eos_list(config.eos_token_id)
     chain: list[LogitsFn] = []
     if config.sequence_bias is not None:
@@ -348,6 +349,7 @@ class BeamSearchScorer:
         prompt_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """next_* [B, K] candidates sorted best first -> (beam scores, tokens, source rows), each [N]."""
+        # Over 40 lines: transformers' BeamSearchScorer.process rule for rule (same hypotheses).
         cur_len = input_ids.shape[-1] + 1
         num_beams = self.num_beams
         scores_out: list[float] = []
@@ -591,6 +593,7 @@ def _greedy_or_sample(
     stop: _StoppingCriteria,
     streamer: Any,
 ) -> GenerateDecoderOnlyOutput | torch.Tensor:
+    # Over 40 lines: the whole decode loop (step, process, pick, record, stop) read in one place.
     eos, pad = tokens.eos, tokens.pad
     eos_tensor = torch.tensor(eos, device=input_ids.device) if eos is not None else None
     record = _Recorder(config)
@@ -638,6 +641,7 @@ def _beam_search(
     warpers: list[LogitsFn],
     stop: _StoppingCriteria,
 ) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
+    # Over 40 lines: the whole beam loop (step, process, candidates, score, reorder) in one place.
     num_beams = config.num_beams
     eos, pad = tokens.eos, tokens.pad
     scorer = BeamSearchScorer(batch_size, config)
@@ -658,14 +662,7 @@ def _beam_search(
         record.add(processed, out)
         vocab_size = processed.shape[-1]
         candidates = (processed + beam_scores[:, None].expand_as(processed)).view(batch_size, num_beams * vocab_size)
-        if config.do_sample:
-            flat_ids = torch.multinomial(torch.softmax(candidates, dim=-1), num_samples=2 * num_beams)
-            cand_scores = torch.gather(candidates, -1, flat_ids)
-            cand_scores, order = torch.sort(cand_scores, descending=True, dim=1)
-            flat_ids = torch.gather(flat_ids, -1, order)
-        else:
-            width = max(2, 1 + (len(eos) if eos else 0)) * num_beams  # room for eos candidates
-            cand_scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
+        cand_scores, flat_ids = _beam_candidates(candidates, num_beams, config.do_sample, eos)
         cand_rows = torch.div(flat_ids, vocab_size, rounding_mode="floor")
         cand_tokens = flat_ids % vocab_size
         beam_scores, beam_tokens, beam_idx = scorer.process(
@@ -691,6 +688,20 @@ def _beam_search(
         hidden_states=record.hidden_states,
         past_key_values=step.legacy_past(),
     )
+
+
+def _beam_candidates(
+    candidates: torch.Tensor, num_beams: int, do_sample: bool, eos: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, next-token candidates over all its beams [B, num_beams * V], best first:
+    (scores, flat ids). Sampling draws 2 * num_beams; search keeps the top ones, room for eos."""
+    if do_sample:
+        flat_ids = torch.multinomial(torch.softmax(candidates, dim=-1), num_samples=2 * num_beams)
+        scores, order = torch.sort(torch.gather(candidates, -1, flat_ids), descending=True, dim=1)
+        return scores, torch.gather(flat_ids, -1, order)
+    width = max(2, 1 + (len(eos) if eos else 0)) * num_beams
+    scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
+    return scores, flat_ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -732,6 +743,7 @@ def generate(
     Returns the sequences [B * num_return_sequences, L'] or, with `return_dict_in_generate=True`,
     a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput`.
     """
+    # Over 40 lines: transformers' signature and its argument resolution, then one dispatch.
     _reject_unsupported_arguments(prefix_allowed_tokens_fn, synced_gpus, assistant_model, negative_prompt_ids)
     del negative_prompt_attention_mask  # only meaningful with negative_prompt_ids, which is rejected
     user_max_length = kwargs.get("max_length")
@@ -829,6 +841,7 @@ def _prepare_inputs(
     model: Any, inputs: torch.Tensor | None, model_kwargs: dict[str, Any], config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the prompt and its mask; build the mask as transformers does when none is given."""
+    # Over 40 lines: one check per way transformers accepts (or rejects) a prompt and its mask.
     input_ids = model_kwargs.pop("input_ids", None)
     attention_mask = model_kwargs.pop("attention_mask", None)
     if "inputs_embeds" in model_kwargs:

@@ -2,7 +2,8 @@
 
 Loading and saving model folders (through `bloomlm.checkpoint`), weight initialisation, embedding
 access and resizing, gradient checkpointing, and the forward-call plumbing (flag defaults, head mask,
-deprecated arguments), each written once here instead of once per head.
+deprecated arguments, and `_BloomHead`: the heads' trunk call and output), each written once here
+instead of once per head.
 """
 
 from __future__ import annotations
@@ -387,8 +388,8 @@ class BloomPreTrainedModel(nn.Module):
 
 
 class _BloomHead(BloomPreTrainedModel):
-    """What the task heads of `model.py` share: the trunk (`self.transformer`, a BloomModel) run with
-    the arguments in order, and the output built from it.
+    """What the task heads of `model.py` share: the trunk (`self.transformer`, a BloomModel) run
+    with the arguments in order, and the output built from it.
 
     Each head's `forward` keeps transformers' positional signature (users call it positionally) and
     says only what differs: its layer on the last hidden state, its loss, its output type.
@@ -436,7 +437,7 @@ class _SkipInitOnMeta(TorchFunctionMode):
 
     A model built on the meta device to be filled from a checkpoint has no values to initialise, yet
     nn.init on a meta tensor still routes through torch's reference implementations, whose first use
-    imports the compiler stack: ~2 s and ~70 MB of a cold load, for values never kept. torch keeps
+    imports the compiler stack: ~1.5 s and ~70 MB of a cold load, for values never kept. torch keeps
     function modes per thread (as it does `with torch.device(...)`), so nothing global is patched:
     another thread initialising a model meanwhile gets its random weights.
     """
