@@ -342,3 +342,63 @@ def test_question_answering_position_ids_warn_once_per_process(make_checkpoint):
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
     assert counts == [0, 1, 1, 1], f"position_ids warnings after each call: {counts} (expected [0, 1, 1, 1])"
+
+
+# ---------------------------------------------------------------------------------------------
+# Signatures: users call forward positionally, so the order is transformers' exactly.
+
+HEADS = ("BloomForCausalLM", SEQ, "BloomForTokenClassification", "BloomForQuestionAnswering")
+
+
+@pytest.mark.parametrize("arch", ("BloomModel", *HEADS))
+def test_forward_signature_is_transformers_positional_order(arch):
+    import inspect
+
+    def positional(cls):
+        parameters = inspect.signature(cls.forward).parameters.values()
+        return [p.name for p in parameters if p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    assert positional(ours_cls(arch)) == positional(ref_cls(arch))
+    keyword_only = [
+        p.name
+        for p in inspect.signature(ours_cls(arch).forward).parameters.values()
+        if p.kind is p.KEYWORD_ONLY
+    ]
+    assert keyword_only == (["num_logits_to_keep"] if arch == "BloomForCausalLM" else [])
+
+
+@pytest.mark.parametrize("arch", HEADS)
+def test_every_argument_positionally_equals_keywords(load_pair, arch):
+    """All ten arguments by position (return_dict=False last) give what the keywords give."""
+    ours, _ = load_pair("pow2", arch)
+    input_ids, mask = make_inputs(128, "left", BATCH, LENGTH, seed=5)
+    if arch == "BloomForQuestionAnswering":
+        spans = torch.tensor([1, 2, 0]), torch.tensor([3, 4, 6])
+        args = (input_ids, mask, None, None, None, *spans, True, True, False)
+        kwargs = dict(attention_mask=mask, start_positions=spans[0], end_positions=spans[1])
+    else:
+        labels = input_ids if arch != SEQ else torch.tensor([0, 1, 0])
+        labels = labels if arch != "BloomForTokenClassification" else input_ids % 2
+        args = (input_ids, None, mask, None, None, labels, True, True, True, False)
+        kwargs = dict(attention_mask=mask, labels=labels, use_cache=True)
+    by_position = ours(*args)
+    by_keyword = ours(input_ids, **kwargs, output_attentions=True, output_hidden_states=True)
+    assert isinstance(by_position, tuple) and not isinstance(by_keyword, tuple)
+    assert len(by_position) == len(by_keyword.to_tuple()) >= 4
+    assert_close(by_position[0], by_keyword.loss, 0.0, name="loss")
+    assert_close(by_position[1], by_keyword[1], 0.0, name="logits")
+
+
+def test_num_logits_to_keep_is_keyword_only_and_checked(load_pair):
+    ours, _ = load_pair("pow2", "BloomForCausalLM")
+    input_ids, mask = make_inputs(128, "left", BATCH, LENGTH, seed=5)
+    full = ours(input_ids, attention_mask=mask).logits
+    last = ours(input_ids, attention_mask=mask, num_logits_to_keep=2).logits
+    assert last.shape == (BATCH, 2, full.shape[-1])
+    assert_close(last, full[:, -2:], FP32_TOL, name="last two positions")
+    with pytest.raises(TypeError):
+        ours(input_ids, None, mask, None, None, None, None, None, None, None, 1)
+    with pytest.raises(ValueError, match="num_logits_to_keep must be >= 0"):
+        ours(input_ids, num_logits_to_keep=-1)
+    with pytest.raises(TypeError, match="num_logits_to_keep must be an int"):
+        ours(input_ids, num_logits_to_keep=1.5)

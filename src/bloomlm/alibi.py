@@ -27,8 +27,9 @@ def alibi_slopes(n_head: int) -> np.ndarray:
     if n_head < 1:
         raise ValueError(f"n_head must be positive, got {n_head}")
     closest_power_of_2 = 2 ** math.floor(math.log2(n_head))
-    # The base is rounded to float32 as BLOOM does; the power is taken in float64 and rounded once,
-    # which reproduces torch's float32 `pow` bit for bit.
+    # The base is rounded to float32 as BLOOM does; the power is taken in float64 and rounded once:
+    # torch's float32 `pow` on its reference CPU kernel, bit for bit. Its SIMD kernels miss by one
+    # ulp for some heads, so transformers' own slopes vary that much with the CPU (test_alibi.py).
     base = np.float64(np.float32(2 ** (-(2 ** -(math.log2(closest_power_of_2) - 3)))))
     slopes = base ** np.arange(1, 1 + closest_power_of_2, dtype=np.float64)
     if closest_power_of_2 != n_head:

@@ -3,17 +3,24 @@
 transformers returns `ModelOutput`s that can be read as `out.logits`, `out["logits"]` or `out[0]`, and
 with `return_dict=False` a plain tuple of the fields that are not None. These classes give the same
 three views, so code written against either shape keeps working. Framework-free: fields hold whatever
-tensors the model produced.
+tensors the model produced. Every output of bloomlm (the models' and `generate`'s, both frameworks)
+is one of these, so they all follow one rule.
+
+The rule is transformers' (its ModelOutput is an OrderedDict of the fields that are set): it acts as
+a mapping, so iterating, `list(out)` and unpacking go over the *names* of the set fields, as with a
+dict; `out.to_tuple()` (or `out[:]`) gives their values.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from typing import Any
 
 
 class ModelOutput:
-    """Base: attribute, key and index access; iterating and unpacking go over the non-None values."""
+    """Base: attribute, key and index access over the fields that are set (not None); iterating
+    yields their names, as a dict's keys (transformers' rule)."""
 
     def to_tuple(self) -> tuple:
         return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
@@ -40,8 +47,8 @@ class ModelOutput:
     def __contains__(self, key: object) -> bool:
         return key in self.keys()
 
-    def __iter__(self):
-        return iter(self.to_tuple())
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.keys())
 
     def __len__(self) -> int:
         return len(self.to_tuple())

@@ -119,6 +119,20 @@ def check_token_labels(labels: torch.Tensor, shape: tuple[int, ...], name: str) 
         raise ValueError(f"{name} must have shape (batch, seq_len) = {tuple(shape)}, got {tuple(labels.shape)}")
 
 
+def check_logits_to_keep(num_logits_to_keep: int, labels: torch.Tensor | None) -> None:
+    if isinstance(num_logits_to_keep, bool) or not isinstance(num_logits_to_keep, int):
+        kind = type(num_logits_to_keep).__name__
+        raise TypeError(f"num_logits_to_keep must be an int (0 keeps every position), got {kind}")
+    if num_logits_to_keep < 0:
+        raise ValueError(
+            f"num_logits_to_keep must be >= 0 (0 keeps every position), got {num_logits_to_keep}"
+        )
+    if num_logits_to_keep and labels is not None:
+        raise ValueError(
+            "num_logits_to_keep cannot be combined with labels: the loss needs every position"
+        )
+
+
 def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) -> torch.Tensor:
     if not isinstance(positions, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(positions).__name__}")

@@ -28,6 +28,8 @@ from typing import Any
 import torch
 
 from bloomlm.generation import GenerationConfig
+from bloomlm.outputs import ModelOutput
+from bloomlm.torch.cache import reorder_legacy_cache
 
 logger = logging.getLogger(__name__)
 
@@ -197,6 +199,7 @@ def build_logits_processors(
     config: GenerationConfig, prompt_length: int, custom: Sequence[LogitsFn] = ()
 ) -> list[LogitsFn]:
     """The processors transformers' `_get_logits_processor` builds for `config`, in its order."""
+    # Over 40 lines: one branch per GenerationConfig setting, kept in transformers' order.
     eos = _eos_list(config.eos_token_id)
     chain: list[LogitsFn] = []
     if config.sequence_bias is not None:
@@ -346,6 +349,7 @@ class BeamSearchScorer:
         prompt_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """next_* [B, K] candidates sorted best first -> (beam scores, tokens, source rows), each [N]."""
+        # Over 40 lines: transformers' BeamSearchScorer.process rule for rule (same hypotheses).
         cur_len = input_ids.shape[-1] + 1
         num_beams = self.num_beams
         scores_out: list[float] = []
@@ -432,29 +436,10 @@ class BeamSearchScorer:
 # --------------------------------------------------------------------------------------------------
 
 
-class _OutputMixin:
-    """Index by name or position (over the fields that are not None), like transformers' ModelOutput."""
-
-    def keys(self) -> list[str]:
-        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, k) for k in self.keys())
-
-    def __getitem__(self, key: str | int | slice) -> Any:
-        if isinstance(key, str):
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __iter__(self):
-        return iter(self.keys())
-
-    def __contains__(self, key: object) -> bool:
-        return key in self.keys()
-
-
-@dataclasses.dataclass
-class GenerateDecoderOnlyOutput(_OutputMixin):
+# transformers' ModelOutput rule (bloomlm.outputs): index by name or position over the set fields,
+# iterate over their names.
+@dataclasses.dataclass(repr=False)
+class GenerateDecoderOnlyOutput(ModelOutput):
     """Greedy and sampling output: sequences [N, L]; scores per step [N, V] (processed), when asked for."""
 
     sequences: torch.Tensor
@@ -464,8 +449,8 @@ class GenerateDecoderOnlyOutput(_OutputMixin):
     past_key_values: Any = None
 
 
-@dataclasses.dataclass
-class GenerateBeamDecoderOnlyOutput(_OutputMixin):
+@dataclasses.dataclass(repr=False)
+class GenerateBeamDecoderOnlyOutput(ModelOutput):
     """Beam output: sequences [B * num_return_sequences, L], their scores, per-step beam scores [N, V]."""
 
     sequences: torch.Tensor
@@ -533,13 +518,7 @@ class _Stepper:
         if hasattr(self.past, "reorder_"):
             self.past.reorder_(beam_idx)
             return
-        rows = beam_idx.numel()
-        self.past = tuple(tuple(_select_rows(t, beam_idx, rows) for t in layer) for layer in self.past)
-
-
-def _select_rows(tensor: torch.Tensor, rows: torch.Tensor, num_rows: int) -> torch.Tensor:
-    split = tensor.view(num_rows, tensor.shape[0] // num_rows, *tensor.shape[1:])  # [N*H, ...] -> [N, H, ...]
-    return split.index_select(0, rows.to(tensor.device)).view(tensor.shape)
+        self.past = reorder_legacy_cache(self.past, beam_idx)
 
 
 class _Recorder:
@@ -614,6 +593,7 @@ def _greedy_or_sample(
     stop: _StoppingCriteria,
     streamer: Any,
 ) -> GenerateDecoderOnlyOutput | torch.Tensor:
+    # Over 40 lines: the whole decode loop (step, process, pick, record, stop) read in one place.
     eos, pad = tokens.eos, tokens.pad
     eos_tensor = torch.tensor(eos, device=input_ids.device) if eos is not None else None
     record = _Recorder(config)
@@ -661,6 +641,7 @@ def _beam_search(
     warpers: list[LogitsFn],
     stop: _StoppingCriteria,
 ) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
+    # Over 40 lines: the whole beam loop (step, process, candidates, score, reorder) in one place.
     num_beams = config.num_beams
     eos, pad = tokens.eos, tokens.pad
     scorer = BeamSearchScorer(batch_size, config)
@@ -681,14 +662,7 @@ def _beam_search(
         record.add(processed, out)
         vocab_size = processed.shape[-1]
         candidates = (processed + beam_scores[:, None].expand_as(processed)).view(batch_size, num_beams * vocab_size)
-        if config.do_sample:
-            flat_ids = torch.multinomial(torch.softmax(candidates, dim=-1), num_samples=2 * num_beams)
-            cand_scores = torch.gather(candidates, -1, flat_ids)
-            cand_scores, order = torch.sort(cand_scores, descending=True, dim=1)
-            flat_ids = torch.gather(flat_ids, -1, order)
-        else:
-            width = max(2, 1 + (len(eos) if eos else 0)) * num_beams  # room for eos candidates
-            cand_scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
+        cand_scores, flat_ids = _beam_candidates(candidates, num_beams, config.do_sample, eos)
         cand_rows = torch.div(flat_ids, vocab_size, rounding_mode="floor")
         cand_tokens = flat_ids % vocab_size
         beam_scores, beam_tokens, beam_idx = scorer.process(
@@ -714,6 +688,20 @@ def _beam_search(
         hidden_states=record.hidden_states,
         past_key_values=step.legacy_past(),
     )
+
+
+def _beam_candidates(
+    candidates: torch.Tensor, num_beams: int, do_sample: bool, eos: list[int] | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per batch row, next-token candidates over all its beams [B, num_beams * V], best first:
+    (scores, flat ids). Sampling draws 2 * num_beams; search keeps the top ones, room for eos."""
+    if do_sample:
+        flat_ids = torch.multinomial(torch.softmax(candidates, dim=-1), num_samples=2 * num_beams)
+        scores, order = torch.sort(torch.gather(candidates, -1, flat_ids), descending=True, dim=1)
+        return scores, torch.gather(flat_ids, -1, order)
+    width = max(2, 1 + (len(eos) if eos else 0)) * num_beams
+    scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
+    return scores, flat_ids
 
 
 # --------------------------------------------------------------------------------------------------
@@ -755,6 +743,7 @@ def generate(
     Returns the sequences [B * num_return_sequences, L'] or, with `return_dict_in_generate=True`,
     a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput`.
     """
+    # Over 40 lines: transformers' signature and its argument resolution, then one dispatch.
     _reject_unsupported_arguments(prefix_allowed_tokens_fn, synced_gpus, assistant_model, negative_prompt_ids)
     del negative_prompt_attention_mask  # only meaningful with negative_prompt_ids, which is rejected
     user_max_length = kwargs.get("max_length")
@@ -852,6 +841,7 @@ def _prepare_inputs(
     model: Any, inputs: torch.Tensor | None, model_kwargs: dict[str, Any], config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the prompt and its mask; build the mask as transformers does when none is given."""
+    # Over 40 lines: one check per way transformers accepts (or rejects) a prompt and its mask.
     input_ids = model_kwargs.pop("input_ids", None)
     attention_mask = model_kwargs.pop("attention_mask", None)
     if "inputs_embeds" in model_kwargs:

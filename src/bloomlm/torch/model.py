@@ -1,15 +1,16 @@
 """BLOOM in PyTorch, top to bottom as the architecture diagram reads.
 
     input_ids ─ word_embeddings ─ word_embeddings_layernorm ─┬─ BloomBlock × n_layer ─ ln_f ─ head
-                                                              │   x = x + attention(ln(x), ALiBi bias)
-                                                              │   x = x + mlp(ln(x))
+                                                              │ x = x + attention(ln(x), ALiBi)
+                                                              │ x = x + mlp(ln(x))
 
 Notation in shape comments: B batch, T new tokens, S past + new tokens (key length), H heads,
 D head_dim, C hidden_size = H * D.
 
 Parameter names are transformers' (the checkpoint schema), so its folders load unchanged. Loading,
-saving and the shared plumbing (flags, head mask, embeddings) live in `pretrained.py`; input checks in
-`checks.py`; this file holds the math.
+saving and the shared plumbing (flags, head mask, embeddings, the heads' trunk call and outputs)
+live in `pretrained.py`; input checks in `checks.py`, the cache in `cache.py`, the heads' losses in
+`losses.py`; this file holds the math.
 """
 
 from __future__ import annotations
@@ -32,18 +33,22 @@ from bloomlm.outputs import (
     TokenClassifierOutput,
 )
 from bloomlm.torch import checks
-from bloomlm.torch.pretrained import BloomPreTrainedModel
+from bloomlm.torch.cache import LayerPast, StaticCache, reorder_legacy_cache
+from bloomlm.torch.losses import (
+    causal_lm_loss,
+    question_answering_loss,
+    sequence_classification_loss,
+    token_classification_loss,
+)
+from bloomlm.torch.pretrained import BloomPreTrainedModel, _BloomHead
 
-LayerPast = tuple[torch.Tensor, torch.Tensor]
-
-
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Position bias and masks
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 def build_alibi(attention_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, positions counted over kept tokens."""
+    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, counted over kept tokens only."""
     batch_size, key_length = attention_mask.shape
     slopes = torch.from_numpy(alibi_slopes(n_head)).to(attention_mask.device)
     positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]  # (B, 1, S)
@@ -66,91 +71,35 @@ def build_causal_mask(attention_mask: torch.Tensor, query_length: int) -> torch.
     return future[None, None] | padding
 
 
-def attention_bias(alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
+def attention_bias(
+    alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype
+) -> torch.Tensor:
     """ALiBi and masking as one additive bias (B, H, T, S) for the fused attention path.
 
-    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row) then
-    gets uniform weights, as in transformers' eager path, instead of NaN.
+    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row)
+    then gets uniform weights, as in transformers' eager path, instead of NaN.
     """
     batch_size = causal_mask.shape[0]
     bias = alibi.view(batch_size, n_head, 1, -1).to(dtype)
     return bias.masked_fill(causal_mask, torch.finfo(dtype).min)
 
 
-class StaticCache:
-    """Keys and values of every layer, preallocated to `max_length` and written in place.
-
-    transformers grows BLOOM's cache with a `torch.cat` of the whole cache per layer per step; here a
-    step writes only its new positions. Layout (n_layer, B, H, max_length, D); positions `:length` are
-    filled. `to_legacy()` / `from_legacy()` convert to and from BLOOM's tuple layout at the API boundary.
-    """
-
-    def __init__(self, config: BloomConfig, batch_size: int, max_length: int, dtype: torch.dtype, device=None):
-        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0
-
-    @property
-    def batch_size(self) -> int:
-        return self.keys.shape[1]
-
-    @property
-    def max_length(self) -> int:
-        return self.keys.shape[3]
-
-    def update(self, layer: int, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write this step's (B, H, T, D) keys/values after the filled part; return views of all so far."""
-        end = self.length + key.shape[2]
-        self.keys[layer, :, :, self.length : end] = key
-        self.values[layer, :, :, self.length : end] = value
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]
-
-    def advance(self, n_tokens: int) -> None:
-        self.length += n_tokens
-
-    def reorder_(self, batch_index: torch.LongTensor) -> None:
-        """Keep rows `batch_index` (beam search), in place."""
-        self.keys = self.keys.index_select(1, batch_index.to(self.keys.device))
-        self.values = self.values.index_select(1, batch_index.to(self.values.device))
-
-    def to_legacy(self) -> tuple[LayerPast, ...]:
-        n_layer, B, H, _, D = self.keys.shape
-        S = self.length
-        return tuple(
-            (
-                self.keys[i, :, :, :S].transpose(-1, -2).reshape(B * H, D, S),
-                self.values[i, :, :, :S].reshape(B * H, S, D),
-            )
-            for i in range(n_layer)
-        )
-
-    @classmethod
-    def from_legacy(cls, config: BloomConfig, past: tuple[LayerPast, ...], max_length: int) -> StaticCache:
-        rows, D, S = past[0][0].shape
-        cache = cls(config, rows // config.n_head, max_length, past[0][0].dtype, past[0][0].device)
-        for i, (key, value) in enumerate(past):
-            cache.keys[i, :, :, :S] = key.view(-1, config.n_head, D, S).transpose(-1, -2)
-            cache.values[i, :, :, :S] = value.view(-1, config.n_head, S, D)
-        cache.length = S
-        return cache
-
-
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
-    """GELU's tanh approximation, as BLOOM was trained with: x/2 (1 + tanh(0.79788456 x (1 + 0.044715 x^2))).
+    """GELU's tanh approximation, BLOOM's: x/2 (1 + tanh(0.79788456 x (1 + 0.044715 x²))).
 
-    torch's fused kernel computes the same formula (its sqrt(2/pi) differs from BLOOM's 0.79788456 by 1e-9,
-    results by ~1e-8 relative) in one op instead of seven, which matters when decoding one token at a time.
+    torch's fused kernel computes the same formula (its sqrt(2/pi) differs from BLOOM's 0.79788456
+    by 1e-9, results by ~1e-8 relative) in one op instead of seven: decoding runs it every token.
     """
     return F.gelu(x, approximate="tanh")
 
 
 def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
-    """`layer(x)` summed in `pretraining_tp` column slices, the order Megatron's TP ranks added them.
-
-    This is `slow_but_exact`: it reproduces the pre-training rounding. Unlike transformers 4.37 it
-    also adds the bias, so it equals `layer(x)` up to rounding.
+    """`layer(x)`, summed in `pretraining_tp` column slices when that is > 1: the order Megatron's
+    TP ranks added them (`slow_but_exact` reproduces the pre-training rounding). Unlike transformers
+    4.37 it also adds the bias, so it equals `layer(x)` up to rounding.
     """
+    if pretraining_tp == 1:
+        return layer(x)
     in_features = layer.weight.shape[-1]
     slice_width = in_features / pretraining_tp
     out = torch.zeros(*x.shape[:-1], layer.weight.shape[0], dtype=x.dtype, device=x.device)
@@ -164,9 +113,9 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     return residual + F.dropout(x, p=p, training=training)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Layers
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class BloomAttention(nn.Module):
@@ -192,79 +141,64 @@ class BloomAttention(nn.Module):
         use_cache: bool = False,
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, LayerPast | StaticCache | None, torch.Tensor | None]:
-        """Two paths with the same result. With `alibi` given, transformers' eager math, needed to return
-        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the ready
-        additive bias (ALiBi + masking, see `attention_bias`) and one fused SDPA call does the rest."""
+        """Two paths, one result. With `alibi` given, transformers' eager math, needed to return
+        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the
+        ready additive bias (ALiBi + masking, `attention_bias`); one fused SDPA call does the rest.
+        """
         B, T, _ = hidden_states.shape
         # The fused projection is laid out per head: (..., H, 3, D), not (..., 3, H, D).
         qkv = self.query_key_value(hidden_states).view(B, T, self.num_heads, 3, self.head_dim)
+        query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
+        key, value, present = self._extend_cache(key, value, layer_past, use_cache)  # (B, H, S, D)
         if alibi is None:
-            context, present, probs = self._attend_fused(qkv, attention_mask, layer_past, use_cache)
+            dropout_p = self.attention_dropout.p if self.training else 0.0
+            context = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
+                scale=self.inv_norm_factor,
+            )  # fmt: skip
+            probs = None
         else:
-            context, present, probs = self._attend_eager(qkv, alibi, attention_mask, layer_past, head_mask, use_cache)
-        if self.tp_slices > 1:
-            output = tp_linear(context, self.dense, self.tp_slices)
-        else:
-            output = self.dense(context)
+            context, probs = self._attend_eager(query, key, value, alibi, attention_mask, head_mask)
+        context = context.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
+        output = tp_linear(context, self.dense, self.tp_slices)
         output = dropout_add(output, residual, self.hidden_dropout, self.training)
         return output, present, (probs if output_attentions else None)
 
-    def _attend_eager(self, qkv, alibi, causal_mask, layer_past, head_mask, use_cache):
-        B, T, H, _, D = qkv.shape
-        query = qkv[..., 0, :].transpose(1, 2).reshape(B * H, T, D)
-        key = qkv[..., 1, :].permute(0, 2, 3, 1).reshape(B * H, D, T)  # keys stored transposed
-        value = qkv[..., 2, :].transpose(1, 2).reshape(B * H, T, D)
+    def _extend_cache(self, key, value, layer_past, use_cache):
+        """Past + new keys and values (B, H, S, D) and the cache to hand back: a StaticCache written
+        in place, or BLOOM's tuple layout, converted here at the boundary."""
         if isinstance(layer_past, StaticCache):
-            key, value = layer_past.update(
-                self.layer_idx, key.view(B, H, D, T).transpose(-1, -2), value.view(B, H, T, D)
-            )
-            S = key.shape[2]
-            key, value = key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D)
-            present = layer_past
-        else:
-            if layer_past is not None:
-                past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
-                key = torch.cat((past_key, key), dim=2)
-                value = torch.cat((past_value, value), dim=1)
-            present = (key, value) if use_cache else None
+            key, value = layer_past.update(self.layer_idx, key, value)
+            return key, value, layer_past
+        B, H, _, D = key.shape
+        if layer_past is not None:
+            past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
+            P = past_key.shape[-1]
+            key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
+            value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
+        if not use_cache:
+            return key, value, None
         S = key.shape[2]
+        return key, value, (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
 
-        # scores = alibi + (q . k) / sqrt(D), then the softmax in float32 whatever the weights' dtype:
+    def _attend_eager(self, query, key, value, alibi, causal_mask, head_mask):
+        """transformers' eager math on (B, H, *, D) inputs; returns context (B, H, T, D), probs."""
+        B, H, T, D = query.shape
+        S = key.shape[2]
+        query = query.reshape(B * H, T, D)
+        key = key.transpose(-1, -2).reshape(B * H, D, S)
+        # scores = alibi + (q . k) / sqrt(D), softmax in float32 whatever the weights' dtype:
         # float16's smallest value (-65504) could not mask, and half-precision sums lose the tail.
         scores = alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor).view(B, H, T, S)
         if scores.dtype == torch.float16:
             scores = scores.float()
         scores = scores.masked_fill(causal_mask, torch.finfo(scores.dtype).min)
-        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(qkv.dtype)
+        probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         probs = self.attention_dropout(probs)
         if head_mask is not None:
             probs = probs * head_mask
-
-        context = torch.bmm(probs.view(B * H, T, S), value)  # (B*H, T, D)
-        context = context.view(B, H, T, D).permute(0, 2, 1, 3).reshape(B, T, H * D)
-        return context, present, probs
-
-    def _attend_fused(self, qkv, bias, layer_past, use_cache):
-        B, T, H, _, D = qkv.shape
-        query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
-        present = None
-        if isinstance(layer_past, StaticCache):
-            key, value = layer_past.update(self.layer_idx, key, value)
-            present = layer_past
-        else:
-            if layer_past is not None:  # BLOOM's tuple layout, converted at this boundary
-                past_key, past_value = layer_past
-                P = past_key.shape[-1]
-                key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
-                value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
-            if use_cache:
-                S = key.shape[2]
-                present = (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
-        dropout_p = self.attention_dropout.p if self.training else 0.0
-        context = F.scaled_dot_product_attention(
-            query, key, value, attn_mask=bias, dropout_p=dropout_p, scale=self.inv_norm_factor
-        )  # (B, H, T, D)
-        return context.transpose(1, 2).reshape(B, T, H * D), present, None
+        context = torch.bmm(probs.view(B * H, T, S), value.reshape(B * H, S, D))
+        return context.view(B, H, T, D), probs
 
 
 class BloomMLP(nn.Module):
@@ -277,10 +211,7 @@ class BloomMLP(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         hidden_states = bloom_gelu(self.dense_h_to_4h(hidden_states))
-        if self.tp_slices > 1:
-            output = tp_linear(hidden_states, self.dense_4h_to_h, self.tp_slices)
-        else:
-            output = self.dense_4h_to_h(hidden_states)
+        output = tp_linear(hidden_states, self.dense_4h_to_h, self.tp_slices)
         return dropout_add(output, residual, self.hidden_dropout, self.training)
 
 
@@ -289,7 +220,9 @@ class BloomBlock(nn.Module):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.self_attention = BloomAttention(config)
-        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.post_attention_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon
+        )
         self.mlp = BloomMLP(config)
         # Some BLOOM variants take the residual after the LayerNorm instead of before it.
         self.post_ln_residual = config.apply_residual_connection_post_layernorm
@@ -307,16 +240,17 @@ class BloomBlock(nn.Module):
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.post_ln_residual else hidden_states
         attn_output, present, probs = self.self_attention(
-            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache, output_attentions
-        )
+            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache,
+            output_attentions,
+        )  # fmt: skip
         normed = self.post_attention_layernorm(attn_output)
         residual = normed if self.post_ln_residual else attn_output
         return self.mlp(normed, residual), present, probs
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The base model
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
 class BloomModel(BloomPreTrainedModel):
@@ -327,7 +261,9 @@ class BloomModel(BloomPreTrainedModel):
         self.embed_dim = config.hidden_size
         self.num_heads = config.n_head
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.word_embeddings_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
+        self.word_embeddings_layernorm = nn.LayerNorm(
+            config.hidden_size, eps=config.layer_norm_epsilon
+        )
         self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.n_layer)])
         for i, block in enumerate(self.h):
             block.self_attention.layer_idx = i  # the StaticCache slot this layer writes
@@ -343,7 +279,7 @@ class BloomModel(BloomPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: tuple[LayerPast, ...] | None = None,
+        past_key_values: tuple[LayerPast, ...] | StaticCache | None = None,
         attention_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -353,17 +289,68 @@ class BloomModel(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
+        # Over 40 lines: the one pass down the blocks, collecting what each flag asks for.
         self._pop_deprecated(deprecated_arguments)
         flags = self._resolve_flags(use_cache, output_attentions, output_hidden_states, return_dict)
         use_cache, output_attentions, output_hidden_states, return_dict = flags
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputed blocks cannot hand back a cache
+        # The eager path exposes the probabilities and head masks, and gives transformers'
+        # gradients: a padding query sees only masked keys, and there the fused kernel's backward
+        # (an additive bias instead of masked_fill) lets gradient into its q and k. The fused path
+        # serves inference.
+        eager = output_attentions or head_mask is not None or torch.is_grad_enabled()
+        hidden_states, alibi, mask = self._embed(
+            input_ids, past_key_values, attention_mask, inputs_embeds, eager
+        )
+        static_cache = past_key_values if isinstance(past_key_values, StaticCache) else None
+        if past_key_values is None or static_cache is not None:
+            past_key_values = (static_cache,) * len(self.h)  # a StaticCache serves every layer
 
+        presents = () if use_cache else None
+        all_attentions = () if output_attentions else None
+        all_hidden_states = () if output_hidden_states else None
+        head_masks = self._layer_head_masks(head_mask)
+        for block, layer_past, layer_head_mask in zip(self.h, past_key_values, head_masks):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache)
+            if self.gradient_checkpointing and self.training:
+                outputs = checkpoint(block, *args, output_attentions, use_reentrant=False)
+            else:
+                outputs = block(*args, output_attentions)
+            hidden_states, present, probs = outputs
+            if use_cache:
+                presents += (present,)
+            if output_attentions:
+                all_attentions += (probs,)
+        if static_cache is not None:
+            static_cache.advance(hidden_states.shape[1])
+            presents = static_cache if use_cache else None
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+
+        output = BaseModelOutputWithPastAndCrossAttentions(
+            hidden_states, presents, all_hidden_states, all_attentions
+        )  # last_hidden_state, past_key_values, hidden_states, attentions
+        return output if return_dict else output.to_tuple()
+
+    def _embed(
+        self,
+        input_ids: torch.LongTensor | None,
+        past_key_values: tuple[LayerPast, ...] | StaticCache | None,
+        attention_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        eager: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """Checked inputs to the blocks' (hidden states, alibi, mask): the embeddings after their
+        LayerNorm, and the position bias and masks built once, not once per layer: ALiBi and the
+        causal mask for the eager path, (None, one additive bias) for the fused path."""
         checks.check_inputs(self.config, input_ids, inputs_embeds)
         batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        static_cache = past_key_values if isinstance(past_key_values, StaticCache) else None
-        if static_cache is not None:
-            past_length = checks.check_static_cache(static_cache, batch_size, seq_length)
+        if isinstance(past_key_values, StaticCache):
+            past_length = checks.check_static_cache(past_key_values, batch_size, seq_length)
         else:
             past_length = checks.check_past(self.config, past_key_values, batch_size)
         if inputs_embeds is None:
@@ -371,64 +358,25 @@ class BloomModel(BloomPreTrainedModel):
         hidden_states = self.word_embeddings_layernorm(inputs_embeds)
 
         if attention_mask is None:
-            attention_mask = torch.ones((batch_size, past_length + seq_length), device=hidden_states.device)
+            shape = (batch_size, past_length + seq_length)
+            attention_mask = torch.ones(shape, device=hidden_states.device)
         else:
             checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
             attention_mask = attention_mask.to(hidden_states.device)
-        # Position bias and masks are built once here, not once per layer.
-        alibi = build_alibi(attention_mask, self.num_heads, hidden_states.dtype)
+        dtype = hidden_states.dtype
+        alibi = build_alibi(attention_mask, self.num_heads, dtype)
         causal_mask = build_causal_mask(attention_mask, seq_length)
-        # The fused path serves inference. The eager path exposes the probabilities and head masks, and
-        # gives transformers' gradients: a padding query sees only masked keys, and there the fused
-        # kernel's backward (an additive bias instead of masked_fill) lets gradient into its q and k.
-        if output_attentions or head_mask is not None or torch.is_grad_enabled():
-            mask = causal_mask
-        else:
-            mask = attention_bias(alibi, causal_mask, self.num_heads, hidden_states.dtype)
-            alibi = None
-        head_masks = self._layer_head_masks(head_mask)
-        if static_cache is not None:
-            layer_pasts = (static_cache,) * len(self.h)
-        else:
-            layer_pasts = past_key_values if past_key_values is not None else (None,) * len(self.h)
-
-        presents = () if use_cache else None
-        all_attentions = () if output_attentions else None
-        all_hidden_states = () if output_hidden_states else None
-        for block, layer_past, layer_head_mask in zip(self.h, layer_pasts, head_masks):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache, output_attentions)
-            if self.gradient_checkpointing and self.training:
-                hidden_states, present, probs = checkpoint(block, *args, use_reentrant=False)
-            else:
-                hidden_states, present, probs = block(*args)
-            if use_cache and static_cache is None:
-                presents += (present,)
-            if output_attentions:
-                all_attentions += (probs,)
-        if static_cache is not None:
-            static_cache.advance(seq_length)
-            presents = static_cache if use_cache else None
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
-        output = BaseModelOutputWithPastAndCrossAttentions(
-            last_hidden_state=hidden_states,
-            past_key_values=presents,
-            hidden_states=all_hidden_states,
-            attentions=all_attentions,
-        )
-        return output if return_dict else output.to_tuple()
+        if eager:
+            return hidden_states, alibi, causal_mask
+        return hidden_states, None, attention_bias(alibi, causal_mask, self.num_heads, dtype)
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Heads
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 
-class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
+class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
     """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
 
     _tied_weights_keys = ["lm_head.weight"]
@@ -463,38 +411,29 @@ class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
         output_attentions: bool | None = None,
         output_hidden_states: bool | None = None,
         return_dict: bool | None = None,
+        *,
+        num_logits_to_keep: int = 0,
         **deprecated_arguments,
     ) -> CausalLMOutputWithCrossAttentions | tuple:
-        # Generation needs only the last position's logits; the LM head (vocab x hidden, the largest
-        # matrix) is then applied to that position alone. 0 keeps all (transformers' behaviour).
-        num_logits_to_keep = deprecated_arguments.pop("num_logits_to_keep", 0)
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        """`num_logits_to_keep`: logits for only the last k positions (0: all, transformers'
+        behaviour). Generation needs only the last one, and the LM head (vocab x hidden, the
+        largest matrix) then runs on that position alone."""
+        checks.check_logits_to_keep(num_logits_to_keep, labels)
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states, return_dict=True,
+            use_cache, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
-        hidden_states = base.last_hidden_state
-        if num_logits_to_keep:
-            if labels is not None:
-                raise ValueError("num_logits_to_keep cannot be combined with labels: the loss needs every position")
-            hidden_states = hidden_states[:, -num_logits_to_keep:]
-        logits = self.lm_head(hidden_states)
+        logits = self.lm_head(base.last_hidden_state[:, -num_logits_to_keep:])  # -0: every position
         loss = None
         if labels is not None:
             checks.check_token_labels(labels, logits.shape[:2], "labels")
             loss = causal_lm_loss(logits, labels.to(logits.device))
-        output = CausalLMOutputWithCrossAttentions(
-            loss=loss,
-            logits=logits,
-            past_key_values=base.past_key_values,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
+        return self._output(
+            CausalLMOutputWithCrossAttentions, base, return_dict, loss=loss, logits=logits
         )
-        return output if return_dict else output.to_tuple()
 
     def generate(self, *args, **kwargs):
-        """Greedy, sampling and beam search with transformers' arguments; see `bloomlm.torch.generate`."""
+        """Greedy, sampling and beam search with transformers' arguments (`torch/generate.py`)."""
         from bloomlm.torch.generate import generate
 
         return generate(self, *args, **kwargs)
@@ -503,16 +442,15 @@ class BloomForCausalLM(GenerationConfigMixin, BloomPreTrainedModel):
         """A preallocated cache for `generate`: written in place, no concatenation per step."""
         return StaticCache(self.config, batch_size, max_length, self.dtype, self.device)
 
-    def _reorder_cache(self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor) -> tuple[LayerPast, ...]:
-        """Select cache rows for beam search; the cache's first dim is B * H, so pick whole batch rows."""
-        n_head = self.config.n_head
-        rows = beam_idx.to(past[0][0].device)[:, None] * n_head + torch.arange(n_head, device=past[0][0].device)
-        rows = rows.reshape(-1)
-        return tuple((key.index_select(0, rows), value.index_select(0, rows)) for key, value in past)
+    def _reorder_cache(
+        self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor
+    ) -> tuple[LayerPast, ...]:
+        """transformers' beam-search hook: row i of the result is row beam_idx[i] of `past`."""
+        return reorder_legacy_cache(past, beam_idx)
 
 
-class BloomForSequenceClassification(BloomPreTrainedModel):
-    """One label (or regression value) per sequence, read at the last non-padding token of each row."""
+class BloomForSequenceClassification(_BloomHead):
+    """One label (or regression value) per sequence, read at the last non-padding token of a row."""
 
     def __init__(self, config: BloomConfig):
         super().__init__(config)
@@ -535,64 +473,59 @@ class BloomForSequenceClassification(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> SequenceClassifierOutputWithPast | tuple:
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            use_cache, output_attentions, output_hidden_states, return_dict=True,
+            use_cache, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
         logits = self.score(base.last_hidden_state)  # (B, T, num_labels)
         last = self._last_token_index(input_ids, inputs_embeds)
         pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
         loss = None
         if labels is not None:
-            problem_type = checks.sequence_problem_type(self.config, self.num_labels, labels, logits.shape[0])
-            loss = sequence_classification_loss(pooled_logits, labels.to(logits.device), problem_type)
-        output = SequenceClassifierOutputWithPast(
-            loss=loss,
-            logits=pooled_logits,
-            past_key_values=base.past_key_values,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
+            problem = checks.sequence_problem_type(
+                self.config, self.num_labels, labels, len(logits)
+            )
+            loss = sequence_classification_loss(pooled_logits, labels.to(logits.device), problem)
+        return self._output(
+            SequenceClassifierOutputWithPast, base, return_dict, loss=loss, logits=pooled_logits
         )
-        return output if return_dict else output.to_tuple()
 
-    def _last_token_index(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None):
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor | int:
         batch_size = (input_ids if input_ids is not None else inputs_embeds).shape[0]
         pad_token_id = self.config.pad_token_id
         if pad_token_id is None:
             if batch_size != 1:
                 raise ValueError(
-                    "BloomForSequenceClassification needs config.pad_token_id to find the last token of each "
-                    f"row when batch size > 1 (got batch size {batch_size}); set pad_token_id or pass one row"
+                    "BloomForSequenceClassification needs config.pad_token_id to find the last "
+                    f"token of each row when batch size > 1 (got batch size {batch_size}); set "
+                    "pad_token_id or pass one row"
                 )
             return -1
         if input_ids is None:
             warnings.warn(
-                "BloomForSequenceClassification cannot detect padding in inputs_embeds; the last position of "
-                "each row is used",
+                "BloomForSequenceClassification cannot detect padding in inputs_embeds; the last "
+                "position of each row is used",
                 stacklevel=3,
             )
             return -1
-        # The last position holding a real token. Unlike transformers 4.37 (the token before the first
-        # pad), a pad id inside a row, or a BOS equal to the pad id, does not cut the row short.
+        # The last position holding a real token. Unlike transformers 4.37 (the token before the
+        # first pad), a pad id inside a row, or a BOS equal to the pad id, does not cut it short.
         not_pad = (input_ids != pad_token_id).int()
         positions = torch.arange(input_ids.shape[1], device=input_ids.device)
         return (not_pad * positions).argmax(-1).to(input_ids.device)
 
 
-class BloomForTokenClassification(BloomPreTrainedModel):
+class BloomForTokenClassification(_BloomHead):
     """One label per token (tagging, NER)."""
 
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
         self.transformer = BloomModel(config)
-        if config.classifier_dropout is not None:
-            classifier_dropout = config.classifier_dropout
-        else:
-            classifier_dropout = config.hidden_dropout
-        self.dropout = nn.Dropout(classifier_dropout)
+        dropout = config.classifier_dropout
+        self.dropout = nn.Dropout(config.hidden_dropout if dropout is None else dropout)
         self.classifier = nn.Linear(config.hidden_size, config.num_labels)
         self.post_init()
 
@@ -610,25 +543,20 @@ class BloomForTokenClassification(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> TokenClassifierOutput | tuple:
-        self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         # The output has no cache field, so none is built (transformers builds one and drops it).
-        base = self.transformer(
+        base, return_dict = self._run_trunk(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states, return_dict=True,
+            False, output_attentions, output_hidden_states, return_dict, deprecated_arguments,
         )  # fmt: skip
         logits = self.classifier(self.dropout(base.last_hidden_state))
         loss = None
         if labels is not None:
             checks.check_token_labels(labels, logits.shape[:2], "labels")
             loss = token_classification_loss(logits, labels.to(logits.device))
-        output = TokenClassifierOutput(
-            loss=loss, logits=logits, hidden_states=base.hidden_states, attentions=base.attentions
-        )
-        return output if return_dict else output.to_tuple()
+        return self._output(TokenClassifierOutput, base, return_dict, loss=loss, logits=logits)
 
 
-class BloomForQuestionAnswering(BloomPreTrainedModel):
+class BloomForQuestionAnswering(_BloomHead):
     """Extractive QA: a start and an end logit for every token."""
 
     def __init__(self, config: BloomConfig):
@@ -652,64 +580,20 @@ class BloomForQuestionAnswering(BloomPreTrainedModel):
     ) -> QuestionAnsweringModelOutput | tuple:
         if position_ids is not None:
             self._warn_position_ids()
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        base = self.transformer(
+        # No cache in, none out: transformers' QA signature has neither.
+        base, return_dict = self._run_trunk(
             input_ids, None, attention_mask, head_mask, inputs_embeds,
-            False, output_attentions, output_hidden_states, return_dict=True,
+            False, output_attentions, output_hidden_states, return_dict, {},
         )  # fmt: skip
         start_logits, end_logits = self.qa_outputs(base.last_hidden_state).unbind(dim=-1)
         start_logits, end_logits = start_logits.contiguous(), end_logits.contiguous()
         loss = None
         if start_positions is not None and end_positions is not None:
-            batch_size = start_logits.shape[0]
-            start_positions = checks.check_span_positions(start_positions, batch_size, "start_positions")
-            end_positions = checks.check_span_positions(end_positions, batch_size, "end_positions")
+            B = start_logits.shape[0]
+            start_positions = checks.check_span_positions(start_positions, B, "start_positions")
+            end_positions = checks.check_span_positions(end_positions, B, "end_positions")
             loss = question_answering_loss(start_logits, end_logits, start_positions, end_positions)
-        output = QuestionAnsweringModelOutput(
-            loss=loss,
-            start_logits=start_logits,
-            end_logits=end_logits,
-            hidden_states=base.hidden_states,
-            attentions=base.attentions,
-        )
-        return output if return_dict else output.to_tuple()
-
-
-# ---------------------------------------------------------------------------------------------------
-# Losses (the heads' semantics, as pure functions)
-# ---------------------------------------------------------------------------------------------------
-
-
-def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the logits at t against the label at t + 1; -100 labels are ignored."""
-    shift_logits = logits[:, :-1, :].reshape(-1, logits.shape[-1])
-    return F.cross_entropy(shift_logits, labels[:, 1:].reshape(-1))
-
-
-def sequence_classification_loss(logits: torch.Tensor, labels: torch.Tensor, problem_type: str) -> torch.Tensor:
-    if problem_type == "regression":
-        if logits.shape[-1] == 1:
-            return F.mse_loss(logits.squeeze(), labels.squeeze().to(logits.dtype))
-        return F.mse_loss(logits, labels.to(logits.dtype))
-    if problem_type == "single_label_classification":
-        return F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1))
-    return F.binary_cross_entropy_with_logits(logits, labels.to(logits.dtype))
-
-
-def token_classification_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
-
-
-def question_answering_loss(
-    start_logits: torch.Tensor,
-    end_logits: torch.Tensor,
-    start_positions: torch.Tensor,
-    end_positions: torch.Tensor,
-) -> torch.Tensor:
-    """Mean of the start and end cross-entropies; positions beyond the sequence are ignored."""
-    ignored_index = start_logits.shape[1]
-    start_positions = start_positions.clamp(0, ignored_index)
-    end_positions = end_positions.clamp(0, ignored_index)
-    start_loss = F.cross_entropy(start_logits, start_positions, ignore_index=ignored_index)
-    end_loss = F.cross_entropy(end_logits, end_positions, ignore_index=ignored_index)
-    return (start_loss + end_loss) / 2
+        return self._output(
+            QuestionAnsweringModelOutput, base, return_dict,
+            loss=loss, start_logits=start_logits, end_logits=end_logits,
+        )  # fmt: skip

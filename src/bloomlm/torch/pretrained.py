@@ -2,12 +2,13 @@
 
 Loading and saving model folders (through `bloomlm.checkpoint`), weight initialisation, embedding
 access and resizing, gradient checkpointing, and the forward-call plumbing (flag defaults, head mask,
-deprecated arguments), each written once here instead of once per head.
+deprecated arguments, and `_BloomHead`: the heads' trunk call and output), each written once here
+instead of once per head.
 """
 
 from __future__ import annotations
 
-import contextlib
+import dataclasses
 import os
 import warnings
 from collections.abc import Container, Iterable
@@ -16,13 +17,15 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from bloomlm import checkpoint
 from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
 from bloomlm.errors import CheckpointError
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
+from bloomlm.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from bloomlm.torch import checks
-from bloomlm.torch.quantize import quantize_int8_, quantize_rows, tie_int8_
+from bloomlm.torch.quantize import Int8Linear, quantize_int8_, quantize_rows, tie_int8_
 
 BASE_PREFIX = "transformer."
 
@@ -81,9 +84,15 @@ class BloomPreTrainedModel(nn.Module):
         return getattr(self, self.base_model_prefix, self)
 
     def tie_weights(self) -> None:
-        output_embeddings = self.get_output_embeddings()
-        if output_embeddings is not None and self.config.tie_word_embeddings:
-            output_embeddings.weight = self.get_input_embeddings().weight
+        """With `config.tie_word_embeddings`, the LM head uses the input embedding's matrix; after
+        `quantize_int8_` that is the one int8 matrix and its per-row scales (`tie_int8_`)."""
+        head = self.get_output_embeddings()
+        if head is None or not self.config.tie_word_embeddings:
+            return
+        if isinstance(head, Int8Linear):
+            tie_int8_(self)
+        else:
+            head.weight = self.get_input_embeddings().weight
 
     # -- embeddings ----------------------------------------------------------------------------------
 
@@ -278,7 +287,7 @@ class BloomPreTrainedModel(nn.Module):
         _apply_overrides(cls, config, kwargs)
         dtype = _resolve_dtype(torch_dtype, config)
 
-        with torch.device("meta"), _skip_random_init():
+        with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
         if quantize:
             quantize_int8_(model, dtype)  # int8 slots on meta; each float weight is quantized as it is read
@@ -378,22 +387,73 @@ class BloomPreTrainedModel(nn.Module):
                 setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
 
-@contextlib.contextmanager
-def _skip_random_init():
-    """Make torch.nn's random initialisers no-ops while building a model that a checkpoint will fill.
+class _BloomHead(BloomPreTrainedModel):
+    """What the task heads of `model.py` share: the trunk (`self.transformer`, a BloomModel) run
+    with the arguments in order, and the output built from it.
 
-    On the meta device they do no work but still route through torch's reference implementations, whose
-    first use imports the compiler stack: ~1.8 s and ~70 MB of a cold load, for values never kept.
+    Each head's `forward` keeps transformers' positional signature (users call it positionally) and
+    says only what differs: its layer on the last hidden state, its loss, its output type.
     """
-    names = ("normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "trunc_normal_", "xavier_uniform_")
-    saved = {name: getattr(nn.init, name) for name in names}
-    try:
-        for name in names:
-            setattr(nn.init, name, lambda tensor, *args, **kwargs: tensor)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(nn.init, name, function)
+
+    def _run_trunk(
+        self,
+        input_ids: torch.Tensor | None,
+        past_key_values: Any,
+        attention_mask: torch.Tensor | None,
+        head_mask: torch.Tensor | None,
+        inputs_embeds: torch.Tensor | None,
+        use_cache: bool | None,
+        output_attentions: bool | None,
+        output_hidden_states: bool | None,
+        return_dict: bool | None,
+        deprecated_arguments: dict[str, Any],
+    ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, bool]:
+        """The trunk's output (always the dataclass) and whether the head returns one."""
+        self._pop_deprecated(deprecated_arguments)
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        base = self.transformer(
+            input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
+            use_cache, output_attentions, output_hidden_states, return_dict=True,
+        )  # fmt: skip
+        return base, return_dict
+
+    @staticmethod
+    def _output(
+        output_type: type[ModelOutput],
+        base: BaseModelOutputWithPastAndCrossAttentions,
+        return_dict: bool,
+        **head_fields: Any,
+    ) -> ModelOutput | tuple:
+        """`output_type(**head_fields)` plus the trunk's cache, hidden states and attentions where
+        the type has those fields; a tuple of the fields that are set unless `return_dict`."""
+        names = {field.name for field in dataclasses.fields(output_type)}
+        shared = ("past_key_values", "hidden_states", "attentions")
+        output = output_type(**head_fields, **{k: getattr(base, k) for k in shared if k in names})
+        return output if return_dict else output.to_tuple()
+
+
+class _SkipInitOnMeta(TorchFunctionMode):
+    """While active, in this thread only, `torch.nn.init`'s functions leave meta tensors untouched.
+
+    A model built on the meta device to be filled from a checkpoint has no values to initialise, yet
+    nn.init on a meta tensor still routes through torch's reference implementations, whose first use
+    imports the compiler stack: ~1.5 s and ~70 MB of a cold load, for values never kept. torch keeps
+    function modes per thread (as it does `with torch.device(...)`), so nothing global is patched:
+    another thread initialising a model meanwhile gets its random weights.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in _INIT_FUNCTIONS:
+            tensor = kwargs.get("tensor", args[0] if args else None)  # nn.init passes it by name
+            if isinstance(tensor, torch.Tensor) and tensor.is_meta:
+                return tensor
+        return func(*args, **kwargs)
+
+
+_INIT_FUNCTIONS = frozenset(
+    getattr(nn.init, name) for name in dir(nn.init) if name.endswith("_") and name[0] != "_"
+)
 
 
 def _read_blocks(tensor: checkpoint.StreamedTensor, dtype: torch.dtype) -> torch.Tensor:

@@ -102,7 +102,9 @@ class Int8Embedding(nn.Module):
 def quantize_int8_(model: nn.Module, dtype: torch.dtype | None = None, include_embeddings: bool = True) -> nn.Module:
     """Replace every nn.Linear (and the tied embedding / LM head) with its int8 version, in place.
 
-    `dtype` is the float type the model computes in (default: that of its parameters now).
+    `dtype` is the float type the model computes in (default: that of its parameters now). The
+    model's own `tie_weights()` keeps the int8 pair tied afterwards: it sees the Int8Linear head and
+    calls `tie_int8_`, so nothing on the instance is replaced.
     """
     dtype = dtype or next(p.dtype for p in model.parameters() if p.is_floating_point())
     tied = include_embeddings and getattr(model.config, "tie_word_embeddings", False)
@@ -116,12 +118,14 @@ def quantize_int8_(model: nn.Module, dtype: torch.dtype | None = None, include_e
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 setattr(module, child_name, Int8Linear.from_linear(child))
-    model.tie_weights = lambda: tie_int8_(model)  # the tie is one shared int8 matrix now
     return model
 
 
 def tie_int8_(model: nn.Module) -> None:
-    """Point a tied int8 LM head at the int8 embedding's buffers (after they were loaded)."""
+    """Point a tied int8 LM head at the int8 embedding's buffers (after they were loaded).
+
+    `BloomPreTrainedModel.tie_weights` calls this when its LM head is an Int8Linear.
+    """
     head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
     if getattr(model.config, "tie_word_embeddings", False) and isinstance(head, Int8Linear):
         if isinstance(embedding, Int8Embedding):
