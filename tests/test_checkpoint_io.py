@@ -16,8 +16,17 @@ import pytest
 import safetensors.torch
 import torch
 import transformers
+import transformers.utils
+from transformers.modeling_utils import shard_checkpoint
 from transformers.utils.hub import convert_file_size_to_int
 
+from bloomlm import (
+    BloomForCausalLM,
+    BloomForSequenceClassification,
+    BloomModel,
+    checkpoint,
+    checkpoint_names,
+)
 from bloomlm.checkpoint import (
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
@@ -555,3 +564,72 @@ def test_hub_keywords_accepted_unknown_refused(tmp_path):
     assert resolve_model_dir(tmp_path, [], **dict.fromkeys(HUB_KEYWORDS - {"subfolder"})) == tmp_path
     with pytest.raises(TypeError, match="torch_dtype"):
         resolve_model_dir(tmp_path, [], torch_dtype="auto")
+
+
+# -- the names both frameworks share (bloomlm.checkpoint_names) ----------------------------------
+
+
+def test_weight_file_names_are_transformers():
+    names = checkpoint_names
+    for name in ("SAFE_WEIGHTS_NAME", "SAFE_WEIGHTS_INDEX_NAME", "WEIGHTS_NAME",
+                 "WEIGHTS_INDEX_NAME", "FLAX_WEIGHTS_NAME", "FLAX_WEIGHTS_INDEX_NAME"):  # fmt: skip
+        assert getattr(names, name) == getattr(transformers.utils, name), name
+    assert names.TF_WEIGHTS_NAME == transformers.utils.TF2_WEIGHTS_NAME
+    # the old import places keep working and are the same table
+    assert checkpoint.WEIGHT_FILE_CANDIDATES is names.PYTORCH_WEIGHT_FILES
+    assert checkpoint.SAFE_WEIGHTS_NAME == names.SAFE_WEIGHTS_NAME == "model.safetensors"
+    assert checkpoint.FLAX_WEIGHTS_NAME == names.FLAX_WEIGHTS_NAME == "flax_model.msgpack"
+
+
+@pytest.mark.parametrize("weights_name", ["model.safetensors", "pytorch_model.bin"])
+def test_shard_file_names_are_transformers(weights_name):
+    state_dict = {f"w{i}": torch.zeros(100) for i in range(3)}  # 400 bytes each, one per shard
+    theirs, _ = shard_checkpoint(state_dict, max_shard_size=500, weights_name=weights_name)
+    ours = [checkpoint_names.shard_file_name(weights_name, i, 3) for i in (1, 2, 3)]
+    assert sorted(theirs) == ours
+    assert all(checkpoint_names.is_shard_file_name(name, weights_name) for name in ours)
+    flax_shard = checkpoint_names.shard_file_name("flax_model.msgpack", 2, 12)
+    assert flax_shard == "flax_model-00002-of-00012.msgpack"
+    for other in ("model-1-of-3.safetensors", "xmodel-00001-of-00003.safetensors", weights_name):
+        assert not checkpoint_names.is_shard_file_name(other, "model.safetensors")
+
+
+@pytest.mark.parametrize(
+    ("name", "sep", "for_head", "for_base"),
+    [
+        ("h.0.mlp.dense_h_to_4h.weight", ".", "transformer.h.0.mlp.dense_h_to_4h.weight", None),
+        ("transformer.ln_f.bias", ".", None, "ln_f.bias"),
+        ("lm_head.weight", ".", None, None),  # a head's own weight is never under the prefix
+        ("score.weight", ".", None, None),
+        # the prefix is a whole name, not leading text
+        ("transformers.odd", ".", "transformer.transformers.odd", None),
+        ("transformer", ".", None, None),
+        ("word_embeddings/embedding", "/", "transformer/word_embeddings/embedding", None),
+        ("transformer/h/1/mlp/dense_4h_to_h/kernel", "/", None, "h/1/mlp/dense_4h_to_h/kernel"),
+        ("qa_outputs/bias", "/", None, None),
+    ],
+)
+def test_base_prefix_added_and_stripped(name, sep, for_head, for_base):
+    for_head, for_base = for_head or name, for_base or name  # None: unchanged
+    assert checkpoint_names.add_base_prefix(name, sep) == for_head
+    assert checkpoint_names.strip_base_prefix(name, sep) == for_base
+    assert checkpoint_names.fit_base_prefix(name, True, sep) == for_head
+    assert checkpoint_names.fit_base_prefix(name, False, sep) == for_base
+
+
+def test_base_checkpoint_into_a_head_and_back(tmp_path):
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=64, hidden_size=16, n_layer=2, n_head=4)
+    transformers.BloomModel(config).save_pretrained(tmp_path / "base")
+    base_weights = load_state_dict(tmp_path / "base")
+    head, info = BloomForCausalLM.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == [] and info["unexpected_keys"] == []
+    assert_same_tensors({k.removeprefix("transformer."): v for k, v in head.state_dict().items()
+                         if k != "lm_head.weight"}, base_weights)  # fmt: skip
+
+    classifier = BloomForSequenceClassification.from_pretrained(tmp_path / "base")
+    classifier.save_pretrained(tmp_path / "head")
+    base, info = BloomModel.from_pretrained(tmp_path / "head", output_loading_info=True)
+    assert info["unexpected_keys"] == ["score.weight"] and info["missing_keys"] == []
+    assert_same_tensors(base.state_dict(), base_weights)
+

@@ -85,6 +85,29 @@ def test_num_labels_override():
     assert config.num_labels == 5 and list(config.id2label) == [0, 1, 2, 3, 4]
 
 
+def test_with_overrides_returns_a_validated_copy():
+    config = BloomConfig(n_head=4, hidden_size=32, seq_length=2048)  # seq_length: a hub extra key
+    changed = config.with_overrides(num_attention_heads=8, problem_type="regression", seq_length=9)
+    assert (changed.n_head, changed.problem_type, changed.seq_length) == (8, "regression", 9)
+    assert (config.n_head, config.problem_type, config.seq_length) == (4, None, 2048)  # untouched
+    labelled = config.with_overrides(id2label={0: "neg", 1: "neu", 2: "pos"})
+    assert labelled.num_labels == 3 and labelled.label2id == {"neg": 0, "neu": 1, "pos": 2}
+    with pytest.raises(ValueError, match="n_head"):
+        config.with_overrides(n_head=5)  # 32 is not divisible by 5
+
+
+def test_with_overrides_refuses_unknown_keys_naming_what_is_allowed():
+    with pytest.raises(TypeError, match=r"\['bogus', 'vocab'\].*vocab_size.*num_attention_heads"):
+        BloomConfig().with_overrides(vocab=10, bogus=1, n_layer=3)
+
+
+def test_json_string_round_trip():
+    config = BloomConfig(n_layer=3, num_labels=4, seq_length=2048)
+    assert BloomConfig.from_json_string(config.to_json_string()) == config
+    with pytest.raises(ValueError, match="object"):
+        BloomConfig.from_json_string("[1, 2]")
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

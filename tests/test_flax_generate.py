@@ -3,6 +3,8 @@ warpers, and greedy / beam ids against transformers' PyTorch `generate` on a tin
 
 from __future__ import annotations
 
+import shutil
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +14,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 
 import bloomlm
 from bloomlm.flax import generate as flax_generate
+from bloomlm.generation import GENERATION_CONFIG_NAME, GenerationConfig
 from conftest import PAD_ID, build_reference, make_inputs
 
 
@@ -127,3 +130,20 @@ def test_generate_bad_arguments(pair):
     bad[0, 0] = 10_000
     with pytest.raises(ValueError, match="outside the vocabulary"):
         ours.generate(bad, mask, max_new_tokens=2)
+
+
+def test_from_pretrained_gives_generating_models_the_folder_generation_config(
+    make_checkpoint, tmp_path
+):
+    shutil.copytree(make_checkpoint("pow2"), tmp_path / "with")
+    GenerationConfig(eos_token_id=[2, 7], max_new_tokens=5).save_pretrained(tmp_path / "with")
+    loaded = bloomlm.FlaxBloomForCausalLM.from_pretrained(tmp_path / "with").generation_config
+    assert (loaded.eos_token_id, loaded.max_new_tokens) == ([2, 7], 5)
+    other = bloomlm.FlaxBloomForTokenClassification.from_pretrained(tmp_path / "with")
+    assert not hasattr(other, "generation_config")
+
+    shutil.copytree(make_checkpoint("pow2"), tmp_path / "without")
+    (tmp_path / "without" / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
+    model = bloomlm.FlaxBloomForCausalLM.from_pretrained(tmp_path / "without")
+    assert model.generation_config == GenerationConfig.from_model_config(model.config)
+    assert model.generation_config.max_new_tokens is None

@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import logging
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -652,6 +653,23 @@ def test_generation_config_from_model_config_and_loader(checkpoint, tmp_path):
     assert loaded.eos_token_id == 7 and loaded.max_new_tokens == 4
     with pytest.raises(FileNotFoundError, match=GENERATION_CONFIG_NAME):
         GenerationConfig.from_pretrained(tmp_path / "missing")
+
+
+def test_from_pretrained_gives_generating_models_the_folder_generation_config(checkpoint, tmp_path):
+    from bloomlm import BloomForCausalLM, BloomForSequenceClassification
+
+    shutil.copytree(checkpoint, tmp_path / "with")
+    GenerationConfig(eos_token_id=[2, 7], max_new_tokens=5).save_pretrained(tmp_path / "with")
+    loaded = BloomForCausalLM.from_pretrained(tmp_path / "with").generation_config
+    assert (loaded.eos_token_id, loaded.max_new_tokens) == ([2, 7], 5)
+    other = BloomForSequenceClassification.from_pretrained(tmp_path / "with")
+    assert not hasattr(other, "generation_config")
+
+    shutil.copytree(checkpoint, tmp_path / "without")
+    (tmp_path / "without" / GENERATION_CONFIG_NAME).unlink(missing_ok=True)
+    model = BloomForCausalLM.from_pretrained(tmp_path / "without")
+    assert model.generation_config == GenerationConfig.from_model_config(model.config)
+    assert model.generation_config.max_new_tokens is None
 
 
 def test_generation_config_update_and_validate():

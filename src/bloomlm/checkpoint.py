@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pickle
-import re
 import struct
 import warnings
 from collections.abc import Iterator, Mapping
@@ -29,23 +28,20 @@ import safetensors
 import safetensors.torch
 import torch
 
+# The file names live in bloomlm.checkpoint_names (the Flax side uses them); importable here too.
+from bloomlm.checkpoint_names import (  # noqa: F401 (re-exported)
+    FLAX_WEIGHTS_NAME,
+    SAFE_WEIGHTS_INDEX_NAME,
+    SAFE_WEIGHTS_NAME,
+    TF_WEIGHTS_NAME,
+    WEIGHTS_INDEX_NAME,
+    WEIGHTS_NAME,
+    is_shard_file_name,
+    shard_file_name,
+)
+from bloomlm.checkpoint_names import PYTORCH_WEIGHT_FILES as WEIGHT_FILE_CANDIDATES
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
 from bloomlm.files import atomic_path, atomic_write_text, parse_size  # noqa: F401 (re-exported)
-
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_WEIGHTS_INDEX_NAME = "model.safetensors.index.json"
-WEIGHTS_NAME = "pytorch_model.bin"
-WEIGHTS_INDEX_NAME = "pytorch_model.bin.index.json"
-FLAX_WEIGHTS_NAME = "flax_model.msgpack"
-TF_WEIGHTS_NAME = "tf_model.h5"
-
-# transformers' search order for PyTorch weights in a folder.
-WEIGHT_FILE_CANDIDATES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
-_SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors|pytorch_model-\d{5}-of-\d{5}\.bin")
-
-
-# -- sizes -------------------------------------------------------------------------------------------------
-
 
 # -- saving ------------------------------------------------------------------------------------------------
 
@@ -129,9 +125,8 @@ def _split_into_shards(
         shard_bytes += size
     if len(shards) == 1:
         return {weights_name: shards[0]}
-    stem, extension = weights_name.rsplit(".", 1)
-    count = len(shards)
-    return {f"{stem}-{i:05d}-of-{count:05d}.{extension}": shard for i, shard in enumerate(shards, start=1)}
+    names = [shard_file_name(weights_name, i, len(shards)) for i in range(1, len(shards) + 1)]
+    return dict(zip(names, shards))
 
 
 def _build_index(shards: dict[str, dict[str, torch.Tensor]]) -> dict:
@@ -157,7 +152,8 @@ def _remove_stale_weight_files(folder: Path, keep: set[str]) -> None:
 
 
 def _is_weight_file_name(name: str) -> bool:
-    return name in WEIGHT_FILE_CANDIDATES or _SHARD_FILE.fullmatch(name) is not None
+    shard = any(is_shard_file_name(name, weights) for weights in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME))
+    return name in WEIGHT_FILE_CANDIDATES or shard
 
 
 # -- finding -----------------------------------------------------------------------------------------------

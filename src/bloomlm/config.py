@@ -15,6 +15,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bloomlm.errors import CheckpointNotFoundError
+
 CONFIG_NAME = "config.json"
 
 # Declared fields and their defaults, grouped as the architecture uses them.
@@ -186,6 +188,14 @@ class BloomConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
 
     @classmethod
+    def from_json_string(cls, text: str) -> BloomConfig:
+        """The inverse of `to_json_string`."""
+        config_dict = json.loads(text)
+        if not isinstance(config_dict, dict):
+            raise ValueError(f"a config's JSON must be an object, got {type(config_dict).__name__}")
+        return cls.from_dict(config_dict)
+
+    @classmethod
     def from_json_file(cls, path: str | os.PathLike) -> BloomConfig:
         from bloomlm.files import read_json_object
 
@@ -204,6 +214,30 @@ class BloomConfig:
             folder = resolve_model_dir(name_or_path, [CONFIG_NAME], **hub_kwargs)
             config = cls.from_json_file(folder / CONFIG_NAME)
         for key, value in kwargs.items():
+            setattr(config, key, value)
+        config.validate()
+        return config
+
+    def with_overrides(self, **overrides: Any) -> BloomConfig:
+        """A validated copy with `overrides` set; this config is left as it is.
+
+        Allowed keys: the declared fields, their aliases, `num_labels`/`id2label`/`label2id`, and
+        the extra keys this config already carries. `id2label` alone also sets `num_labels` to its
+        length.
+        """
+        allowed = set(self.to_dict()) | set(ALIASES) | {"num_labels"}
+        unknown = sorted(key for key in overrides if key not in allowed)
+        if unknown:
+            extras = f", this config's extra keys {self._extra_keys}" if self._extra_keys else ""
+            raise TypeError(
+                f"unexpected keyword arguments {unknown}: not BloomConfig fields (config keys "
+                f"allowed: the fields {sorted(_DEFAULTS)}, their aliases {sorted(ALIASES)}, "
+                f"num_labels, id2label, label2id{extras})"
+            )
+        if "id2label" in overrides and "num_labels" not in overrides:
+            overrides = {**overrides, "num_labels": len(overrides["id2label"])}
+        config = BloomConfig.from_dict(self.to_dict())
+        for key, value in overrides.items():
             setattr(config, key, value)
         config.validate()
         return config
@@ -230,6 +264,34 @@ class BloomConfig:
 
     def __reduce__(self):  # pickling, e.g. for multiprocessing data loaders
         return (BloomConfig.from_dict, (self.to_dict(),))
+
+
+def load_model_config(
+    folder: str | os.PathLike,
+    config: Any = None,
+    overrides: dict[str, Any] | None = None,
+    *,
+    caller: str,
+) -> BloomConfig:
+    """The config `from_pretrained` builds a model from, in both frameworks: a copy of `config` when
+    one is given (any object with `to_dict`), else the folder's `config.json`; `overrides` applied.
+
+    `caller` names the API in errors: a missing config.json is a CheckpointNotFoundError, a keyword
+    that is no config field a TypeError.
+    """
+    if config is None:
+        path = Path(folder) / CONFIG_NAME
+        if not path.is_file():
+            raise CheckpointNotFoundError(
+                f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one"
+            )
+        config = BloomConfig.from_json_file(path)
+    else:
+        config = BloomConfig.from_dict(config.to_dict())
+    try:
+        return config.with_overrides(**(overrides or {}))
+    except TypeError as err:
+        raise TypeError(f"{caller} got {err}") from None
 
 
 def _resolve_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:

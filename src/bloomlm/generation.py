@@ -237,6 +237,16 @@ def load_generation_config(folder: str | os.PathLike, model_config: Any) -> Gene
     return GenerationConfig.from_model_config(model_config)
 
 
+def attach_generation_config(model: Any, folder: str | os.PathLike) -> None:
+    """from_pretrained's last step in both frameworks: a model that can generate (a
+    GenerationConfigMixin) takes the folder's `generation_config.json`. Without that file it keeps
+    deriving its settings from its own config on first use (see GenerationConfigMixin); a model that
+    cannot generate gets nothing."""
+    has_file = (Path(folder) / GENERATION_CONFIG_NAME).is_file()
+    if isinstance(model, GenerationConfigMixin) and has_file:
+        model.generation_config = GenerationConfig.from_pretrained(folder)
+
+
 # -- validation helpers (each raises ValueError naming the field, the value and what is allowed) ------
 
 

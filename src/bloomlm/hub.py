@@ -13,6 +13,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from bloomlm.checkpoint_names import is_shard_file_name
 from bloomlm.errors import CheckpointNotFoundError
 
 # transformers' from_pretrained keywords about where files come from. All are accepted so code written for
@@ -220,9 +221,8 @@ def _shards_of(weight_name: str, names: set[str]) -> list[str]:
     """Shard files of an index name: model.safetensors.index.json -> model-00001-of-00002.safetensors, ..."""
     if not weight_name.endswith(".index.json"):
         return []
-    stem, _, extension = weight_name.removesuffix(".index.json").rpartition(".")
-    shard = re.compile(rf"{re.escape(stem)}-\d{{5}}-of-\d{{5}}\.{re.escape(extension)}")
-    return [n for n in names if shard.fullmatch(n)]
+    weights_name = weight_name.removesuffix(".index.json")
+    return [name for name in names if is_shard_file_name(name, weights_name)]
 
 
 def _names(files: list[str]) -> str:

@@ -20,20 +20,21 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from bloomlm.checkpoint_names import (
+    BASE_PREFIX,
+    FLAX_WEIGHT_FILES,
+    FLAX_WEIGHTS_INDEX_NAME,
+    FLAX_WEIGHTS_NAME,
+    fit_base_prefix,
+    shard_file_name,
+)
+from bloomlm.checkpoint_names import PYTORCH_WEIGHT_FILES as PYTORCH_WEIGHT_NAMES
 from bloomlm.config import BloomConfig
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
 from bloomlm.flax import weights
 
 logger = logging.getLogger("bloomlm.flax")
 
-FLAX_WEIGHTS_NAME = "flax_model.msgpack"
-FLAX_WEIGHTS_INDEX_NAME = "flax_model.msgpack.index.json"
-PYTORCH_WEIGHT_NAMES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
 UNUSED_PYTORCH = "<pytorch>"  # first path element of PyTorch tensors no Flax parameter takes
 
 
@@ -45,12 +46,14 @@ def read_weights(
     msgpack unless `from_pt` (or there is none); PyTorch weights are converted, logging that once when
     `from_pt` was not asked for. The `transformer` prefix is added or stripped to suit the model.
     """
-    has_flax = (folder / FLAX_WEIGHTS_NAME).is_file() or (folder / FLAX_WEIGHTS_INDEX_NAME).is_file()
+    has_flax = any((folder / name).is_file() for name in FLAX_WEIGHT_FILES)
     has_torch = any((folder / name).is_file() for name in PYTORCH_WEIGHT_NAMES)
     if has_flax and not from_pt:
-        return _fit_prefix(read_msgpack(folder), any(p[0] == weights.BASE_PREFIX for p in expected))
+        model_is_head = any(path[0] == BASE_PREFIX for path in expected)
+        state = read_msgpack(folder)
+        return {_fit_path(path, model_is_head): array for path, array in state.items()}
     if not has_torch:
-        looked = ", ".join([FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME, *PYTORCH_WEIGHT_NAMES])
+        looked = ", ".join([*FLAX_WEIGHT_FILES, *PYTORCH_WEIGHT_NAMES])
         raise CheckpointNotFoundError(f"no weights in {folder}: looked for {looked}")
     if not from_pt:
         logger.warning("%s has PyTorch weights and no %s: converting them to Flax in memory", folder, FLAX_WEIGHTS_NAME)
@@ -63,15 +66,9 @@ def read_weights(
     return params
 
 
-def _fit_prefix(state: dict, model_has_prefix: bool) -> dict:
-    """Add or strip `transformer/` so a base checkpoint loads into a head and the other way round."""
-    prefix = weights.BASE_PREFIX
-    has_prefix = any(p[0] == prefix for p in state)
-    if model_has_prefix and not has_prefix:
-        return {(prefix, *p): a for p, a in state.items()}
-    if not model_has_prefix and has_prefix:
-        return {(p[1:] if p[0] == prefix else p): a for p, a in state.items()}
-    return state
+def _fit_path(path: tuple[str, ...], model_is_head: bool) -> tuple[str, ...]:
+    """A checkpoint path with `transformer` added or stripped to suit the model."""
+    return tuple(fit_base_prefix("/".join(path), model_is_head, sep="/").split("/"))
 
 
 def read_msgpack(folder: Path) -> dict[tuple[str, ...], np.ndarray]:
@@ -119,7 +116,7 @@ def write_msgpack(folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: in
     if len(shards) == 1:
         files[FLAX_WEIGHTS_NAME] = serialization.msgpack_serialize(unflatten_dict(shards[0], sep="/"))
     else:
-        names = [f"flax_model-{i + 1:05d}-of-{len(shards):05d}.msgpack" for i in range(len(shards))]
+        names = [shard_file_name(FLAX_WEIGHTS_NAME, i + 1, len(shards)) for i in range(len(shards))]
         weight_map = {path: name for name, shard in zip(names, shards) for path in shard}
         index = {"metadata": {"total_size": sum(a.nbytes for a in flat.values())}, "weight_map": weight_map}
         files[FLAX_WEIGHTS_INDEX_NAME] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()

@@ -22,17 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from bloomlm.config import BloomConfig
 from bloomlm.flax import checks
+from bloomlm.flax.model import make_cache, module_for_key, module_key
 from bloomlm.generation import GenerationConfig
 from bloomlm.outputs import ModelOutput
 
@@ -135,6 +134,31 @@ def sample_loop(
 EARLY_STOPPING_CODES = {False: 0, True: 1, "never": 2}
 
 
+class _Beams(NamedTuple):
+    """What one beam search keeps fixed: sizes (static) and settings (traced)."""
+
+    batch: int  # B prompts
+    beams: int  # K
+    num_candidates: int  # candidates ranked per prompt and step
+    prompt_length: int
+    max_length: int
+    eos: jax.Array
+    pad: jax.Array
+    length_penalty: jax.Array
+    early_stopping: jax.Array  # a code from EARLY_STOPPING_CODES
+
+    def penalised(self, score: jax.Array, generated) -> jax.Array:
+        """transformers' hypothesis score: sum of log-probs / generated length ** length_penalty."""
+        return score / jnp.asarray(generated, jnp.float32) ** self.length_penalty
+
+    def cannot_improve(self, hyp_scores: jax.Array, best_candidate: jax.Array, generated):
+        """transformers' BeamHypotheses.is_done once the pool is full."""
+        worst = hyp_scores.min(axis=1)
+        never = (self.early_stopping == 2) & (self.length_penalty > 0)
+        horizon = jnp.where(never, self.max_length - self.prompt_length, generated)
+        return (self.early_stopping == 1) | (worst >= self.penalised(best_candidate, horizon))
+
+
 def beam_search_loop(
     tokens_to_logits: Callable,
     input_ids: jax.Array,
@@ -146,87 +170,110 @@ def beam_search_loop(
     length_penalty: jax.Array,
     early_stopping: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """transformers 4.37's beam search on [B * K] rows (each prompt repeated K times); returns ([B, L], [B]).
+    """transformers 4.37's beam search on [B * K] rows (each prompt repeated K times); returns
+    ([B, L], [B]).
 
     `early_stopping` is a code from EARLY_STOPPING_CODES. Finished hypotheses live in a pool of K per
     prompt, scored sum_logprobs / generated_length ** length_penalty, as transformers' BeamHypotheses.
     """
     rows, prompt_length = input_ids.shape
-    batch, beams = rows // num_beams, num_beams
-    num_candidates = max(2, 1 + eos.shape[0]) * beams
+    num_candidates = max(2, 1 + eos.shape[0]) * num_beams
+    sizes = (rows // num_beams, num_beams, num_candidates, prompt_length, max_length)
+    spec = _Beams(*sizes, eos, pad, length_penalty, early_stopping)
     logits, cache = tokens_to_logits(input_ids, cache)
-    running = jnp.full((rows, max_length), pad, jnp.int32).at[:, :prompt_length].set(input_ids)
-    state = dict(
-        length=jnp.array(prompt_length),
+
+    def not_done(s):
+        return (s["length"] < max_length) & ~s["done"].all()
+
+    state = _beam_start(spec, input_ids, logits, cache)
+    state = lax.while_loop(not_done, functools.partial(_beam_step, spec, tokens_to_logits), state)
+    return _best_hypotheses(spec, state)
+
+
+def _beam_start(spec: _Beams, input_ids: jax.Array, logits: jax.Array, cache: Any) -> dict:
+    """The loop state after the prompt: K copies of each prompt, one of them live; no hypotheses."""
+    batch, beams, max_length = spec.batch, spec.beams, spec.max_length
+    running = jnp.full((batch * beams, max_length), spec.pad, jnp.int32)
+    running = running.at[:, : spec.prompt_length].set(input_ids)
+    return dict(
+        length=jnp.array(spec.prompt_length),
         running=running.reshape(batch, beams, max_length),
-        running_scores=jnp.zeros((batch, beams)).at[:, 1:].set(-1e9),  # sum of log-probs; one live beam at first
+        running_scores=jnp.zeros((batch, beams)).at[:, 1:].set(-1e9),  # sums of log-probs
         logits=logits,
         cache=cache,
-        hyps=jnp.full((batch, beams, max_length), pad, jnp.int32),  # finished hypotheses (without their eos)
+        hyps=jnp.full((batch, beams, max_length), spec.pad, jnp.int32),  # finished, eos left out
         hyp_scores=jnp.full((batch, beams), NEG_INF),  # length-penalised; -inf = empty slot
         hyp_lengths=jnp.zeros((batch, beams), jnp.int32),
         done=jnp.zeros(batch, bool),
     )
 
-    def penalised(score, generated):
-        return score / jnp.asarray(generated, jnp.float32) ** length_penalty
 
-    def cannot_improve(hyp_scores, best_candidate, generated):
-        """transformers' BeamHypotheses.is_done once the pool is full."""
-        worst = hyp_scores.min(axis=1)
-        horizon = jnp.where((early_stopping == 2) & (length_penalty > 0), max_length - prompt_length, generated)
-        return (early_stopping == 1) | (worst >= penalised(best_candidate, horizon))
+def _beam_step(spec: _Beams, tokens_to_logits: Callable, s: dict) -> dict:
+    """One token for every live beam: rank 2K candidates per prompt, pool the finished ones, go on
+    with the K best that are not eos."""
+    batch, beams = spec.batch, spec.beams
+    length, vocab = s["length"], s["logits"].shape[-1]
+    scores = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
+    scores = scores.reshape(batch, beams, vocab)
+    scores = (scores + s["running_scores"][..., None]).reshape(batch, beams * vocab)
+    cand_scores, cand_ids = lax.top_k(scores, spec.num_candidates)  # [B, 2K], best first
+    cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
+    is_eos = jnp.isin(cand_tokens, spec.eos)
+    generated = length + 1 - spec.prompt_length  # length of a hypothesis ending here, eos included
+    pool = _pool_hypotheses(spec, s, cand_scores, cand_beams, is_eos, generated)
 
-    def not_done(s):
-        return (s["length"] < max_length) & ~s["done"].all()
+    # The K best candidates that are not eos continue; finished prompts continue with pad (unused).
+    rank = jnp.arange(spec.num_candidates)
+    order = jnp.argsort(jnp.where(is_eos, rank + spec.num_candidates, rank), axis=1)[:, :beams]
+    was_done = s["done"][:, None]
+    next_beams = jnp.where(was_done, 0, jnp.take_along_axis(cand_beams, order, axis=1))
+    next_tokens = jnp.where(was_done, spec.pad, jnp.take_along_axis(cand_tokens, order, axis=1))
+    next_tokens = next_tokens.astype(jnp.int32)
+    next_scores = jnp.where(was_done, 0.0, jnp.take_along_axis(cand_scores, order, axis=1))
 
-    def step(s):
-        length, vocab = s["length"], s["logits"].shape[-1]
-        scores = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1).reshape(batch, beams, vocab)
-        scores = (scores + s["running_scores"][..., None]).reshape(batch, beams * vocab)
-        cand_scores, cand_ids = lax.top_k(scores, num_candidates)  # [B, 2K], best first
-        cand_beams, cand_tokens = cand_ids // vocab, cand_ids % vocab
-        is_eos = jnp.isin(cand_tokens, eos)
-        generated = length + 1 - prompt_length  # length of a hypothesis ending here, eos included
+    full = jnp.isfinite(pool["hyp_scores"]).all(axis=1)
+    running = jnp.take_along_axis(s["running"], next_beams[..., None], axis=1)
+    running = lax.dynamic_update_slice(running, next_tokens[..., None], (0, 0, length))
+    flat_rows = (jnp.arange(batch)[:, None] * beams + next_beams).reshape(-1)
+    cache = jax.tree_util.tree_map(lambda x: _select_rows(x, flat_rows, batch * beams), s["cache"])
+    logits, cache = tokens_to_logits(next_tokens.reshape(-1, 1), cache)
+    cannot_improve = spec.cannot_improve(pool["hyp_scores"], cand_scores[:, 0], generated)
+    done = s["done"] | (full & cannot_improve)
+    return dict(
+        length=length + 1,
+        running=running,
+        running_scores=next_scores,
+        logits=logits,
+        cache=cache,
+        done=done,
+        **pool,
+    )
 
-        # Eos candidates ranked among the top K become hypotheses; the pool keeps the K best scores.
-        rank = jnp.arange(num_candidates)
-        adds = is_eos & (rank < beams) & ~s["done"][:, None]
-        pool_scores = jnp.concatenate([s["hyp_scores"], jnp.where(adds, penalised(cand_scores, generated), NEG_INF)], 1)
-        new_hyps = jnp.take_along_axis(s["running"], cand_beams[..., None], axis=1)
-        pool = jnp.concatenate([s["hyps"], new_hyps], axis=1)
-        pool_lengths = jnp.concatenate([s["hyp_lengths"], jnp.broadcast_to(length, adds.shape)], axis=1)
-        keep = lax.top_k(pool_scores, beams)[1]  # ties keep the older hypothesis
-        hyp_scores = jnp.take_along_axis(pool_scores, keep, axis=1)
 
-        # The K best candidates that are not eos continue; finished prompts continue with pad (unused).
-        order = jnp.argsort(jnp.where(is_eos, rank + num_candidates, rank), axis=1)[:, :beams]
-        was_done = s["done"][:, None]
-        next_beams = jnp.where(was_done, 0, jnp.take_along_axis(cand_beams, order, axis=1))
-        next_tokens = jnp.where(was_done, pad, jnp.take_along_axis(cand_tokens, order, axis=1)).astype(jnp.int32)
-        next_scores = jnp.where(was_done, 0.0, jnp.take_along_axis(cand_scores, order, axis=1))
+def _pool_hypotheses(spec: _Beams, s: dict, cand_scores, cand_beams, is_eos, generated) -> dict:
+    """Eos candidates ranked among the top K become hypotheses; the pool keeps the K best scores."""
+    rank = jnp.arange(spec.num_candidates)
+    adds = is_eos & (rank < spec.beams) & ~s["done"][:, None]
+    new_scores = jnp.where(adds, spec.penalised(cand_scores, generated), NEG_INF)
+    pool_scores = jnp.concatenate([s["hyp_scores"], new_scores], axis=1)
+    new_hyps = jnp.take_along_axis(s["running"], cand_beams[..., None], axis=1)
+    pool = jnp.concatenate([s["hyps"], new_hyps], axis=1)
+    new_lengths = jnp.broadcast_to(s["length"], adds.shape)
+    pool_lengths = jnp.concatenate([s["hyp_lengths"], new_lengths], axis=1)
+    keep = lax.top_k(pool_scores, spec.beams)[1]  # ties keep the older hypothesis
+    return dict(
+        hyps=jnp.take_along_axis(pool, keep[..., None], axis=1),
+        hyp_scores=jnp.take_along_axis(pool_scores, keep, axis=1),
+        hyp_lengths=jnp.take_along_axis(pool_lengths, keep, axis=1),
+    )
 
-        full = jnp.isfinite(hyp_scores).all(axis=1)
-        running = jnp.take_along_axis(s["running"], next_beams[..., None], axis=1)
-        running = lax.dynamic_update_slice(running, next_tokens[..., None], (0, 0, length))
-        flat_rows = (jnp.arange(batch)[:, None] * beams + next_beams).reshape(-1)
-        cache = jax.tree_util.tree_map(lambda x: _select_rows(x, flat_rows, rows), s["cache"])
-        logits, cache = tokens_to_logits(next_tokens.reshape(-1, 1), cache)
-        return dict(
-            length=length + 1,
-            running=running,
-            running_scores=next_scores,
-            logits=logits,
-            cache=cache,
-            hyps=jnp.take_along_axis(pool, keep[..., None], axis=1),
-            hyp_scores=hyp_scores,
-            hyp_lengths=jnp.take_along_axis(pool_lengths, keep, axis=1),
-            done=s["done"] | (full & cannot_improve(hyp_scores, cand_scores[:, 0], generated)),
-        )
 
-    s = lax.while_loop(not_done, step, state)
-    # Prompts still running at max_length: their live beams join the pool with their current scores.
-    final_scores = jnp.where(s["done"][:, None], NEG_INF, penalised(s["running_scores"], max_length - prompt_length))
+def _best_hypotheses(spec: _Beams, s: dict) -> tuple[jax.Array, jax.Array]:
+    """([B, L] sequences, [B] scores): each prompt's best hypothesis. Prompts still running at
+    max_length add their live beams to the pool with their current scores."""
+    max_length, batch, beams = spec.max_length, spec.batch, spec.beams
+    live_scores = spec.penalised(s["running_scores"], max_length - spec.prompt_length)
+    final_scores = jnp.where(s["done"][:, None], NEG_INF, live_scores)
     pool_scores = jnp.concatenate([s["hyp_scores"], final_scores], axis=1)
     pool = jnp.concatenate([s["hyps"], s["running"]], axis=1)
     pool_lengths = jnp.concatenate([s["hyp_lengths"], jnp.full((batch, beams), max_length)], axis=1)
@@ -234,8 +281,9 @@ def beam_search_loop(
     sequences = jnp.take_along_axis(pool, best[:, None, None], axis=1)[:, 0]
     lengths = jnp.take_along_axis(pool_lengths, best[:, None], axis=1)
     positions = jnp.arange(max_length)[None, :]
-    # A hypothesis shorter than max_length ends with the first eos id, then padding, as transformers writes it.
-    sequences = jnp.where(positions < lengths, sequences, jnp.where(positions == lengths, eos[0], pad))
+    # A hypothesis shorter than max_length ends with the first eos id, then padding (transformers').
+    after_end = jnp.where(positions == lengths, spec.eos[0], spec.pad)
+    sequences = jnp.where(positions < lengths, sequences, after_end)
     return sequences, jnp.take_along_axis(pool_scores, best[:, None], axis=1)[:, 0]
 
 
@@ -276,10 +324,29 @@ def generate(
             f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
             "raise max_length or set max_new_tokens"
         )
+    run = _jitted_generate(module_key(model.module))
+    key = jax.random.PRNGKey(0) if prng_key is None else prng_key
+    params = model.params if params is None else params
+    num_beams, sampling = int(config.num_beams), bool(config.do_sample)
+    sequences, scores = run(
+        params, input_ids, attention_mask, key, _traced_settings(config),
+        max_length=int(max_length), num_beams=num_beams, sampling=sampling,
+    )  # fmt: skip
+    if num_beams > 1:
+        return FlaxBeamSearchOutput(sequences=sequences, scores=scores)
+    output_class = FlaxSampleOutput if sampling else FlaxGreedySearchOutput
+    return output_class(sequences=sequences)
+
+
+def _traced_settings(config: GenerationConfig) -> dict[str, jax.Array]:
+    """The settings the compiled loop takes as values, so changing them does not recompile.
+
+    Without `pad_token_id` the first eos id pads, as in transformers; no eos at all is [-1].
+    """
     eos = config.eos_token_id
     eos_ids = list(eos) if isinstance(eos, (list, tuple)) else ([] if eos is None else [eos])
     pad = config.pad_token_id if config.pad_token_id is not None else (eos_ids[0] if eos_ids else 0)
-    traced = dict(
+    return dict(
         eos=jnp.asarray(eos_ids or [-1], jnp.int32),
         pad=jnp.int32(pad),
         temperature=jnp.float32(config.temperature),
@@ -288,19 +355,6 @@ def generate(
         length_penalty=jnp.float32(config.length_penalty),
         early_stopping=jnp.int32(EARLY_STOPPING_CODES[config.early_stopping]),
     )
-    run = _jitted_generate(
-        type(model.module), model.config.to_json_string(), model.dtype, model.param_dtype, model.scan_layers
-    )
-    key = jax.random.PRNGKey(0) if prng_key is None else prng_key
-    params = model.params if params is None else params
-    num_beams, sampling = int(config.num_beams), bool(config.do_sample)
-    sequences, scores = run(
-        params, input_ids, attention_mask, key, traced, max_length=int(max_length), num_beams=num_beams,
-        sampling=sampling,
-    )  # fmt: skip
-    if num_beams > 1:
-        return FlaxBeamSearchOutput(sequences=sequences, scores=scores)
-    return FlaxSampleOutput(sequences=sequences) if sampling else FlaxGreedySearchOutput(sequences=sequences)
 
 
 def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
@@ -325,12 +379,10 @@ def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwar
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted_generate(module_class: type, config_json: str, dtype: Any, param_dtype: Any, scan_layers: bool):
-    """One jitted generate per module settings; it compiles once per (max_length, num_beams, sampling, #eos)."""
-    from bloomlm.flax.pretrained import make_cache
-
-    config = BloomConfig.from_dict(json.loads(config_json))
-    module = module_class(config, dtype, param_dtype, scan_layers)
+def _jitted_generate(key: tuple):
+    """One jitted generate per `module_key` (its module shared with the jitted forward); it
+    compiles once per (max_length, num_beams, sampling, number of eos ids)."""
+    module = module_for_key(key)
 
     @functools.partial(jax.jit, static_argnames=("max_length", "num_beams", "sampling"))
     def run(params, input_ids, attention_mask, key, traced, *, max_length, num_beams, sampling):
@@ -339,6 +391,7 @@ def _jitted_generate(module_class: type, config_json: str, dtype: Any, param_dty
         rows, prompt_length = input_ids.shape
         # transformers' Flax mask: the prompt's, then ones; the cache hides the slots not yet written.
         mask = jnp.ones((rows, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
+        config, dtype, scan_layers = module.config, module.dtype, module.scan_layers
         cache = make_cache(config, rows, max_length, dtype, scan_layers, is_head=True)
 
         def tokens_to_logits(tokens, cache):

@@ -19,6 +19,9 @@ With `scan_layers=True` the same leaves sit once under `h/self_attention/` with 
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +29,7 @@ from flax import linen as nn
 from jax import lax
 
 from bloomlm.alibi import alibi_slopes
+from bloomlm.checkpoint_names import BASE_PREFIX
 from bloomlm.config import BloomConfig
 from bloomlm.flax.outputs import (
     FlaxBaseModelOutput,
@@ -58,6 +62,35 @@ def build_attention_bias(attention_mask: jax.Array, query_offset, query_length: 
 def bloom_gelu(x: jax.Array) -> jax.Array:
     """The tanh approximation of GELU with BLOOM's constants (its checkpoints were trained with it)."""
     return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
+
+
+def make_cache(
+    config: BloomConfig,
+    batch_size: int,
+    max_length: int,
+    dtype: Any,
+    scan_layers: bool,
+    is_head: bool,
+) -> dict:
+    """An empty "cache" collection in the layout the module docstring draws; usable under jit.
+
+    Per layer `h/<i>/self_attention/{cached_key, cached_value, cache_index}` (or all layers stacked
+    under `h/self_attention` with scan_layers), under `transformer` for a head model.
+    """
+    shape = (batch_size, max_length, config.n_head, config.head_dim)  # [B, S, H, D]
+
+    def layer(prefix: tuple = ()) -> dict:
+        return {
+            "cached_key": jnp.zeros(prefix + shape, dtype),
+            "cached_value": jnp.zeros(prefix + shape, dtype),
+            "cache_index": jnp.zeros(prefix, jnp.int32),
+        }
+
+    if scan_layers:
+        cache = {"h": {"self_attention": layer((config.n_layer,))}}
+    else:
+        cache = {"h": {str(i): {"self_attention": layer()} for i in range(config.n_layer)}}
+    return {BASE_PREFIX: cache} if is_head else cache
 
 
 def _dense(features: int, module: nn.Module, name: str | None = None, use_bias: bool = True) -> nn.Dense:
@@ -284,7 +317,8 @@ class _FlaxBloomHeadModule(nn.Module):
     scan_layers: bool = False
 
     def _body(self) -> FlaxBloomModule:
-        return FlaxBloomModule(self.config, self.dtype, self.param_dtype, self.scan_layers, name="transformer")
+        settings = (self.config, self.dtype, self.param_dtype, self.scan_layers)
+        return FlaxBloomModule(*settings, name=BASE_PREFIX)
 
 
 class FlaxBloomForCausalLMModule(_FlaxBloomHeadModule):
@@ -358,3 +392,24 @@ class FlaxBloomForQuestionAnsweringModule(_FlaxBloomHeadModule):
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
         )
+
+
+# -- one module per settings, for the compiled functions -----------------------------------------
+
+
+def module_key(module: nn.Module) -> tuple:
+    """What fixes a module's computation, hashable (a BloomConfig is not, so its JSON stands in):
+    (module class, config JSON, dtype, param_dtype, scan_layers)."""
+    config_json = module.config.to_json_string()
+    return (type(module), config_json, module.dtype, module.param_dtype, module.scan_layers)
+
+
+@functools.lru_cache(maxsize=32)
+def module_for_key(key: tuple) -> nn.Module:
+    """The one module for `module_key(...)`, shared by the jitted forward and the jitted generate.
+
+    Built from the key's JSON, not from a caller's module: a config changed after a model was made
+    cannot reach a function compiled for the old one.
+    """
+    module_class, config_json, dtype, param_dtype, scan_layers = key
+    return module_class(BloomConfig.from_json_string(config_json), dtype, param_dtype, scan_layers)

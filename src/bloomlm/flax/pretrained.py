@@ -16,7 +16,6 @@ values other than 0/1 are not detected under jit.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 from collections.abc import Mapping
@@ -28,11 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
-from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
-from bloomlm.errors import CheckpointError, CheckpointNotFoundError
+from bloomlm.checkpoint_names import BASE_PREFIX, FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
+from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
+from bloomlm.errors import CheckpointError
 from bloomlm.flax import checks, files, weights
 from bloomlm.flax import model as modules
-from bloomlm.generation import GenerationConfigMixin
+from bloomlm.flax.model import make_cache  # noqa: F401 (re-exported: it lived here before)
+from bloomlm.generation import GenerationConfigMixin, attach_generation_config
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ class FlaxBloomPreTrainedModel:
     """Parameters + module + the checked call; the five public classes differ only in their module."""
 
     module_class: type = None
-    base_model_prefix = "transformer"
+    base_model_prefix = BASE_PREFIX
 
     def __init__(
         self,
@@ -156,7 +157,8 @@ class FlaxBloomPreTrainedModel:
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
-        return make_cache(self.config, batch_size, max_length, self.dtype, self.scan_layers, self.is_head)
+        layout = (self.dtype, self.scan_layers, self.is_head)
+        return modules.make_cache(self.config, batch_size, max_length, *layout)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -203,9 +205,7 @@ class FlaxBloomPreTrainedModel:
     @property
     def _forward(self):
         """The module's apply under jax.jit, shared by every model with the same module settings."""
-        return _jitted_forward(
-            self.module_class, self.config.to_json_string(), self.dtype, self.param_dtype, self.scan_layers
-        )
+        return _jitted_forward(modules.module_key(self.module))
 
     def _checked_call_params(self, params: Mapping | None) -> Mapping:
         if params is None:
@@ -247,6 +247,7 @@ class FlaxBloomPreTrainedModel:
         extra = {CONFIG_NAME: config.to_json_string().encode()}
         files.write_msgpack(folder, flat, parse_size(max_shard_size), extra)
 
+    # Over 40 lines because its signature names each of transformers' Flax loading keywords.
     @classmethod
     def from_pretrained(
         cls,
@@ -280,36 +281,31 @@ class FlaxBloomPreTrainedModel:
         use_safetensors = kwargs.pop("use_safetensors", None)
         for key in _IGNORED_LOADING_KEYWORDS:
             kwargs.pop(key, None)
-        wanted = [CONFIG_NAME, files.FLAX_WEIGHTS_NAME, files.FLAX_WEIGHTS_INDEX_NAME, *files.PYTORCH_WEIGHT_NAMES]
+        wanted = [CONFIG_NAME, *FLAX_WEIGHT_FILES, *PYTORCH_WEIGHT_FILES]
         folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
-        config = _load_config(cls, folder, config, kwargs)
-
-        model = cls(
-            config,
-            input_shape,
-            seed,
-            dtype,
-            _do_init=False,
-            param_dtype=param_dtype or jnp.float32,
-            scan_layers=scan_layers,
-        )
+        config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
+        layout = dict(param_dtype=param_dtype or jnp.float32, scan_layers=scan_layers)
+        model = cls(config, input_shape, seed, dtype, _do_init=False, **layout)
         state = files.read_weights(folder, config, set(model._flat_expected_shapes()), from_pt, use_safetensors)
         params, info = model._fit_checkpoint(state, ignore_mismatched_sizes, str(pretrained_model_name_or_path))
-        if param_dtype is not None:
-            params = jax.tree_util.tree_map(
-                lambda a: a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params
-            )
-        if scan_layers:
-            params = weights.stack_layers(params, config.n_layer)
-        params = jax.tree_util.tree_map(jnp.asarray, params)
-        if hasattr(model, "generate"):
-            from bloomlm.generation import load_generation_config
-
-            model.generation_config = load_generation_config(folder, config)
+        params = model._as_model_params(params, param_dtype)
+        attach_generation_config(model, folder)
         if not _do_init:
             return (model, params, info) if output_loading_info else (model, params)
         model._params = params
         return (model, info) if output_loading_info else model
+
+    def _as_model_params(self, params: dict, param_dtype: Any) -> dict:
+        """Checkpoint arrays (transformers' layout, NumPy) as this model's parameters: cast to
+        `param_dtype` when given, layers stacked for scan_layers, on the device."""
+        if param_dtype is not None:
+            params = jax.tree_util.tree_map(
+                lambda a: a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
+                params,
+            )
+        if self.scan_layers:
+            params = weights.stack_layers(params, self.config.n_layer)
+        return jax.tree_util.tree_map(jnp.asarray, params)
 
     def _flat_expected_shapes(self) -> dict[tuple[str, ...], jax.ShapeDtypeStruct]:
         """{path: shape} in transformers' (unstacked) layout."""
@@ -337,30 +333,19 @@ class FlaxBloomPreTrainedModel:
                 mismatched.append(("/".join(path), tuple(state[path].shape), tuple(expected[path].shape)))
                 missing.append(path)
         params = {p: a for p, a in state.items() if p in expected and p not in missing}
+        name = type(self).__name__
         if missing:
             seed = int(jax.random.randint(self.key, (), 0, 2**31 - 1))
-            fresh = flatten_dict(
-                _initial_params(unflatten_dict({p: expected[p] for p in missing}), self.config.initializer_range, seed)
-            )
-            params.update(fresh)
-            logger.warning(
-                "%s: weights not in %s, newly initialised: %s",
-                type(self).__name__,
-                source,
-                sorted("/".join(p) for p in missing),
-            )
+            shapes = unflatten_dict({p: expected[p] for p in missing})
+            fresh = _initial_params(shapes, self.config.initializer_range, seed)
+            params.update(flatten_dict(fresh))
+            message = "%s: weights not in %s, newly initialised: %s"
+            logger.warning(message, name, source, _joined(missing))
         if unexpected:
-            logger.warning(
-                "%s: weights in %s that this model does not use: %s",
-                type(self).__name__,
-                source,
-                sorted("/".join(p) for p in unexpected),
-            )
-        info = {
-            "missing_keys": sorted("/".join(p) for p in missing),
-            "unexpected_keys": sorted("/".join(p) for p in unexpected),
-            "mismatched_keys": mismatched,
-        }
+            message = "%s: weights in %s that this model does not use: %s"
+            logger.warning(message, name, source, _joined(unexpected))
+        info = {"missing_keys": _joined(missing), "unexpected_keys": _joined(unexpected)}
+        info["mismatched_keys"] = mismatched
         return unflatten_dict(params), info
 
 
@@ -415,29 +400,10 @@ class FlaxBloomForQuestionAnswering(FlaxBloomPreTrainedModel):
 # -- helpers ---------------------------------------------------------------------------------------------
 
 
-def make_cache(
-    config: BloomConfig, batch_size: int, max_length: int, dtype: Any, scan_layers: bool, is_head: bool
-) -> dict:
-    """An empty cache tree (see `FlaxBloomPreTrainedModel.init_cache`); usable under jit."""
-    shape = (batch_size, max_length, config.n_head, config.head_dim)
-
-    def layer(prefix: tuple = ()) -> dict:
-        return {
-            "cached_key": jnp.zeros(prefix + shape, dtype),
-            "cached_value": jnp.zeros(prefix + shape, dtype),
-            "cache_index": jnp.zeros(prefix, jnp.int32),
-        }
-
-    if scan_layers:
-        cache = {"h": {"self_attention": layer((config.n_layer,))}}
-    else:
-        cache = {"h": {str(i): {"self_attention": layer()} for i in range(config.n_layer)}}
-    return {weights.BASE_PREFIX: cache} if is_head else cache
-
-
 @functools.lru_cache(maxsize=32)
-def _jitted_forward(module_class: type, config_json: str, dtype: Any, param_dtype: Any, scan_layers: bool):
-    module = module_class(BloomConfig.from_dict(json.loads(config_json)), dtype, param_dtype, scan_layers)
+def _jitted_forward(key: tuple):
+    """The module's apply under jax.jit, one per `module_key` (its module shared with generate)."""
+    module = modules.module_for_key(key)
 
     def forward(params, cache, input_ids, attention_mask, rngs, deterministic, output_attentions, hidden_states):
         variables = {"params": params}
@@ -470,6 +436,10 @@ def _to_dict(tree: Any) -> Any:
     return tree
 
 
+def _joined(paths: list[tuple[str, ...]]) -> list[str]:
+    return sorted("/".join(path) for path in paths)
+
+
 def _has_dropout(config: BloomConfig) -> bool:
     rates = (config.hidden_dropout, config.attention_dropout, config.classifier_dropout or 0.0)
     return any(rate > 0 for rate in rates)
@@ -497,23 +467,3 @@ def _initial_params(shape_tree: Any, std: float, seed: int) -> dict:
         return jnp.asarray(value, leaf.dtype)
 
     return _to_dict(jax.tree_util.tree_map_with_path(make, shape_tree))
-
-
-def _load_config(cls: type, folder: Path, config: BloomConfig | None, overrides: dict[str, Any]) -> BloomConfig:
-    if config is None:
-        path = folder / CONFIG_NAME
-        if not path.is_file():
-            raise CheckpointNotFoundError(f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one")
-        config = BloomConfig.from_json_file(path)
-    else:
-        config = BloomConfig.from_dict(config.to_dict())
-    known = set(_DEFAULTS) | set(ALIASES) | {"num_labels", "id2label", "label2id"} | set(config.to_dict())
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}")
-    if "id2label" in overrides and "num_labels" not in overrides:
-        overrides = {**overrides, "num_labels": len(overrides["id2label"])}
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-    return config

@@ -15,9 +15,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from bloomlm.checkpoint_names import BASE_PREFIX, add_base_prefix, fit_base_prefix
 from bloomlm.config import BloomConfig
-
-BASE_PREFIX = "transformer"
 
 # (torch name, flax path, transpose)
 _BODY = (
@@ -61,7 +60,7 @@ def name_table(config: BloomConfig, with_prefix: bool) -> list[tuple[str, tuple[
                 (torch_name, flax_path) if layer is None else (torch_name.format(layer), flax_path.format(layer))
             )
             if with_prefix:
-                name, path = f"{BASE_PREFIX}.{name}", f"{BASE_PREFIX}/{path}"
+                name, path = add_base_prefix(name), add_base_prefix(path, sep="/")
             rows.append((name, tuple(path.split("/")), transpose))
     if with_prefix:
         rows += [(name, tuple(path.split("/")), transpose) for name, path, transpose in _HEADS]
@@ -81,7 +80,7 @@ def torch_to_flax(
     by_name = {name: (path, transpose) for name, path, transpose in name_table(config, with_prefix)}
     params, unused = {}, []
     for name, array in state_dict.items():
-        key = _model_name(name, with_prefix)
+        key = fit_base_prefix(name, with_prefix)
         if key not in by_name or by_name[key][0] not in expected:
             if not (key == "lm_head.weight" and config.tie_word_embeddings):
                 unused.append(name)
@@ -89,16 +88,6 @@ def torch_to_flax(
         path, transpose = by_name[key]
         params[path] = np.ascontiguousarray(np.asarray(array).T) if transpose else np.asarray(array)
     return params, unused
-
-
-def _model_name(name: str, with_prefix: bool) -> str:
-    prefix = BASE_PREFIX + "."
-    is_head_weight = name.split(".")[0] in {row[0].split(".")[0] for row in _HEADS}
-    if with_prefix and not name.startswith(prefix) and not is_head_weight:
-        return prefix + name
-    if not with_prefix and name.startswith(prefix):
-        return name[len(prefix) :]
-    return name
 
 
 def flax_to_torch(params: Mapping[tuple[str, ...], np.ndarray], config: BloomConfig) -> dict[str, np.ndarray]:
@@ -120,7 +109,7 @@ def flax_to_torch(params: Mapping[tuple[str, ...], np.ndarray], config: BloomCon
 
 def tied_lm_head(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Add the tied `lm_head.weight` (= embeddings) that transformers' PyTorch causal LM state dict holds."""
-    return {**state_dict, "lm_head.weight": state_dict[f"{BASE_PREFIX}.word_embeddings.weight"]}
+    return {**state_dict, "lm_head.weight": state_dict[add_base_prefix("word_embeddings.weight")]}
 
 
 # -- scanned layers ----------------------------------------------------------------------------------------

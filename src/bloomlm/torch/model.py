@@ -387,12 +387,6 @@ class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
-    def _load_generation_config(self, folder) -> None:
-        from bloomlm.generation import GenerationConfig
-
-        if (folder / "generation_config.json").is_file():
-            self._generation_config = GenerationConfig.from_pretrained(folder)
-
     def get_output_embeddings(self) -> nn.Linear:
         return self.lm_head
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from collections.abc import Container, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,15 +19,17 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bloomlm import checkpoint
-from bloomlm.config import _DEFAULTS, ALIASES, CONFIG_NAME, BloomConfig
+from bloomlm import checkpoint, checkpoint_names
+from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
 from bloomlm.errors import CheckpointError
+from bloomlm.generation import attach_generation_config
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 from bloomlm.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from bloomlm.torch import checks
 from bloomlm.torch.quantize import Int8Linear, quantize_int8_, quantize_rows, tie_int8_
 
-BASE_PREFIX = "transformer."
+# How the heads' parameter names start for the base model's weights ("transformer.").
+BASE_PREFIX = checkpoint_names.BASE_PREFIX + "."
 
 # transformers' from_pretrained keywords about placement and memory; accepted, never put in the config.
 LOADING_KEYWORDS = frozenset(
@@ -47,7 +49,7 @@ _warned_position_ids = False
 
 
 class BloomPreTrainedModel(nn.Module):
-    base_model_prefix = "transformer"
+    base_model_prefix = checkpoint_names.BASE_PREFIX
     _tied_weights_keys: list[str] = []
 
     def __init__(self, config: BloomConfig):
@@ -249,6 +251,7 @@ class BloomPreTrainedModel(nn.Module):
 
     # -- loading --------------------------------------------------------------------------------------
 
+    # Over 40 lines because it takes transformers' many loading keywords, each by name.
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs: Any):
         """Load a model folder (or hub name) written by transformers or bloomlm.
@@ -273,39 +276,24 @@ class BloomPreTrainedModel(nn.Module):
         for key in LOADING_KEYWORDS:
             kwargs.pop(key, None)
 
-        wanted = [CONFIG_NAME, *checkpoint.WEIGHT_FILE_CANDIDATES]
+        wanted = [CONFIG_NAME, *checkpoint_names.PYTORCH_WEIGHT_FILES]
         folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
-        if config is None:
-            config_path = folder / CONFIG_NAME
-            if not config_path.is_file():
-                raise checkpoint.CheckpointNotFoundError(
-                    f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one"
-                )
-            config = BloomConfig.from_json_file(config_path)
-        else:
-            config = BloomConfig.from_dict(config.to_dict())
-        _apply_overrides(cls, config, kwargs)
+        config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         dtype = _resolve_dtype(torch_dtype, config)
 
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
         if quantize:
             quantize_int8_(model, dtype)  # int8 slots on meta; each float weight is quantized as it is read
-        if state_dict is None and (quantize or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)):
-            # converting: stream, so the stored float tensors are never all in memory beside the result
-            tensors = checkpoint.iter_state_dict(folder, use_safetensors=use_safetensors)
-        elif state_dict is None:
-            tensors = checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
-        else:
-            tensors = state_dict.items()
+        converting = bool(quantize) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
+        tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, stream=converting)
         info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
         if quantize:
             tie_int8_(model)
         if device is not None:
             model.to(device)
         model.eval()
-        if hasattr(model, "_load_generation_config"):
-            model._load_generation_config(folder)
+        attach_generation_config(model, folder)
         return (model, info) if output_loading_info else model
 
     def _assign_checkpoint(
@@ -321,35 +309,25 @@ class BloomPreTrainedModel(nn.Module):
         float weight, and a dtype conversion likewise never holds the float checkpoint.
         """
         expected = dict(self.state_dict(keep_vars=True))
-        is_head = any(k.startswith(BASE_PREFIX) for k in expected)
+        is_head = self.base_model is not self
         assigned: dict[str, torch.Tensor] = {}
         unexpected, mismatched = [], []
         for ckpt_key, tensor in tensors:
-            key = _rename_key(ckpt_key, is_head, expected)
+            key = checkpoint_names.fit_base_prefix(ckpt_key, is_head)
             if key not in expected:
                 unexpected.append(ckpt_key)
-                continue
-            if tuple(tensor.shape) != tuple(expected[key].shape):
+            elif tuple(tensor.shape) != tuple(expected[key].shape):
+                shapes = (tuple(tensor.shape), tuple(expected[key].shape))
                 if not ignore_mismatched_sizes:
-                    raise CheckpointError(
-                        f"checkpoint weight {ckpt_key} has shape {tuple(tensor.shape)} but the model built from "
-                        f"config.json expects {tuple(expected[key].shape)} for {key}; check the config "
-                        "(vocab_size, hidden_size, n_head, num_labels) or pass ignore_mismatched_sizes=True"
-                    )
-                mismatched.append((ckpt_key, tuple(tensor.shape), tuple(expected[key].shape)))
-                continue
-            if expected[key].dtype == torch.int8 and tensor.is_floating_point():
-                assigned[key], assigned[key.removesuffix("weight") + "scale"] = _quantize_blocks(tensor)
-            elif isinstance(tensor, checkpoint.StreamedTensor):
-                assigned[key] = _read_blocks(tensor, dtype if tensor.is_floating_point() else tensor.dtype)
+                    raise _shape_error(ckpt_key, key, *shapes)
+                mismatched.append((ckpt_key, *shapes))
             else:
-                assigned[key] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+                assigned.update(_converted(key, tensor, expected[key].dtype, dtype))
         self.load_state_dict(assigned, strict=False, assign=True)
-
         tied = self._tied_keys(expected)
         missing = [k for k in expected if k not in assigned and k not in tied]
         self._materialise([k for k in missing if not k.endswith(".scale")], dtype)
-        mismatched_keys = [_rename_key(m[0], is_head, expected) for m in mismatched]
+        mismatched_keys = [checkpoint_names.fit_base_prefix(m[0], is_head) for m in mismatched]
         self._materialise([k for k in mismatched_keys if k not in missing], dtype)
         self.tie_weights()
         return {
@@ -456,6 +434,47 @@ _INIT_FUNCTIONS = frozenset(
 )
 
 
+def _shape_error(ckpt_key: str, key: str, got: tuple, want: tuple) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint weight {ckpt_key} has shape {got} but the model built from config.json "
+        f"expects {want} for {key}; check the config (vocab_size, hidden_size, n_head, "
+        "num_labels) or pass ignore_mismatched_sizes=True"
+    )
+
+
+def _checkpoint_tensors(
+    folder: Path,
+    state_dict: dict[str, torch.Tensor] | None,
+    use_safetensors: bool | None,
+    stream: bool,
+) -> Iterable[tuple[str, torch.Tensor | checkpoint.StreamedTensor]]:
+    """(name, tensor) pairs to load: the caller's `state_dict`, else the folder's checkpoint.
+    When the loader converts (quantizes or casts), `stream` reads it tensor by tensor, so the
+    stored float tensors are never all in memory beside the result."""
+    if state_dict is not None:
+        return state_dict.items()
+    if stream:
+        return checkpoint.iter_state_dict(folder, use_safetensors=use_safetensors)
+    return checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
+
+
+def _converted(
+    key: str,
+    tensor: torch.Tensor | checkpoint.StreamedTensor,
+    slot_dtype: torch.dtype,
+    dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """{model name: tensor} for one checkpoint tensor bound for a slot of `slot_dtype`: quantized
+    (weight and scale) into an int8 slot, else floats cast to `dtype`; streamed ones by blocks."""
+    if slot_dtype == torch.int8 and tensor.is_floating_point():
+        weight, scale = _quantize_blocks(tensor)
+        return {key: weight, key.removesuffix("weight") + "scale": scale}
+    target = dtype if tensor.is_floating_point() else tensor.dtype
+    if isinstance(tensor, checkpoint.StreamedTensor):
+        return {key: _read_blocks(tensor, target)}
+    return {key: tensor.to(target)}
+
+
 def _read_blocks(tensor: checkpoint.StreamedTensor, dtype: torch.dtype) -> torch.Tensor:
     out = torch.empty(tensor.shape, dtype=dtype)
     for start, block in checkpoint.row_blocks(tensor):
@@ -504,31 +523,3 @@ def _resolve_dtype(torch_dtype: Any, config: BloomConfig) -> torch.dtype:
     if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
         return torch_dtype
     raise ValueError(f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}")
-
-
-def _apply_overrides(cls: type, config: BloomConfig, overrides: dict[str, Any]) -> None:
-    """Set config fields from from_pretrained keywords; a keyword that is no field is an error."""
-    known = set(_DEFAULTS) | set(ALIASES) | {"num_labels", "id2label", "label2id"} | set(config.to_dict())
-    unknown = sorted(k for k in overrides if k not in known)
-    if unknown:
-        raise TypeError(
-            f"{cls.__name__}.from_pretrained got unexpected keyword arguments {unknown}; pass config fields "
-            "(e.g. num_labels, problem_type, id2label), torch_dtype, device_map or transformers' loading keywords"
-        )
-    if "id2label" in overrides and "num_labels" not in overrides:
-        overrides = {**overrides, "num_labels": len(overrides["id2label"])}
-    for key, value in overrides.items():
-        setattr(config, key, value)
-    config.validate()
-
-
-def _rename_key(key: str, is_head: bool, model_keys: Container[str]) -> str:
-    """A checkpoint name as this model names it: add or strip the `transformer.` prefix.
-
-    A base BloomModel checkpoint has no prefix; a head checkpoint has it on the shared weights.
-    """
-    if is_head and not key.startswith(BASE_PREFIX) and BASE_PREFIX + key in model_keys:
-        return BASE_PREFIX + key
-    if not is_head and key.startswith(BASE_PREFIX):
-        return key[len(BASE_PREFIX) :]
-    return key
