@@ -72,7 +72,15 @@ def convert_ctranslate2(folder: Path, out: Path, quantization: str) -> bool:
     converter = shutil.which("ct2-transformers-converter", path=str(Path(sys.executable).parent))
     if converter is None:
         return False
-    cmd = [converter, "--model", str(folder), "--output_dir", str(out), "--quantization", quantization]
+    cmd = [
+        converter,
+        "--model",
+        str(folder),
+        "--output_dir",
+        str(out),
+        "--quantization",
+        quantization,
+    ]
     subprocess.run(cmd, check=True, capture_output=True)
     return True
 
@@ -181,7 +189,9 @@ def _time_ctranslate2(variant: str, task: str, folder: Path, reps: int) -> dict:
     start = time.perf_counter()
     compute_type = {"fp32": "float32", "int8": "int8"}[variant]
     threads = int(os.environ.get("OMP_NUM_THREADS", "2"))
-    generator = ctranslate2.Generator(str(model_dir), device="cpu", compute_type=compute_type, intra_threads=threads)
+    generator = ctranslate2.Generator(
+        str(model_dir), device="cpu", compute_type=compute_type, intra_threads=threads
+    )
     vocabulary = _ct2_vocabulary(model_dir)
 
     def tokens(ids):
@@ -195,7 +205,9 @@ def _time_ctranslate2(variant: str, task: str, folder: Path, reps: int) -> dict:
         prompt = tokens(_prompt(batch, length))
 
         def run():
-            generator.generate_batch(prompt, max_length=1, sampling_topk=1, include_prompt_in_result=False)
+            generator.generate_batch(
+                prompt, max_length=1, sampling_topk=1, include_prompt_in_result=False
+            )
 
     else:
         batch = int(task.split("-")[1])
@@ -273,7 +285,17 @@ def worker(system: str, variant: str, task: str, folder: Path, reps: int, thread
 
 def run_one(system, variant, task, folder, reps, threads) -> dict | None:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    cmd = [sys.executable, __file__, "--worker", system, variant, task, str(folder), str(reps), str(threads)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        variant,
+        task,
+        str(folder),
+        str(reps),
+        str(threads),
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -296,8 +318,12 @@ def weight_bytes(folder: Path, variant: str) -> int:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny shape, one round, one repetition")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="tiny shape, one round, one repetition"
+    )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="560m")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--reps", type=int, default=3, help="timed repetitions inside each process")
@@ -321,13 +347,17 @@ def main() -> None:
         if system == "ctranslate2":
             quant = {"fp32": "float32", "int8": "int8"}[variant]
             try:
-                ok = convert_ctranslate2(folder, folder.parent / f"{folder.name}-ct2-{variant}", quant)
+                ok = convert_ctranslate2(
+                    folder, folder.parent / f"{folder.name}-ct2-{variant}", quant
+                )
             except subprocess.CalledProcessError as err:
                 print(f"CTranslate2 conversion failed: {err.stderr[-500:]}", file=sys.stderr)
                 ok = False
             if not ok:
                 continue
-        if (system == "transformers" and _missing("transformers")) or (system == "flax" and _missing("flax")):
+        if (system == "transformers" and _missing("transformers")) or (
+            system == "flax" and _missing("flax")
+        ):
             continue
         available.append((system, variant))
     bandwidth = memory_bandwidth(args.threads)
@@ -337,8 +367,18 @@ def main() -> None:
         for system, variant in available:
             for task in TASKS:
                 result = run_one(system, variant, task, folder, args.reps, args.threads)
-                print(f"round {round_index} {system:12s} {variant:5s} {task:14s} {result}", flush=True)
-                raw.append({"round": round_index, "system": system, "variant": variant, "task": task, **(result or {})})
+                print(
+                    f"round {round_index} {system:12s} {variant:5s} {task:14s} {result}", flush=True
+                )
+                raw.append(
+                    {
+                        "round": round_index,
+                        "system": system,
+                        "variant": variant,
+                        "task": task,
+                        **(result or {}),
+                    }
+                )
     report = render(raw, available, folder, bandwidth, args)
     if not args.quick:
         args.out.write_text(report)
@@ -354,7 +394,11 @@ def _missing(module: str) -> bool:
 
 def render(raw: list[dict], systems, folder: Path, bandwidth: float, args) -> str:
     def median(system, variant, task, key="seconds"):
-        values = [r[key] for r in raw if (r["system"], r["variant"], r["task"]) == (system, variant, task) and key in r]
+        values = [
+            r[key]
+            for r in raw
+            if (r["system"], r["variant"], r["task"]) == (system, variant, task) and key in r
+        ]
         return statistics.median(values) if values else None
 
     def fmt(value, spec):

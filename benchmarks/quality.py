@@ -40,9 +40,13 @@ def perplexity(model: BloomForCausalLM, ids: torch.Tensor) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("model")
-    parser.add_argument("--text", action="store_true", help="real text prompts and perplexity (trained models)")
+    parser.add_argument(
+        "--text", action="store_true", help="real text prompts and perplexity (trained models)"
+    )
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -50,7 +54,9 @@ def main() -> None:
     reference = BloomForCausalLM.from_pretrained(args.model)
     with torch.inference_mode():
         ref_logits = reference(ids).logits.float()
-        ref_greedy = reference.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+        ref_greedy = reference.generate(
+            ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False
+        )
     lines = [
         f"# Quality of bf16 and int8 against fp32: `{args.model}`",
         "",
@@ -65,7 +71,9 @@ def main() -> None:
         model = BloomForCausalLM.from_pretrained(args.model, **kwargs)
         with torch.inference_mode():
             logits = model(ids).logits.float()
-            greedy = model.generate(ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            greedy = model.generate(
+                ids[:, :16], max_new_tokens=32, min_new_tokens=32, do_sample=False
+            )
         diff = (logits - ref_logits).abs()
         agree = (logits.argmax(-1) == ref_logits.argmax(-1)).float().mean().item()
         same = (greedy[:, 16:] == ref_greedy[:, 16:]).float().mean().item()

@@ -67,7 +67,18 @@ def download_sdist(folder: Path) -> Path:
     existing = sorted(folder.glob("vaderSentiment-*.tar.gz"))
     if existing:
         return existing[-1]
-    command = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", VADER, "-d", str(folder)]
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-binary",
+        ":all:",
+        "--no-deps",
+        VADER,
+        "-d",
+        str(folder),
+    ]
     subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
     return sorted(folder.glob("vaderSentiment-*.tar.gz"))[-1]
 
@@ -76,7 +87,9 @@ def read_sdist(sdist: Path, unpack_to: Path) -> tuple[list[dict], object]:
     """(rated sentences, VADER's SentimentIntensityAnalyzer class) from the sdist."""
     rows = []
     with tarfile.open(sdist) as outer:
-        inner_member = next(m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz"))
+        inner_member = next(
+            m for m in outer.getmembers() if m.name.endswith("hutto_ICWSM_2014.tar.gz")
+        )
         inner_bytes = outer.extractfile(inner_member).read()
         package = [m for m in outer.getmembers() if "/vaderSentiment/" in m.name and m.isfile()]
         for member in package:
@@ -91,8 +104,17 @@ def read_sdist(sdist: Path, unpack_to: Path) -> tuple[list[dict], object]:
                 if not line.strip():
                     continue
                 identifier, rating, sentence = line.split("\t", 2)
-                rows.append({"source": source, "id": identifier, "rating": float(rating), "text": sentence.strip()})
-    spec = importlib.util.spec_from_file_location("vader_module", unpack_to / "vaderSentiment" / "vaderSentiment.py")
+                rows.append(
+                    {
+                        "source": source,
+                        "id": identifier,
+                        "rating": float(rating),
+                        "text": sentence.strip(),
+                    }
+                )
+    spec = importlib.util.spec_from_file_location(
+        "vader_module", unpack_to / "vaderSentiment" / "vaderSentiment.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return rows, module.SentimentIntensityAnalyzer
@@ -114,7 +136,9 @@ def bloomlm_finetune(arguments: list[str], env: dict[str, str]) -> None:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    path.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
+    path.write_text(
+        "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8"
+    )
 
 
 def accuracy(predictions: list[str], rows: list[dict]) -> float:
@@ -129,7 +153,9 @@ def main() -> int:
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--learning-rate", type=float, default=1.5e-3)
-    parser.add_argument("--adapt-epochs", type=int, default=2, help="causal-LM epochs on the training text first")
+    parser.add_argument(
+        "--adapt-epochs", type=int, default=2, help="causal-LM epochs on the training text first"
+    )
     parser.add_argument("--adapt-learning-rate", type=float, default=1e-3)
     parser.add_argument("--max-length", type=int, default=96)
     parser.add_argument("--threads", type=int, default=1)
@@ -160,14 +186,20 @@ def main() -> int:
         for row in heldout:
             compound = analyzer.polarity_scores(row["text"])["compound"]
             row["vader_compound"] = compound
-            row["vader_label"] = "positive" if compound > 0 else "negative" if compound < 0 else majority
+            row["vader_label"] = (
+                "positive" if compound > 0 else "negative" if compound < 0 else majority
+            )
             row["majority_label"] = majority
         write_jsonl(work / "train.jsonl", [{"text": r["text"], "label": r["label"]} for r in train])
-        write_jsonl(work / "eval.jsonl", [{"text": r["text"], "label": r["label"]} for r in evaluation])
+        write_jsonl(
+            work / "eval.jsonl", [{"text": r["text"], "label": r["label"]} for r in evaluation]
+        )
 
         env = {
             **os.environ,
-            "PYTHONPATH": os.pathsep.join([str(ASSETS.parent.parent), os.environ.get("PYTHONPATH", "")]),
+            "PYTHONPATH": os.pathsep.join(
+                [str(ASSETS.parent.parent), os.environ.get("PYTHONPATH", "")]
+            ),
         }
         common = [
             "--train", str(work / "train.jsonl"),
@@ -179,7 +211,9 @@ def main() -> int:
             "--bf16",
         ]  # fmt: skip
         base = "bloomlm-tiny"
-        if args.adapt_epochs:  # stage 1: the language model reads the training sentences (text only)
+        if (
+            args.adapt_epochs
+        ):  # stage 1: the language model reads the training sentences (text only)
             adapted = work / "adapted"
             bloomlm_finetune(
                 ["causal-lm", "--model", base, "--out", str(adapted), "--epochs", str(args.adapt_epochs),
@@ -223,15 +257,23 @@ def main() -> int:
     results = json.loads((out / "eval_results.json").read_text())
     print(f"best epoch {results['best_epoch']}: eval accuracy {results['best']['accuracy']:.4f}")
     print(f"held-out accuracy ({len(heldout)} sentences):")
-    print(f"  bloomlm-tiny-sentiment   {fp16:.4f}  (fp16 weights as shipped; fp32 before saving {fp32:.4f})")
-    print(f"  VADER compound score     {accuracy([r['vader_label'] for r in heldout], heldout):.4f}")
+    print(
+        f"  bloomlm-tiny-sentiment   {fp16:.4f}  (fp16 weights as shipped; fp32 before saving {fp32:.4f})"
+    )
+    print(
+        f"  VADER compound score     {accuracy([r['vader_label'] for r in heldout], heldout):.4f}"
+    )
     print(f"  majority class ({majority}) {accuracy([majority] * len(heldout), heldout):.4f}")
     for source in SOURCES:
         rows = [r for r in heldout if r["source"] == source]
         ours = accuracy([r["model_label"] for r in rows], rows)
         vader = accuracy([r["vader_label"] for r in rows], rows)
-        print(f"    {source:<7} ({len(rows):3d} sentences): bloomlm-tiny-sentiment {ours:.3f}, VADER {vader:.3f}")
-    print(f"time: {train_seconds:.0f} s to download, split and fine-tune; {time.perf_counter() - started:.0f} s in all")
+        print(
+            f"    {source:<7} ({len(rows):3d} sentences): bloomlm-tiny-sentiment {ours:.3f}, VADER {vader:.3f}"
+        )
+    print(
+        f"time: {train_seconds:.0f} s to download, split and fine-tune; {time.perf_counter() - started:.0f} s in all"
+    )
     return 0
 
 

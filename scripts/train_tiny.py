@@ -82,7 +82,9 @@ def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
         ]
     )
     tokenizer.decoder = decoders.ByteLevel(add_prefix_space=True, trim_offsets=True, use_regex=True)
-    tokenizer.post_processor = processors.ByteLevel(add_prefix_space=True, trim_offsets=False, use_regex=True)
+    tokenizer.post_processor = processors.ByteLevel(
+        add_prefix_space=True, trim_offsets=False, use_regex=True
+    )
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         special_tokens=SPECIAL_TOKENS,
@@ -175,7 +177,10 @@ def main() -> int:
     staging = Path(tempfile.mkdtemp(prefix="bloomlm-tiny-"))
     staging.chmod(0o755)
     tokenizer = save_tokenizer(train_tokenizer(train_docs, args.vocab_size), staging)
-    train_stream, val_stream = token_stream(tokenizer, train_docs), token_stream(tokenizer, val_docs)
+    train_stream, val_stream = (
+        token_stream(tokenizer, train_docs),
+        token_stream(tokenizer, val_docs),
+    )
     print(f"tokens: train {len(train_stream):,}, validation {len(val_stream):,}")
 
     config = BloomConfig(
@@ -203,7 +208,9 @@ def main() -> int:
     last_start = len(train_stream) - args.seq_len - 1
     for step in range(args.steps):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args.steps, warmup=min(100, args.steps // 10 + 1), peak=args.lr)
+            group["lr"] = learning_rate(
+                step, args.steps, warmup=min(100, args.steps // 10 + 1), peak=args.lr
+            )
         starts = torch.randint(0, last_start, (args.batch_size,), generator=generator)
         batch = torch.stack([train_stream[s : s + args.seq_len] for s in starts.tolist()])
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
@@ -213,11 +220,16 @@ def main() -> int:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         if step % 100 == 0 or step == args.steps - 1:
-            print(f"step {step:5d}  train loss {loss.item():.3f}  {time.perf_counter() - started:6.0f} s", flush=True)
+            print(
+                f"step {step:5d}  train loss {loss.item():.3f}  {time.perf_counter() - started:6.0f} s",
+                flush=True,
+            )
 
     val_fp32 = evaluate(model, val_stream, args.seq_len, args.batch_size)
     model.half()
-    val_fp16 = evaluate(model.float(), val_stream, args.seq_len, args.batch_size)  # fp16 weights, fp32 math
+    val_fp16 = evaluate(
+        model.float(), val_stream, args.seq_len, args.batch_size
+    )  # fp16 weights, fp32 math
     model.half()
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.save_pretrained(staging)
@@ -227,7 +239,9 @@ def main() -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staging), out)
     elapsed = time.perf_counter() - started
-    print(f"validation loss: fp32 {val_fp32:.3f} (perplexity {math.exp(val_fp32):.1f}); fp16 weights {val_fp16:.3f}")
+    print(
+        f"validation loss: fp32 {val_fp32:.3f} (perplexity {math.exp(val_fp32):.1f}); fp16 weights {val_fp16:.3f}"
+    )
     print(f"time: {elapsed:.0f} s on {args.threads} CPU threads; saved to {out}")
     return 0
 

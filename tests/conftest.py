@@ -14,7 +14,9 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tiny test models compile about twice as fast with XLA's cheaper optimisation passes; numbers are unchanged
 # at the tests' tolerances. Set before any test module imports jax.
-os.environ.setdefault("XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
+)
 
 import pathlib  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -51,12 +53,26 @@ TINY_CONFIGS: dict[str, dict] = {
     "pow2": dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, **_COMMON),
     # 3 heads: ALiBi slopes take the non-power-of-two branch; 3 layers
     "odd_heads": dict(vocab_size=160, hidden_size=24, n_layer=3, n_head=3, **_COMMON),
-    "untied": dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, tie_word_embeddings=False, **_COMMON),
+    "untied": dict(
+        vocab_size=128, hidden_size=32, n_layer=2, n_head=4, tie_word_embeddings=False, **_COMMON
+    ),
     "tp2_exact": dict(
-        vocab_size=128, hidden_size=32, n_layer=2, n_head=4, pretraining_tp=2, slow_but_exact=True, **_COMMON
+        vocab_size=128,
+        hidden_size=32,
+        n_layer=2,
+        n_head=4,
+        pretraining_tp=2,
+        slow_but_exact=True,
+        **_COMMON,
     ),
     "tp2_fast": dict(
-        vocab_size=128, hidden_size=32, n_layer=2, n_head=4, pretraining_tp=2, slow_but_exact=False, **_COMMON
+        vocab_size=128,
+        hidden_size=32,
+        n_layer=2,
+        n_head=4,
+        pretraining_tp=2,
+        slow_but_exact=False,
+        **_COMMON,
     ),
     # 6 heads (not a power of two either) with the residual taken after the layer norms
     "post_ln": dict(
@@ -67,13 +83,17 @@ TINY_CONFIGS: dict[str, dict] = {
         apply_residual_connection_post_layernorm=True,
         **_COMMON,
     ),
-    "bf16": dict(vocab_size=128, hidden_size=32, n_layer=2, n_head=4, torch_dtype="bfloat16", **_COMMON),
+    "bf16": dict(
+        vocab_size=128, hidden_size=32, n_layer=2, n_head=4, torch_dtype="bfloat16", **_COMMON
+    ),
 }
 
 _SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def assert_close(ours, ref, tol: float, mask=None, name: str = "", check_dtype: bool = True) -> None:
+def assert_close(
+    ours, ref, tol: float, mask=None, name: str = "", check_dtype: bool = True
+) -> None:
     """SPEC's "same numbers": max|ours - ref| <= tol * max(1, max|ref|) over the positions in `mask`.
 
     `mask` (optional, bool or 0/1) selects the positions to compare; it is broadcast against the
@@ -81,8 +101,12 @@ def assert_close(ours, ref, tol: float, mask=None, name: str = "", check_dtype: 
     [B, T, C] hidden states.
     """
     label = f"{name}: " if name else ""
-    assert isinstance(ours, torch.Tensor), f"{label}ours is {type(ours).__name__}, expected a tensor"
-    assert isinstance(ref, torch.Tensor), f"{label}reference is {type(ref).__name__}, expected a tensor"
+    assert isinstance(ours, torch.Tensor), (
+        f"{label}ours is {type(ours).__name__}, expected a tensor"
+    )
+    assert isinstance(ref, torch.Tensor), (
+        f"{label}reference is {type(ref).__name__}, expected a tensor"
+    )
     shapes = f"shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     assert tuple(ours.shape) == tuple(ref.shape), f"{label}{shapes}"
     if check_dtype:
@@ -240,11 +264,18 @@ def load_pair(make_checkpoint) -> Callable[..., tuple[torch.nn.Module, torch.nn.
 
     def load(config_name: str, arch: str, load: dict | None = None, **checkpoint_overrides):
         load = dict(load or {})
-        key = (config_name, arch, repr(sorted(load.items())), repr(sorted(checkpoint_overrides.items())))
+        key = (
+            config_name,
+            arch,
+            repr(sorted(load.items())),
+            repr(sorted(checkpoint_overrides.items())),
+        )
         if key not in cache:
             folder = make_checkpoint(config_name, arch, **checkpoint_overrides)
             ours = ours_cls(arch).from_pretrained(folder, **load)
-            ref = ref_cls(arch).from_pretrained(folder, **{**load, **reference_overrides(config_name)})
+            ref = ref_cls(arch).from_pretrained(
+                folder, **{**load, **reference_overrides(config_name)}
+            )
             cache[key] = (ours.eval(), ref.eval())
         return cache[key]
 
@@ -262,9 +293,21 @@ def forward_kwargs(arch: str, use_cache: bool | None = True, **kwargs) -> dict:
 OUTPUT_FIELDS = {
     "BloomModel": ("last_hidden_state", "past_key_values", "hidden_states", "attentions"),
     "BloomForCausalLM": ("loss", "logits", "past_key_values", "hidden_states", "attentions"),
-    "BloomForSequenceClassification": ("loss", "logits", "past_key_values", "hidden_states", "attentions"),
+    "BloomForSequenceClassification": (
+        "loss",
+        "logits",
+        "past_key_values",
+        "hidden_states",
+        "attentions",
+    ),
     "BloomForTokenClassification": ("loss", "logits", "hidden_states", "attentions"),
-    "BloomForQuestionAnswering": ("loss", "start_logits", "end_logits", "hidden_states", "attentions"),
+    "BloomForQuestionAnswering": (
+        "loss",
+        "start_logits",
+        "end_logits",
+        "hidden_states",
+        "attentions",
+    ),
 }
 # The field holding one value per token (compared where the query mask is 1); the sequence
 # classifier's logits are pooled, one row per sequence.
@@ -286,21 +329,33 @@ MAIN_FIELD = {
 
 def assert_cache_close(ours, ref, tol: float, kv_mask=None, name: str = "past_key_values") -> None:
     """Caches in BLOOM's layout, per layer key [B*H, D, S] and value [B*H, S, D]; `kv_mask` [B, S]."""
-    assert isinstance(ours, (tuple, list)), f"{name}: {type(ours).__name__}, expected a tuple of layers"
+    assert isinstance(ours, (tuple, list)), (
+        f"{name}: {type(ours).__name__}, expected a tuple of layers"
+    )
     assert len(ours) == len(ref), f"{name}: {len(ours)} layers, reference {len(ref)}"
     for layer, (ours_layer, ref_layer) in enumerate(zip(ours, ref)):
-        assert len(ours_layer) == 2, f"{name}[{layer}]: {len(ours_layer)} entries, expected (key, value)"
+        assert len(ours_layer) == 2, (
+            f"{name}[{layer}]: {len(ours_layer)} entries, expected (key, value)"
+        )
         key_mask = value_mask = None
         if kv_mask is not None:
             batch = kv_mask.shape[0]
-            per_row = kv_mask.bool().repeat_interleave(ref_layer[0].shape[0] // batch, dim=0)  # [B*H, S]
+            per_row = kv_mask.bool().repeat_interleave(
+                ref_layer[0].shape[0] // batch, dim=0
+            )  # [B*H, S]
             key_mask, value_mask = per_row[:, None, :], per_row
         assert_close(ours_layer[0], ref_layer[0], tol, key_mask, name=f"{name}[{layer}] key")
         assert_close(ours_layer[1], ref_layer[1], tol, value_mask, name=f"{name}[{layer}] value")
 
 
 def compare_outputs(
-    ours, ref, arch: str, tol: float = FP32_TOL, query_mask=None, kv_mask=None, check_dtype: bool = True
+    ours,
+    ref,
+    arch: str,
+    tol: float = FP32_TOL,
+    query_mask=None,
+    kv_mask=None,
+    check_dtype: bool = True,
 ) -> None:
     """Every field of `arch`'s output: same presence, shapes and values (padding excluded).
 
@@ -311,19 +366,27 @@ def compare_outputs(
     for field in OUTPUT_FIELDS[arch]:
         ref_value, ours_value = getattr(ref, field, None), getattr(ours, field, None)
         if ref_value is None:
-            assert ours_value is None, f"{field}: ours returned a value where transformers returns None"
+            assert ours_value is None, (
+                f"{field}: ours returned a value where transformers returns None"
+            )
             continue
-        assert ours_value is not None, f"{field}: ours returned None where transformers returns a value"
+        assert ours_value is not None, (
+            f"{field}: ours returned None where transformers returns a value"
+        )
         checked += 1
         if field == "past_key_values":
             assert_cache_close(ours_value, ref_value, tol, kv_mask)
         elif field in ("hidden_states", "attentions"):
-            assert isinstance(ours_value, tuple), f"{field}: {type(ours_value).__name__}, expected a tuple"
+            assert isinstance(ours_value, tuple), (
+                f"{field}: {type(ours_value).__name__}, expected a tuple"
+            )
             lengths = f"{field}: {len(ours_value)} entries, reference {len(ref_value)}"
             assert len(ours_value) == len(ref_value), lengths
             mask = query_mask
             if field == "attentions" and query_mask is not None:
-                mask = query_mask.bool()[:, None, :, None]  # rows of padding queries are not compared
+                mask = query_mask.bool()[
+                    :, None, :, None
+                ]  # rows of padding queries are not compared
             for i, (o, r) in enumerate(zip(ours_value, ref_value)):
                 assert_close(o, r, tol, mask, name=f"{field}[{i}]", check_dtype=check_dtype)
         else:

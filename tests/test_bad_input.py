@@ -35,15 +35,43 @@ FORWARD_CASES = {
     "negative id": (dict(input_ids=torch.tensor([[-1, 2]])), ValueError, r"-1 .*vocabulary"),
     "float ids": (dict(input_ids=torch.ones(1, 3)), TypeError, "integers"),
     "1-d ids": (dict(input_ids=torch.tensor([1, 2])), ValueError, r"\(batch, seq_len\)"),
-    "both ids and embeds": (dict(input_ids=_ids(), inputs_embeds=torch.randn(2, 5, 16)), ValueError, "not both"),
+    "both ids and embeds": (
+        dict(input_ids=_ids(), inputs_embeds=torch.randn(2, 5, 16)),
+        ValueError,
+        "not both",
+    ),
     "neither ids nor embeds": (dict(), ValueError, "input_ids .* or inputs_embeds"),
-    "embeds of wrong width": (dict(inputs_embeds=torch.randn(2, 5, 8)), ValueError, r"\(batch, seq_len, 16\)"),
-    "mask too short": (dict(input_ids=_ids(), attention_mask=torch.ones(2, 4)), ValueError, r"\(2, 5\)"),
-    "mask wrong batch": (dict(input_ids=_ids(), attention_mask=torch.ones(3, 5)), ValueError, "attention_mask"),
-    "head mask shape": (dict(input_ids=_ids(), head_mask=torch.ones(3)), ValueError, r"head_mask .*\(4,\)"),
+    "embeds of wrong width": (
+        dict(inputs_embeds=torch.randn(2, 5, 8)),
+        ValueError,
+        r"\(batch, seq_len, 16\)",
+    ),
+    "mask too short": (
+        dict(input_ids=_ids(), attention_mask=torch.ones(2, 4)),
+        ValueError,
+        r"\(2, 5\)",
+    ),
+    "mask wrong batch": (
+        dict(input_ids=_ids(), attention_mask=torch.ones(3, 5)),
+        ValueError,
+        "attention_mask",
+    ),
+    "head mask shape": (
+        dict(input_ids=_ids(), head_mask=torch.ones(3)),
+        ValueError,
+        r"head_mask .*\(4,\)",
+    ),
     "unknown keyword": (dict(input_ids=_ids(), foo=1), ValueError, "foo"),
-    "labels wrong shape": (dict(input_ids=_ids(), labels=_ids(2, 4)), ValueError, r"labels .*\(2, 5\)"),
-    "labels wrong dtype": (dict(input_ids=_ids(), labels=torch.zeros(2, 5)), TypeError, "labels .*integer"),
+    "labels wrong shape": (
+        dict(input_ids=_ids(), labels=_ids(2, 4)),
+        ValueError,
+        r"labels .*\(2, 5\)",
+    ),
+    "labels wrong dtype": (
+        dict(input_ids=_ids(), labels=torch.zeros(2, 5)),
+        TypeError,
+        "labels .*integer",
+    ),
 }
 
 

@@ -12,10 +12,22 @@ def test_benchmark_quick_mode(tmp_path):
     systems = ["bloomlm:fp32", "bloomlm:int8", "transformers:fp32"]
     if importlib.util.find_spec("ctranslate2") is not None:
         systems.append("ctranslate2:int8")
-    cmd = [sys.executable, str(SCRIPT), "--quick", "--work-dir", str(tmp_path), "--systems", ",".join(systems)]
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--quick",
+        "--work-dir",
+        str(tmp_path),
+        "--systems",
+        ",".join(systems),
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    table = [line for line in out.stdout.splitlines() if line.startswith("| bloomlm") or line.startswith("| trans")]
+    table = [
+        line
+        for line in out.stdout.splitlines()
+        if line.startswith("| bloomlm") or line.startswith("| trans")
+    ]
     assert len(table) == 3, out.stdout
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]

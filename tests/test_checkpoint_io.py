@@ -47,7 +47,10 @@ from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir, select_hub_files
 
 # The tiny model's weights take ~30 KB, so this gives 3 shards (transformers' own save uses the same size).
 SHARD_SIZE = "12KB"
-FORMATS = {True: (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME), False: (WEIGHTS_NAME, WEIGHTS_INDEX_NAME)}
+FORMATS = {
+    True: (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME),
+    False: (WEIGHTS_NAME, WEIGHTS_INDEX_NAME),
+}
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +86,9 @@ def write(path: Path, data: bytes) -> Path:
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 @pytest.mark.parametrize("shard_size", ["5GB", SHARD_SIZE], ids=["single", "sharded"])
 def test_transformers_reads_what_we_write(theirs, tmp_path, safe, shard_size):
-    written = save_state_dict(untied_state_dict(theirs), tmp_path, safe_serialization=safe, max_shard_size=shard_size)
+    written = save_state_dict(
+        untied_state_dict(theirs), tmp_path, safe_serialization=safe, max_shard_size=shard_size
+    )
     theirs.config.save_pretrained(tmp_path)
 
     single_name, index_name = FORMATS[safe]
@@ -111,11 +116,18 @@ def test_we_read_what_transformers_writes(theirs, tmp_path, safe, shard_size):
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
 def test_sharded_layout_and_index_match_transformers(theirs, tmp_path, safe):
     theirs.save_pretrained(tmp_path / "theirs", safe_serialization=safe, max_shard_size=SHARD_SIZE)
-    save_state_dict(untied_state_dict(theirs), tmp_path / "ours", safe_serialization=safe, max_shard_size=SHARD_SIZE)
+    save_state_dict(
+        untied_state_dict(theirs),
+        tmp_path / "ours",
+        safe_serialization=safe,
+        max_shard_size=SHARD_SIZE,
+    )
 
     weight_files = {"theirs": set(), "ours": set()}
     for side in weight_files:
-        weight_files[side] = {p.name for p in (tmp_path / side).iterdir() if not p.name.endswith("config.json")}
+        weight_files[side] = {
+            p.name for p in (tmp_path / side).iterdir() if not p.name.endswith("config.json")
+        }
     assert weight_files["ours"] == weight_files["theirs"]
     index_name = FORMATS[safe][1]
     ours_text = (tmp_path / "ours" / index_name).read_text()
@@ -124,7 +136,9 @@ def test_sharded_layout_and_index_match_transformers(theirs, tmp_path, safe):
         assert ours_text == theirs_text  # byte for byte, total_size included
     else:  # torch.save also lists the tied head, stored once with the embedding (not counted in total_size)
         theirs_index = json.loads(theirs_text)
-        assert theirs_index["weight_map"].pop("lm_head.weight") == "pytorch_model-00001-of-00003.bin"
+        assert (
+            theirs_index["weight_map"].pop("lm_head.weight") == "pytorch_model-00001-of-00003.bin"
+        )
         assert json.loads(ours_text) == theirs_index
     assert len(set(read_index(tmp_path / "ours" / index_name).values())) == 3
 
@@ -158,7 +172,9 @@ def test_views_and_shared_storage_are_written_in_full(tmp_path, safe):
 
     assert_same_tensors(load_state_dict(tmp_path), {k: v.clone() for k, v in state_dict.items()})
     (weights,) = find_weight_files(tmp_path)
-    assert weights.stat().st_size < 3 * base.numel() * 4  # views did not drag their base storage along
+    assert (
+        weights.stat().st_size < 3 * base.numel() * 4
+    )  # views did not drag their base storage along
 
 
 def test_non_tensor_values_are_refused(tmp_path):
@@ -169,19 +185,25 @@ def test_non_tensor_values_are_refused(tmp_path):
 def test_numpy_state_dict_matches_torch(theirs, tmp_path):
     state_dict = untied_state_dict(theirs) | {"half": torch.ones(2, dtype=torch.bfloat16)}
     save_state_dict(state_dict, tmp_path / "safe")
-    save_state_dict(state_dict, tmp_path / "bin", safe_serialization=False, max_shard_size=SHARD_SIZE)
+    save_state_dict(
+        state_dict, tmp_path / "bin", safe_serialization=False, max_shard_size=SHARD_SIZE
+    )
     for folder in ("safe", "bin"):
         arrays = load_numpy_state_dict(tmp_path / folder)
         assert sorted(arrays) == sorted(state_dict)
         for name, tensor in state_dict.items():
             assert isinstance(arrays[name], np.ndarray)
-            np.testing.assert_array_equal(np.asarray(arrays[name], dtype=np.float32), tensor.float().numpy())
+            np.testing.assert_array_equal(
+                np.asarray(arrays[name], dtype=np.float32), tensor.float().numpy()
+            )
 
 
 # -- parse_size ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("size", ["5GB", "10MB", "200KB", "200KiB", "1MiB", "2GiB", "5Gb", "8kb", "3mb", 1234])
+@pytest.mark.parametrize(
+    "size", ["5GB", "10MB", "200KB", "200KiB", "1MiB", "2GiB", "5Gb", "8kb", "3mb", 1234]
+)
 def test_parse_size_agrees_with_transformers(size):
     assert parse_size(size) == convert_file_size_to_int(size)
 
@@ -192,7 +214,9 @@ def test_parse_size_units():
     assert parse_size("5GB") == 5 * 10**9
 
 
-@pytest.mark.parametrize("size", ["5", "GB", "1.5GB", "-1MB", "0MB", "ten MB", 0, -3, True, 2.5, None])
+@pytest.mark.parametrize(
+    "size", ["5", "GB", "1.5GB", "-1MB", "0MB", "ten MB", 0, -3, True, 2.5, None]
+)
 def test_parse_size_rejects(size):
     with pytest.raises(ValueError, match="size"):
         parse_size(size)
@@ -270,7 +294,9 @@ def test_bad_index_json(tmp_path):
     assert str(path) in str(info.value)
 
 
-@pytest.mark.parametrize("content", [[], {"metadata": {}}, {"weight_map": {"a": 3}}, {"weight_map": {}}])
+@pytest.mark.parametrize(
+    "content", [[], {"metadata": {}}, {"weight_map": {"a": 3}}, {"weight_map": {}}]
+)
 def test_index_without_usable_weight_map(tmp_path, content):
     write(tmp_path / WEIGHTS_INDEX_NAME, json.dumps(content).encode())
     with pytest.raises(CheckpointError, match=WEIGHTS_INDEX_NAME.replace(".", r"\.")):
@@ -288,7 +314,10 @@ def test_index_pointing_at_missing_shard(theirs, tmp_path):
 
 def test_index_escaping_its_folder_is_refused(tmp_path):
     write(tmp_path / "elsewhere.safetensors", b"")
-    write(tmp_path / "model" / SAFE_WEIGHTS_INDEX_NAME, b'{"weight_map": {"a": "../elsewhere.safetensors"}}')
+    write(
+        tmp_path / "model" / SAFE_WEIGHTS_INDEX_NAME,
+        b'{"weight_map": {"a": "../elsewhere.safetensors"}}',
+    )
     with pytest.raises(CheckpointError, match="not a plain file name"):
         load_state_dict(tmp_path / "model")
 
@@ -362,15 +391,23 @@ def _fail_after_partial_write(calls_before_failure: int):
 
 
 @pytest.mark.parametrize("calls_before_failure", [0, 1], ids=["first-file", "second-shard"])
-def test_failed_save_leaves_earlier_files_untouched(theirs, tmp_path, monkeypatch, calls_before_failure):
+def test_failed_save_leaves_earlier_files_untouched(
+    theirs, tmp_path, monkeypatch, calls_before_failure
+):
     save_state_dict(untied_state_dict(theirs), tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    monkeypatch.setattr(safetensors.torch, "save_file", _fail_after_partial_write(calls_before_failure))
+    monkeypatch.setattr(
+        safetensors.torch, "save_file", _fail_after_partial_write(calls_before_failure)
+    )
 
     with pytest.raises(OSError, match="disk full"):
-        save_state_dict({"other": torch.ones(4000)} | untied_state_dict(theirs), tmp_path, max_shard_size="16KB")
+        save_state_dict(
+            {"other": torch.ones(4000)} | untied_state_dict(theirs), tmp_path, max_shard_size="16KB"
+        )
 
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporaries, no new shards
+    assert {
+        p.name: p.read_bytes() for p in tmp_path.iterdir()
+    } == before  # no temporaries, no new shards
 
 
 def test_atomic_write_text(tmp_path):
@@ -387,7 +424,13 @@ def test_atomic_write_text(tmp_path):
 
 def test_stale_weight_files_are_removed_and_nothing_else(theirs, tmp_path):
     state_dict = untied_state_dict(theirs)
-    keep = ["config.json", "README.md", "flax_model.msgpack", "model-notes.txt", "my_model.safetensors"]
+    keep = [
+        "config.json",
+        "README.md",
+        "flax_model.msgpack",
+        "model-notes.txt",
+        "my_model.safetensors",
+    ]
     for name in keep:
         write(tmp_path / name, b"x")
 
@@ -464,7 +507,9 @@ def test_offline_uses_hub_cache(tmp_path, monkeypatch):
         seen.update(kwargs, repo_id=repo_id)
         return str(snapshot)
 
-    monkeypatch.setitem(sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download))
+    monkeypatch.setitem(
+        sys.modules, "huggingface_hub", types.SimpleNamespace(snapshot_download=snapshot_download)
+    )
     monkeypatch.setenv("HF_HUB_OFFLINE", "true")
     monkeypatch.chdir(tmp_path)
     assert resolve_model_dir("org/name", ["config.json"], revision="v1") == snapshot
@@ -533,9 +578,17 @@ def test_hub_network_error_is_not_found(tmp_path, monkeypatch, online):
 
 
 def test_select_hub_files_subfolder_and_bin_fallback():
-    repo = ["sub/config.json", "sub/pytorch_model.bin", "sub/deeper/model.safetensors", "config.json"]
+    repo = [
+        "sub/config.json",
+        "sub/pytorch_model.bin",
+        "sub/deeper/model.safetensors",
+        "config.json",
+    ]
     weights = [SAFE_WEIGHTS_NAME, WEIGHTS_NAME]
-    assert select_hub_files(repo, weights, subfolder="sub") == ["sub/config.json", "sub/pytorch_model.bin"]
+    assert select_hub_files(repo, weights, subfolder="sub") == [
+        "sub/config.json",
+        "sub/pytorch_model.bin",
+    ]
     assert select_hub_files(repo, ["tokenizer.json"]) == []
 
 
@@ -561,7 +614,9 @@ def test_file_given_where_folder_expected(tmp_path):
 
 
 def test_hub_keywords_accepted_unknown_refused(tmp_path):
-    assert resolve_model_dir(tmp_path, [], **dict.fromkeys(HUB_KEYWORDS - {"subfolder"})) == tmp_path
+    assert (
+        resolve_model_dir(tmp_path, [], **dict.fromkeys(HUB_KEYWORDS - {"subfolder"})) == tmp_path
+    )
     with pytest.raises(TypeError, match="torch_dtype"):
         resolve_model_dir(tmp_path, [], torch_dtype="auto")
 
@@ -632,4 +687,3 @@ def test_base_checkpoint_into_a_head_and_back(tmp_path):
     base, info = BloomModel.from_pretrained(tmp_path / "head", output_loading_info=True)
     assert info["unexpected_keys"] == ["score.weight"] and info["missing_keys"] == []
     assert_same_tensors(base.state_dict(), base_weights)
-

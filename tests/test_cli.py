@@ -47,7 +47,9 @@ def console_script(tmp_path_factory) -> list[str]:
     if installed.is_file():
         return [str(installed)]
     wrapper = tmp_path_factory.mktemp("bin") / "bloomlm"
-    wrapper.write_text(f"#!{sys.executable}\nimport sys\nfrom bloomlm.cli import main\nsys.exit(main())\n")
+    wrapper.write_text(
+        f"#!{sys.executable}\nimport sys\nfrom bloomlm.cli import main\nsys.exit(main())\n"
+    )
     wrapper.chmod(0o755)
     return [str(wrapper)]
 
@@ -56,7 +58,13 @@ def console_script(tmp_path_factory) -> list[str]:
 def run(console_script, tmp_path):
     def run(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
         result = subprocess.run(
-            [*console_script, *args], input=stdin, capture_output=True, text=True, env=ENV, cwd=tmp_path, timeout=120
+            [*console_script, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=ENV,
+            cwd=tmp_path,
+            timeout=120,
         )
         if ok:
             assert result.returncode == 0, result.stderr
@@ -81,7 +89,9 @@ def call(capsys, monkeypatch, tmp_path):
     return call
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, fragment: str, status: int = 1) -> None:
+def assert_one_line_error(
+    result: subprocess.CompletedProcess, fragment: str, status: int = 1
+) -> None:
     assert result.returncode == status, result
     assert "Traceback" not in result.stderr
     assert result.stderr.count("\n") == 1, result.stderr
@@ -95,7 +105,10 @@ def tiny(tmp_path_factory, one_thread):
     folders = {}
     heads = {
         "lm": (BloomForCausalLM, {}),
-        "cls": (BloomForSequenceClassification, {"id2label": {0: "negative", 1: "neutral", 2: "positive"}}),
+        "cls": (
+            BloomForSequenceClassification,
+            {"id2label": {0: "negative", 1: "neutral", 2: "positive"}},
+        ),
         "tag": (BloomForTokenClassification, {"id2label": {0: "O", 1: "B-PER", 2: "B-LOC"}}),
         "qa": (BloomForQuestionAnswering, {}),
     }
@@ -109,7 +122,9 @@ def tiny(tmp_path_factory, one_thread):
         )  # fmt: skip
         torch.manual_seed(len(folders))
         model = model_class(config)
-        for parameter in model.parameters():  # larger weights than the init, so outputs differ clearly
+        for (
+            parameter
+        ) in model.parameters():  # larger weights than the init, so outputs differ clearly
             torch.nn.init.normal_(parameter, std=0.5)
         folder = tmp_path_factory.mktemp(name)
         model.save_pretrained(folder)
@@ -134,9 +149,14 @@ def test_defaults_are_the_embedded_models_and_a_seed_repeats(run):
 def test_greedy_generation_matches_the_api_streamed_and_batched(run, call, tiny):
     greedy = run("generate", "--model", str(tiny["lm"]), "--temperature", "0", "--repetition-penalty", "1",
                  "--max-new-tokens", "6", "--only-new", "Hello there").stdout  # fmt: skip
-    model, tokenizer = BloomForCausalLM.from_pretrained(tiny["lm"]), AutoTokenizer.from_pretrained(tiny["lm"])
+    model, tokenizer = (
+        BloomForCausalLM.from_pretrained(tiny["lm"]),
+        AutoTokenizer.from_pretrained(tiny["lm"]),
+    )
     inputs = tokenizer("Hello there", return_tensors="pt")
-    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[0, inputs["input_ids"].shape[1] :]
+    ids = model.generate(**inputs, max_new_tokens=6, do_sample=False)[
+        0, inputs["input_ids"].shape[1] :
+    ]
     assert greedy == tokenizer.decode(ids, skip_special_tokens=True) + "\n"
 
     # Several prompts from stdin: batched (left padding), one JSON object each, in order; greedy as above.
@@ -154,20 +174,30 @@ def test_greedy_generation_matches_the_api_streamed_and_batched(run, call, tiny)
         stdin="Hello there\n\na much longer second prompt\n",
     )
     rows = [json.loads(line) for line in out.splitlines()]
-    assert status == 0 and [r["prompt"] for r in rows] == ["Hello there", "a much longer second prompt"]
+    assert status == 0 and [r["prompt"] for r in rows] == [
+        "Hello there",
+        "a much longer second prompt",
+    ]
     assert rows[0]["generated"] + "\n" == greedy
 
 
 def test_classify_tag_answer_print_what_the_api_returns(run, call, tiny):
     texts = ["I love this", "This is terrible, really bad"]
     printed = [
-        json.loads(line) for line in run("classify", "--model", str(tiny["cls"]), "--jsonl", *texts).stdout.splitlines()
+        json.loads(line)
+        for line in run(
+            "classify", "--model", str(tiny["cls"]), "--jsonl", *texts
+        ).stdout.splitlines()
     ]
     model = BloomForSequenceClassification.from_pretrained(tiny["cls"])
     expected = classify(model, AutoTokenizer.from_pretrained(tiny["cls"]), texts)
     assert [p["label"] for p in printed] == [e["label"] for e in expected]
     assert [p["score"] for p in printed] == pytest.approx([e["score"] for e in expected], abs=1e-6)
-    assert {e["label"] for e in expected} <= {"negative", "neutral", "positive"}  # names from id2label
+    assert {e["label"] for e in expected} <= {
+        "negative",
+        "neutral",
+        "positive",
+    }  # names from id2label
     table = call("classify", "--model", str(tiny["cls"]), *texts)[1].splitlines()
     assert table == [f"{e['label']}\t{e['score']:.4f}\t{t}" for e, t in zip(expected, texts)]
 
@@ -198,7 +228,9 @@ def test_classify_tag_answer_print_what_the_api_returns(run, call, tiny):
 
 
 def test_tag_and_answer_without_a_model_name_the_flag(run, call):
-    assert_one_line_error(run("tag", "John lives in Paris", ok=False), "no token-classification model ships")
+    assert_one_line_error(
+        run("tag", "John lives in Paris", ok=False), "no token-classification model ships"
+    )
     status, out, err = call("answer", "--question", "Who?", "--context", "John.")
     assert status == 1 and out == "" and err.count("\n") == 1
     assert "no question-answering model ships with bloomlm: pass --model PATH" in err
@@ -216,31 +248,48 @@ def test_convert_round_trips_bin_safetensors_flax(run, call, tiny, tmp_path):
     assert call("convert", str(tmp_path / "st"), str(tmp_path / "flax"), "--to", "flax")[0] == 0
     assert (tmp_path / "flax" / "flax_model.msgpack").is_file()
     assert call("convert", str(tmp_path / "flax"), str(tmp_path / "back"))[0] == 0
-    assert call("convert", str(tmp_path / "back"), str(tmp_path / "bf16"), "--dtype", "bfloat16")[0] == 0
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    assert (
+        call("convert", str(tmp_path / "back"), str(tmp_path / "bf16"), "--dtype", "bfloat16")[0]
+        == 0
+    )
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], (
+        "temporary folders left behind"
+    )
 
     ids = torch.tensor([[5, 17, 300, 42, 7]])
     with torch.no_grad():
         expected = model(ids).logits
         for name in ("st", "back"):
-            torch.testing.assert_close(BloomForCausalLM.from_pretrained(tmp_path / name)(ids).logits, expected)
+            torch.testing.assert_close(
+                BloomForCausalLM.from_pretrained(tmp_path / name)(ids).logits, expected
+            )
         bf16 = BloomForCausalLM.from_pretrained(tmp_path / "bf16", torch_dtype="auto")
         assert bf16.dtype == torch.bfloat16
-        torch.testing.assert_close(bf16(ids).logits.float(), expected, atol=0.1, rtol=0.05)  # bf16 rounding
+        torch.testing.assert_close(
+            bf16(ids).logits.float(), expected, atol=0.1, rtol=0.05
+        )  # bf16 rounding
 
 
 def test_bad_arguments_and_missing_files_give_one_line(run, call, tiny, tmp_path):
-    assert_one_line_error(run("generate", "--max-new-tokens", "many", "hi", ok=False), "invalid int value", status=2)
+    assert_one_line_error(
+        run("generate", "--max-new-tokens", "many", "hi", ok=False), "invalid int value", status=2
+    )
     assert_one_line_error(run("frobnicate", ok=False), "invalid choice", status=2)
-    assert_one_line_error(run("convert", str(tmp_path / "nowhere"), str(tmp_path / "dst"), ok=False), "nowhere")
+    assert_one_line_error(
+        run("convert", str(tmp_path / "nowhere"), str(tmp_path / "dst"), ok=False), "nowhere"
+    )
     assert not (tmp_path / "dst").exists()
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((tiny["lm"] / "config.json").read_text())
     (broken / "model.safetensors").write_bytes(b"not a safetensors file")
-    assert_one_line_error(run("convert", str(broken), str(tmp_path / "dst"), ok=False), "model.safetensors")
+    assert_one_line_error(
+        run("convert", str(broken), str(tmp_path / "dst"), ok=False), "model.safetensors"
+    )
     assert not (tmp_path / "dst").exists()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dst")], "temporary folder left behind"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".dst")], (
+        "temporary folder left behind"
+    )
 
     for args, fragment in [
         (("classify", "--model", str(tmp_path / "nowhere"), "hi"), "nowhere"),
@@ -249,22 +298,40 @@ def test_bad_arguments_and_missing_files_give_one_line(run, call, tiny, tmp_path
             ("generate", "--model", str(tiny["lm"]), "--max-new-tokens", "0", "hi"),
             "--max-new-tokens must be at least 1",
         ),
-        (("finetune", "seq-cls", "--model", str(tiny["lm"]), "--train", "nope.csv", "--out", "ft"), "nope.csv"),
+        (
+            (
+                "finetune",
+                "seq-cls",
+                "--model",
+                str(tiny["lm"]),
+                "--train",
+                "nope.csv",
+                "--out",
+                "ft",
+            ),
+            "nope.csv",
+        ),
     ]:
         status, out, err = call(*args)
         assert status == 1 and err.count("\n") == 1 and fragment in err, (args, err)
     assert not (tmp_path / "ft").exists()
-    with pytest.raises(Exception, match="model.safetensors"):  # --debug: the exception itself, traceback and all
+    with pytest.raises(
+        Exception, match="model.safetensors"
+    ):  # --debug: the exception itself, traceback and all
         call("--debug", "convert", str(broken), str(tmp_path / "dst"))
 
 
 def test_info_counts_parameters_and_estimates_memory(run, call, tiny):
-    info = json.loads(run("info", str(tiny["lm"]), "--batch", "2", "--length", "64", "--json").stdout)
+    info = json.loads(
+        run("info", str(tiny["lm"]), "--batch", "2", "--length", "64", "--json").stdout
+    )
     model = BloomForCausalLM.from_pretrained(tiny["lm"])
     assert info["parameters"] == model.num_parameters()
     assert info["bytes_fp32"] == 4 * model.num_parameters()
     memory = info["memory_estimate"]["float16"]
-    assert memory["kv_cache"] == 2 * 2 * 2 * 64 * 32 * 2  # (k, v) x layers x batch x length x hidden x bytes
+    assert (
+        memory["kv_cache"] == 2 * 2 * 2 * 64 * 32 * 2
+    )  # (k, v) x layers x batch x length x hidden x bytes
     assert memory["total"] == sum(v for k, v in memory.items() if k != "total")
     text = call("info", str(tiny["lm"]))[1]
     assert f"{model.num_parameters():,}" in text and "kv_cache" in text

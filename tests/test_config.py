@@ -11,8 +11,12 @@ import transformers
 
 from bloomlm import BloomConfig, BloomForCausalLM, BloomModel
 
-HUB_CONFIGS = sorted(Path(__file__).resolve().parents[2].glob("shared/bigscience-configs/*/config.json"))
-if not HUB_CONFIGS:  # CI's clone has ../shared beside it; a developer's checkout may keep it elsewhere
+HUB_CONFIGS = sorted(
+    Path(__file__).resolve().parents[2].glob("shared/bigscience-configs/*/config.json")
+)
+if (
+    not HUB_CONFIGS
+):  # CI's clone has ../shared beside it; a developer's checkout may keep it elsewhere
     HUB_CONFIGS = sorted(Path("/work/shared/bigscience-configs").glob("*/config.json"))
 
 
@@ -52,7 +56,11 @@ def test_reads_every_hub_config_like_transformers(path, tmp_path):
     for key in set(raw) - {"n_embed", "num_attention_heads", "transformers_version"}:
         assert written[key] == raw[key], key
     again = transformers.BloomConfig.from_pretrained(tmp_path)
-    assert (again.hidden_size, again.n_head, again.n_layer) == (theirs.hidden_size, theirs.n_head, theirs.n_layer)
+    assert (again.hidden_size, again.n_head, again.n_layer) == (
+        theirs.hidden_size,
+        theirs.n_head,
+        theirs.n_layer,
+    )
     assert BloomConfig.from_pretrained(tmp_path) == ours
 
 
@@ -69,7 +77,11 @@ def test_id2label_int_keys_after_json_round_trip(tmp_path):
     config = BloomConfig(id2label={0: "neg", 1: "neu", 2: "pos"})
     config.save_pretrained(tmp_path)
     again = BloomConfig.from_pretrained(tmp_path)
-    assert again.id2label == {0: "neg", 1: "neu", 2: "pos"} and again.label2id == {"neg": 0, "neu": 1, "pos": 2}
+    assert again.id2label == {0: "neg", 1: "neu", 2: "pos"} and again.label2id == {
+        "neg": 0,
+        "neu": 1,
+        "pos": 2,
+    }
     assert transformers.BloomConfig.from_pretrained(tmp_path).id2label == again.id2label
 
 

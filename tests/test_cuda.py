@@ -6,13 +6,17 @@ import torch
 
 from bloomlm import BloomConfig, BloomForCausalLM
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA device on this machine"
+)
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, pad_token_id=3))
+    model = BloomForCausalLM(
+        BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4, pad_token_id=3)
+    )
     path = tmp_path_factory.mktemp("cuda")
     model.save_pretrained(path)
     return path

@@ -25,16 +25,27 @@ HELDOUT = ASSETS_DIR / "vader-heldout.jsonl"
 
 @pytest.fixture(scope="module")
 def tiny():
-    return BloomForCausalLM.from_pretrained("bloomlm-tiny"), AutoTokenizer.from_pretrained("bloomlm-tiny")
+    return BloomForCausalLM.from_pretrained("bloomlm-tiny"), AutoTokenizer.from_pretrained(
+        "bloomlm-tiny"
+    )
 
 
 def test_bloomlm_tiny_loads_by_name_in_half_precision(tiny):
     model, tokenizer = tiny
     config = BloomConfig.from_pretrained("bloomlm-tiny")
-    assert (config.vocab_size, config.hidden_size, config.n_layer, config.n_head) == (4096, 192, 4, 6)
+    assert (config.vocab_size, config.hidden_size, config.n_layer, config.n_head) == (
+        4096,
+        192,
+        4,
+        6,
+    )
     assert config.torch_dtype == "float16"
-    assert BloomForCausalLM.from_pretrained("bloomlm-tiny", torch_dtype="auto").dtype == torch.float16
-    assert model.dtype == torch.float32  # transformers' default: float32 unless torch_dtype says otherwise
+    assert (
+        BloomForCausalLM.from_pretrained("bloomlm-tiny", torch_dtype="auto").dtype == torch.float16
+    )
+    assert (
+        model.dtype == torch.float32
+    )  # transformers' default: float32 unless torch_dtype says otherwise
     assert len(tokenizer) == config.vocab_size
     size = sum(f.stat().st_size for f in (ASSETS_DIR / "bloomlm-tiny").iterdir())
     assert size < 8_000_000
@@ -54,7 +65,9 @@ def test_tokenizer_has_bloom_layout_and_special_tokens():
     ]
     tokenizer = AutoTokenizer.from_pretrained("bloomlm-tiny")
     text = "def f(x):\n    return x ** 2  # squares, naïvely"
-    assert tokenizer.decode(tokenizer(text)["input_ids"]) == text  # byte-level: every string round-trips
+    assert (
+        tokenizer.decode(tokenizer(text)["input_ids"]) == text
+    )  # byte-level: every string round-trips
 
 
 def test_greedy_generation_is_deterministic_and_readable(tiny):
@@ -83,7 +96,10 @@ def test_sentiment_model_beats_majority_and_lexicon_baselines_on_held_out_senten
     tokenizer = AutoTokenizer.from_pretrained("bloomlm-tiny-sentiment")
     assert model.config.id2label == {0: "negative", 1: "positive"}
     with torch.inference_mode():
-        predictions = [r["label"] for r in classify(model, tokenizer, [r["text"] for r in rows], batch_size=100)]
+        predictions = [
+            r["label"]
+            for r in classify(model, tokenizer, [r["text"] for r in rows], batch_size=100)
+        ]
 
     def accuracy(labels):
         return sum(p == r["label"] for p, r in zip(labels, rows)) / len(rows)

@@ -43,7 +43,9 @@ def test_fused_equals_eager(model, batch):
     ids, mask = batch
     with torch.no_grad():  # the fused path is the one for inference
         fused = model(ids, attention_mask=mask)
-    eager = model(ids, attention_mask=mask)  # autograd recording: the eager path, transformers' gradients
+    eager = model(
+        ids, attention_mask=mask
+    )  # autograd recording: the eager path, transformers' gradients
     keep = mask.bool()
     close(fused.logits, eager.logits, keep)
     for (kf, vf), (ke, ve) in zip(fused.past_key_values, eager.past_key_values):
@@ -66,13 +68,24 @@ def _check_static_cache_decoding(model, batch):
     cache = model._new_static_cache(3, 16)
     assert cache.keys.data_ptr() == cache.keys.data_ptr()
     storage = cache.keys.data_ptr()
-    prefix = model(ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache, num_logits_to_keep=1)
-    assert prefix.logits.shape == (3, 1, 90) and prefix.past_key_values is cache and cache.length == 5
+    prefix = model(
+        ids[:, :5], attention_mask=mask[:, :5], past_key_values=cache, num_logits_to_keep=1
+    )
+    assert (
+        prefix.logits.shape == (3, 1, 90) and prefix.past_key_values is cache and cache.length == 5
+    )
     close(prefix.logits[:, -1], full[:, 4])
     for t in range(5, 9):
-        step = model(ids[:, t : t + 1], attention_mask=mask[:, : t + 1], past_key_values=cache, num_logits_to_keep=1)
+        step = model(
+            ids[:, t : t + 1],
+            attention_mask=mask[:, : t + 1],
+            past_key_values=cache,
+            num_logits_to_keep=1,
+        )
         close(step.logits[:, -1], full[:, t])
-    assert cache.length == 9 and cache.keys.data_ptr() == storage  # written in place, never reallocated
+    assert (
+        cache.length == 9 and cache.keys.data_ptr() == storage
+    )  # written in place, never reallocated
     # Padding positions are excluded: their (unused) states depend on how many keys a fully masked query
     # saw, which differs between one pass and token-by-token, in transformers as here.
     legacy = model(ids, attention_mask=mask).past_key_values
@@ -97,7 +110,9 @@ def test_static_cache_reorder_and_bounds(model, batch):
     model(ids, attention_mask=mask, past_key_values=cache)
     before = cache.keys.clone()
     cache.reorder_(torch.tensor([2, 2, 0]))
-    assert torch.equal(cache.keys[:, 0], before[:, 2]) and torch.equal(cache.keys[:, 2], before[:, 0])
+    assert torch.equal(cache.keys[:, 0], before[:, 2]) and torch.equal(
+        cache.keys[:, 2], before[:, 0]
+    )
     with pytest.raises(ValueError, match="do not fit"):
         model(ids[:, :1], attention_mask=torch.ones(3, 10), past_key_values=cache)
     with pytest.raises(ValueError, match="batch size 3"):

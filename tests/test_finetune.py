@@ -51,8 +51,22 @@ CAUSAL_TEXTS = [
     for animal in ("cat", "dog", "bird", "fox")
     for thing in ("mat", "box", "rug")
 ]
-POSITIVE = ["good and nice", "nice, very good", "great good fun", "lovely nice day", "good good good", "so nice"]
-NEGATIVE = ["bad and awful", "awful, very bad", "terrible bad day", "bad bad bad", "so awful", "horrible and bad"]
+POSITIVE = [
+    "good and nice",
+    "nice, very good",
+    "great good fun",
+    "lovely nice day",
+    "good good good",
+    "so nice",
+]
+NEGATIVE = [
+    "bad and awful",
+    "awful, very bad",
+    "terrible bad day",
+    "bad bad bad",
+    "so awful",
+    "horrible and bad",
+]
 
 
 def _quiet(message: str) -> None:
@@ -105,7 +119,9 @@ def test_causal_lm_lowers_loss_saves_a_loadable_folder_and_resumes(tmp_path, bas
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert len(tokenizer) == model.config.vocab_size
     assert (out / STATE_DIR / "optimizer.pt").is_file()
-    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], "temporary folders left behind"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")], (
+        "temporary folders left behind"
+    )
 
     config.epochs = 2
     resumed = finetune(config, resume=True, log=_quiet)
@@ -120,7 +136,9 @@ def test_refuses_to_overwrite_and_resume_needs_state(tmp_path, base_model):
     out = tmp_path / "out"
     out.mkdir()
     (out / "something").write_text("x")
-    config = FinetuneConfig(task="causal-lm", model=str(base_model), train_file=str(data), out_dir=str(out))
+    config = FinetuneConfig(
+        task="causal-lm", model=str(base_model), train_file=str(data), out_dir=str(out)
+    )
     with pytest.raises(FinetuneError, match="not empty; pass --resume"):
         finetune(config, log=_quiet)
     with pytest.raises(FinetuneError, match="nothing to resume"):
@@ -149,7 +167,10 @@ def test_sequence_classification_maps_string_labels_from_csv(tmp_path, base_mode
 def test_token_classification_and_qa_train_and_save(tmp_path, base_model):
     tagged = [
         {"tokens": ["John", "lives", "in", "Paris"], "tags": ["B-PER", "O", "O", "B-LOC"]},
-        {"tokens": "Mary visited London today", "tags": "B-PER O B-LOC O"},  # space-separated strings work too
+        {
+            "tokens": "Mary visited London today",
+            "tags": "B-PER O B-LOC O",
+        },  # space-separated strings work too
     ]
     data = write_jsonl(tmp_path / "tags.jsonl", tagged * 3)
     result = finetune(
@@ -165,7 +186,11 @@ def test_token_classification_and_qa_train_and_save(tmp_path, base_model):
     context = "The capital of France is Paris. It is on the Seine."
     squad = {"question": "What is the capital of France?", "context": context,
              "answers": {"text": ["Paris"], "answer_start": [context.index("Paris")]}}  # fmt: skip
-    flat = {"question": "Which river?", "context": context, "answers": "the Seine"}  # start found by search
+    flat = {
+        "question": "Which river?",
+        "context": context,
+        "answers": "the Seine",
+    }  # start found by search
     data = write_jsonl(tmp_path / "qa.jsonl", [squad, flat] * 3)
     result = finetune(
         FinetuneConfig(task="qa", model=str(base_model), train_file=str(data), eval_file=str(data),
@@ -178,11 +203,18 @@ def test_token_classification_and_qa_train_and_save(tmp_path, base_model):
 
 
 def test_bad_data_fails_before_anything_is_written(tmp_path, base_model):
-    data = write_jsonl(tmp_path / "train.jsonl", [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}])
+    data = write_jsonl(
+        tmp_path / "train.jsonl",
+        [{"text": "good", "label": "pos"}, {"text": "bad", "label": "neg"}],
+    )
     evaluation = write_jsonl(tmp_path / "eval.jsonl", [{"text": "meh", "label": "neutral"}])
     out = tmp_path / "out"
     config = FinetuneConfig(
-        task="seq-cls", model=str(base_model), train_file=str(data), eval_file=str(evaluation), out_dir=str(out)
+        task="seq-cls",
+        model=str(base_model),
+        train_file=str(data),
+        eval_file=str(evaluation),
+        out_dir=str(out),
     )
     with pytest.raises(FinetuneError, match=r"labels \['neutral'\] not among"):
         finetune(config, log=_quiet)
@@ -214,7 +246,10 @@ def test_metrics_and_schedule():
     assert squad_scores("Paris France", ["Paris"]) == (0.0, pytest.approx(2 / 3))
     scores = token_f1(["B-PER", "O", "B-LOC", "O"], ["B-PER", "O", "O", "B-LOC"])
     assert scores["precision"] == 0.5 and scores["recall"] == 0.5 and scores["accuracy"] == 0.5
-    assert label_names(["10", "9", "2"]) == ["2", "9", "10"] and label_names(["pos", "neg"]) == ["neg", "pos"]
+    assert label_names(["10", "9", "2"]) == ["2", "9", "10"] and label_names(["pos", "neg"]) == [
+        "neg",
+        "pos",
+    ]
     factor = linear_schedule(total_steps=10, warmup_steps=2)
     assert [round(factor(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
 

@@ -61,13 +61,18 @@ def transformers_msgpack(make_checkpoint, tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def theirs_flax(transformers_msgpack):
-    model, params = transformers.FlaxBloomForCausalLM.from_pretrained(transformers_msgpack, _do_init=False)
+    model, params = transformers.FlaxBloomForCausalLM.from_pretrained(
+        transformers_msgpack, _do_init=False
+    )
     return model, params
 
 
 def test_param_tree_is_transformers_tree(theirs_flax):
     theirs, _ = theirs_flax
-    for name, ours in [("BloomForCausalLM", bloomlm.FlaxBloomForCausalLM), ("BloomModel", bloomlm.FlaxBloomModel)]:
+    for name, ours in [
+        ("BloomForCausalLM", bloomlm.FlaxBloomForCausalLM),
+        ("BloomModel", bloomlm.FlaxBloomModel),
+    ]:
         ref_cls = getattr(transformers, "Flax" + name)
         for config_kwargs in (dict(tie_word_embeddings=True), dict(tie_word_embeddings=False)):
             kwargs = dict(vocab_size=96, hidden_size=16, n_layer=3, n_head=4, **config_kwargs)
@@ -80,8 +85,12 @@ def test_param_tree_is_transformers_tree(theirs_flax):
 
 def test_cache_tree_is_transformers_tree(theirs_flax):
     theirs, _ = theirs_flax
-    ours = bloomlm.FlaxBloomForCausalLM(bloomlm.BloomConfig(**theirs.config.to_dict()), _do_init=False)
-    their_cache = jax.eval_shape(lambda: theirs.init_cache(2, 7))  # shapes only: theirs runs a forward pass
+    ours = bloomlm.FlaxBloomForCausalLM(
+        bloomlm.BloomConfig(**theirs.config.to_dict()), _do_init=False
+    )
+    their_cache = jax.eval_shape(
+        lambda: theirs.init_cache(2, 7)
+    )  # shapes only: theirs runs a forward pass
     assert {k: (v.shape, v.dtype) for k, v in flatten_dict(ours.init_cache(2, 7)).items()} == {
         k: (v.shape, v.dtype) for k, v in flatten_dict(their_cache).items()
     }
@@ -92,14 +101,25 @@ def test_transformers_msgpack_loads_into_ours(transformers_msgpack, theirs_flax,
     ours = bloomlm.FlaxBloomForCausalLM.from_pretrained(transformers_msgpack)
     assert_params_equal(ours.params, their_params)
     # ... and equals what ours converts from the PyTorch folder it came from
-    assert_params_equal(ours.params, bloomlm.FlaxBloomForCausalLM.from_pretrained(make_checkpoint("pow2")).params)
+    assert_params_equal(
+        ours.params, bloomlm.FlaxBloomForCausalLM.from_pretrained(make_checkpoint("pow2")).params
+    )
     input_ids, mask = (t.numpy() for t in make_inputs(ours.config.vocab_size, "left"))
-    theirs_logits = jax.jit(lambda p, i, m: theirs(i, m, params=p).logits)(their_params, input_ids, mask)
+    theirs_logits = jax.jit(lambda p, i, m: theirs(i, m, params=p).logits)(
+        their_params, input_ids, mask
+    )
     ours_logits = ours(input_ids, mask).logits
-    assert_close(torch.tensor(np.asarray(ours_logits)), torch.tensor(np.asarray(theirs_logits)), FLAX_TOL, mask)
+    assert_close(
+        torch.tensor(np.asarray(ours_logits)),
+        torch.tensor(np.asarray(theirs_logits)),
+        FLAX_TOL,
+        mask,
+    )
     torch_model = bloomlm.BloomForCausalLM.from_pretrained(make_checkpoint("pow2")).eval()
     with torch.no_grad():
-        torch_logits = torch_model(torch.tensor(input_ids), attention_mask=torch.tensor(mask)).logits
+        torch_logits = torch_model(
+            torch.tensor(input_ids), attention_mask=torch.tensor(mask)
+        ).logits
     assert_close(torch.tensor(np.asarray(ours_logits)), torch_logits, FLAX_TOL, mask)
 
 
@@ -112,12 +132,18 @@ def test_ours_msgpack_loads_into_transformers(transformers_msgpack, tmp_path, ma
     assert (tmp_path / "flax_model.msgpack").is_file() != sharded
     if sharded:
         shards = sorted(p.name for p in tmp_path.glob("flax_model-*.msgpack"))
-        assert len(shards) > 2 and all(p.stat().st_size < 40_000 for p in tmp_path.glob("flax_model-*"))
-        assert set(json.loads((tmp_path / "flax_model.msgpack.index.json").read_text())["weight_map"].values()) == set(
-            shards
+        assert len(shards) > 2 and all(
+            p.stat().st_size < 40_000 for p in tmp_path.glob("flax_model-*")
         )
+        assert set(
+            json.loads((tmp_path / "flax_model.msgpack.index.json").read_text())[
+                "weight_map"
+            ].values()
+        ) == set(shards)
     assert not list(tmp_path.glob(".*tmp"))  # no temporary files left behind
-    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == ["BloomForCausalLM"]
+    assert json.loads((tmp_path / "config.json").read_text())["architectures"] == [
+        "BloomForCausalLM"
+    ]
     _, their_params = transformers.FlaxBloomForCausalLM.from_pretrained(tmp_path, _do_init=False)
     assert_params_equal(their_params, ours.params)
     assert_params_equal(bloomlm.FlaxBloomForCausalLM.from_pretrained(tmp_path).params, ours.params)
@@ -133,28 +159,43 @@ def test_caches_exchange_with_transformers_flax(theirs_flax, transformers_msgpac
     @jax.jit
     def theirs(input_ids, attention_mask, params, past_key_values):
         out = model(input_ids, attention_mask, params=params, past_key_values=past_key_values)
-        return out.logits, out.past_key_values  # its outputs lose past_key_values when flattened by jit
+        return (
+            out.logits,
+            out.past_key_values,
+        )  # its outputs lose past_key_values when flattened by jit
 
     ours = bloomlm.FlaxBloomForCausalLM.from_pretrained(transformers_msgpack)
     input_ids, mask = (t.numpy() for t in make_inputs(ours.config.vocab_size, "left", seq=6))
     max_length = 6  # transformers' Flax cache needs the mask at the full cache length
     # (Our init_cache for theirs too: the same tree, and theirs runs an eager forward pass to build one.)
     their_prefill = theirs(input_ids[:, :5], mask, params, ours.init_cache(3, max_length))
-    our_prefill = ours(input_ids[:, :5], mask[:, :5], past_key_values=ours.init_cache(3, max_length))
+    our_prefill = ours(
+        input_ids[:, :5], mask[:, :5], past_key_values=ours.init_cache(3, max_length)
+    )
     their_step = theirs(input_ids[:, 5:], mask, params, their_prefill[1])[0]
     step_ours_on_theirs = ours(input_ids[:, 5:], mask, past_key_values=their_prefill[1]).logits
     step_theirs_on_ours = theirs(input_ids[:, 5:], mask, params, our_prefill.past_key_values)[0]
     kept = torch.tensor(mask)
-    assert_close(as_torch(our_prefill.logits), as_torch(their_prefill[0]), FLAX_TOL, kept[:, :5], "prefill")
-    assert_close(as_torch(step_ours_on_theirs), as_torch(their_step), FLAX_TOL, name="ours on their cache")
-    assert_close(as_torch(step_theirs_on_ours), as_torch(their_step), FLAX_TOL, name="theirs on our cache")
+    assert_close(
+        as_torch(our_prefill.logits), as_torch(their_prefill[0]), FLAX_TOL, kept[:, :5], "prefill"
+    )
+    assert_close(
+        as_torch(step_ours_on_theirs), as_torch(their_step), FLAX_TOL, name="ours on their cache"
+    )
+    assert_close(
+        as_torch(step_theirs_on_ours), as_torch(their_step), FLAX_TOL, name="theirs on our cache"
+    )
 
 
 def as_torch(array) -> torch.Tensor:
     return torch.from_numpy(np.array(array, dtype=np.float32))
 
 
-HEADS = ("BloomForSequenceClassification", "BloomForTokenClassification", "BloomForQuestionAnswering")
+HEADS = (
+    "BloomForSequenceClassification",
+    "BloomForTokenClassification",
+    "BloomForQuestionAnswering",
+)
 
 
 @pytest.mark.parametrize("arch", HEADS + ("BloomForCausalLM", "BloomModel"))
@@ -182,13 +223,17 @@ def test_pytorch_head_checkpoint_to_flax_and_back(make_checkpoint, tmp_path, arc
 
 def test_base_and_head_prefixes(make_checkpoint, tmp_path):
     base_folder = make_checkpoint("pow2", "BloomModel")
-    head, info = bloomlm.FlaxBloomForSequenceClassification.from_pretrained(base_folder, output_loading_info=True)
+    head, info = bloomlm.FlaxBloomForSequenceClassification.from_pretrained(
+        base_folder, output_loading_info=True
+    )
     assert info["missing_keys"] == ["score/kernel"] and info["unexpected_keys"] == []
     base = bloomlm.FlaxBloomModel.from_pretrained(base_folder)
     assert_params_equal(head.params["transformer"], base.params)
     std = np.asarray(head.params["score"]["kernel"]).std()
     assert 0.01 < std < 0.03  # initializer_range 0.02
-    head.save_pretrained(tmp_path)  # a head msgpack into a base model: the head weights are reported unused
+    head.save_pretrained(
+        tmp_path
+    )  # a head msgpack into a base model: the head weights are reported unused
     base_again, info = bloomlm.FlaxBloomModel.from_pretrained(tmp_path, output_loading_info=True)
     assert info["unexpected_keys"] == ["score/kernel"] and info["missing_keys"] == []
     assert_params_equal(base_again.params, base.params)
@@ -216,8 +261,12 @@ def test_pytorch_only_folder_converts_and_says_so_once(make_checkpoint, caplog):
 def test_dtypes_on_load(make_checkpoint):
     folder = make_checkpoint("bf16")
     model = bloomlm.FlaxBloomForCausalLM.from_pretrained(folder)
-    assert model.params["transformer"]["ln_f"]["scale"].dtype == jnp.bfloat16  # kept, as transformers does
-    model = bloomlm.FlaxBloomForCausalLM.from_pretrained(folder, param_dtype=jnp.float32, dtype=jnp.bfloat16)
+    assert (
+        model.params["transformer"]["ln_f"]["scale"].dtype == jnp.bfloat16
+    )  # kept, as transformers does
+    model = bloomlm.FlaxBloomForCausalLM.from_pretrained(
+        folder, param_dtype=jnp.float32, dtype=jnp.bfloat16
+    )
     assert model.params["transformer"]["ln_f"]["scale"].dtype == jnp.float32
     assert model.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="dtype must be one of"):
@@ -225,7 +274,9 @@ def test_dtypes_on_load(make_checkpoint):
 
 
 def test_do_init_false_and_params_setter(make_checkpoint):
-    model, params = bloomlm.FlaxBloomModel.from_pretrained(make_checkpoint("pow2", "BloomModel"), _do_init=False)
+    model, params = bloomlm.FlaxBloomModel.from_pretrained(
+        make_checkpoint("pow2", "BloomModel"), _do_init=False
+    )
     with pytest.raises(ValueError, match="_do_init=False"):
         _ = model.params
     model.params = params

@@ -30,7 +30,11 @@ def test_sample_loop_with_a_fake_model():
 
     prompt = jnp.array([[3, 4], [9, 10]])
     eos, pad, key = jnp.array([12]), jnp.int32(0), jax.random.PRNGKey(0)
-    run = jax.jit(lambda: flax_generate.sample_loop(tokens_to_logits, prompt, jnp.int32(0), 7, eos, pad, greedy, key))
+    run = jax.jit(
+        lambda: flax_generate.sample_loop(
+            tokens_to_logits, prompt, jnp.int32(0), 7, eos, pad, greedy, key
+        )
+    )
     sequences = np.asarray(run())
     # Row 1 reaches eos (12) and is padded with 0 from then on.
     np.testing.assert_array_equal(sequences, [[3, 4, 5, 6, 7, 8, 9], [9, 10, 11, 12, 0, 0, 0]])
@@ -42,11 +46,15 @@ def test_filters_equal_transformers_warpers():
         ours = flax_generate.top_k_filter(jnp.asarray(scores), top_k)
         ref = TopKLogitsWarper(top_k)(None, torch.from_numpy(scores))
         np.testing.assert_array_equal(np.asarray(ours), ref.numpy())
-    np.testing.assert_array_equal(np.asarray(flax_generate.top_k_filter(jnp.asarray(scores), 0)), scores)
+    np.testing.assert_array_equal(
+        np.asarray(flax_generate.top_k_filter(jnp.asarray(scores), 0)), scores
+    )
     for top_p in (0.05, 0.5, 0.9, 1.0):
         ours = flax_generate.top_p_filter(jnp.asarray(scores), top_p)
         ref = TopPLogitsWarper(top_p)(None, torch.from_numpy(scores))
-        np.testing.assert_array_equal(np.isinf(np.asarray(ours)), np.isinf(ref.numpy()), err_msg=str(top_p))
+        np.testing.assert_array_equal(
+            np.isinf(np.asarray(ours)), np.isinf(ref.numpy()), err_msg=str(top_p)
+        )
         assert np.isinf(np.asarray(ours)).any() == (top_p < 1.0)  # something was filtered
 
 
@@ -67,12 +75,21 @@ def test_greedy_equals_pytorch_generate(pair):
     ours, ref = pair
     input_ids, mask = make_inputs(ref.config.vocab_size, "left", seq=5)
     plain = ours.generate(input_ids.numpy(), mask.numpy(), max_new_tokens=8).sequences
-    eos = int(np.bincount(np.asarray(plain)[1, 5:]).argmax())  # a token row 1 repeats: it stops early
+    eos = int(
+        np.bincount(np.asarray(plain)[1, 5:]).argmax()
+    )  # a token row 1 repeats: it stops early
     for eos_token_id in (None, eos):
         with torch.no_grad():
-            theirs = ref.generate(input_ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos_token_id)
-        out = ours.generate(input_ids.numpy(), mask.numpy(), max_new_tokens=8, eos_token_id=eos_token_id)
-        assert isinstance(out, flax_generate.FlaxGreedySearchOutput) and out.sequences.shape == (3, 13)
+            theirs = ref.generate(
+                input_ids, attention_mask=mask, max_new_tokens=8, eos_token_id=eos_token_id
+            )
+        out = ours.generate(
+            input_ids.numpy(), mask.numpy(), max_new_tokens=8, eos_token_id=eos_token_id
+        )
+        assert isinstance(out, flax_generate.FlaxGreedySearchOutput) and out.sequences.shape == (
+            3,
+            13,
+        )
         assert_same_ids(out.sequences, theirs)
     assert (np.asarray(out.sequences)[1, 5:] == eos).sum() == 1  # padded after its eos
 
@@ -85,7 +102,9 @@ def test_beam_search_equals_pytorch_generate(pair):
     rows = slice(1, 3)
     eos = [int(np.bincount(greedy[row, 5:]).argmax()) for row in (1, 2)]
     for early_stopping in (True, False):
-        kwargs = dict(max_new_tokens=8, num_beams=2, eos_token_id=eos, early_stopping=early_stopping)
+        kwargs = dict(
+            max_new_tokens=8, num_beams=2, eos_token_id=eos, early_stopping=early_stopping
+        )
         with torch.no_grad():
             theirs = ref.generate(input_ids[rows], attention_mask=mask[rows], **kwargs)
         out = ours.generate(input_ids[rows].numpy(), mask[rows].numpy(), **kwargs)
@@ -102,12 +121,16 @@ def test_sampling(pair):
 
     def sample(seed, **kwargs):
         key = jax.random.PRNGKey(seed)
-        out = ours.generate(input_ids, mask, max_new_tokens=6, do_sample=True, prng_key=key, **kwargs)
+        out = ours.generate(
+            input_ids, mask, max_new_tokens=6, do_sample=True, prng_key=key, **kwargs
+        )
         assert isinstance(out, flax_generate.FlaxSampleOutput)
         return np.asarray(out.sequences)
 
     np.testing.assert_array_equal(sample(0, top_k=1), greedy)  # one candidate left: greedy
-    np.testing.assert_array_equal(sample(1, top_p=1e-6, top_k=0), greedy)  # the nucleus is the argmax
+    np.testing.assert_array_equal(
+        sample(1, top_p=1e-6, top_k=0), greedy
+    )  # the nucleus is the argmax
     free = dict(top_k=0, temperature=2.0)
     np.testing.assert_array_equal(sample(3, **free), sample(3, **free))  # the key decides
     assert (sample(3, **free) != sample(4, **free)).any()

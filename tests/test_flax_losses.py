@@ -22,7 +22,9 @@ LOSS_TOL = 1e-5  # the same float32 formulas
 
 def both(fn_name: str, *arrays, **kwargs):
     ours = getattr(losses, fn_name)(*(jnp.asarray(a) for a in arrays), **kwargs)
-    ref = getattr(torch_model, fn_name)(*(torch.from_numpy(np.asarray(a)) for a in arrays), **kwargs)
+    ref = getattr(torch_model, fn_name)(
+        *(torch.from_numpy(np.asarray(a)) for a in arrays), **kwargs
+    )
     return float(ours), float(ref)
 
 
@@ -47,19 +49,30 @@ def test_losses_equal_pytorch_losses():
         (pooled, (rng.random((4, 3)) > 0.5).astype(np.float32), "multi_label_classification"),
     ]
     for logits_, labels_, problem_type in cases:
-        ours, ref = both("sequence_classification_loss", logits_, labels_, problem_type=problem_type)
+        ours, ref = both(
+            "sequence_classification_loss", logits_, labels_, problem_type=problem_type
+        )
         assert abs(ours - ref) < LOSS_TOL * max(1, abs(ref)), problem_type
         # problem_type=None infers it from num_labels and the labels' dtype (float labels with 3 labels:
         # multi-label, as in PyTorch, so the second case infers differently)
-        inferred = float(losses.sequence_classification_loss(jnp.asarray(logits_), jnp.asarray(labels_)))
-        assert (inferred == pytest.approx(ours, rel=1e-6)) == (labels_.shape != (4, 3) or problem_type != "regression")
+        inferred = float(
+            losses.sequence_classification_loss(jnp.asarray(logits_), jnp.asarray(labels_))
+        )
+        assert (inferred == pytest.approx(ours, rel=1e-6)) == (
+            labels_.shape != (4, 3) or problem_type != "regression"
+        )
 
     start, end = (rng.normal(size=(3, 6)).astype(np.float32) for _ in range(2))
-    start_positions, end_positions = np.array([1, 40, -3]), np.array([5, 0, 6])  # 40 and 6 are ignored, -3 -> 0
+    start_positions, end_positions = (
+        np.array([1, 40, -3]),
+        np.array([5, 0, 6]),
+    )  # 40 and 6 are ignored, -3 -> 0
     ours, ref = both("question_answering_loss", start, end, start_positions, end_positions)
     assert abs(ours - ref) < LOSS_TOL * max(1, abs(ref))
     # All labels ignored: NaN, as PyTorch gives.
-    assert np.isnan(float(losses.token_classification_loss(jnp.asarray(logits), jnp.full((2, 5), -100))))
+    assert np.isnan(
+        float(losses.token_classification_loss(jnp.asarray(logits), jnp.full((2, 5), -100)))
+    )
 
 
 def test_loss_input_errors():
@@ -71,11 +84,17 @@ def test_loss_input_errors():
     with pytest.raises(ValueError, match=r"labels \[7\] are outside \[0, 7\)"):
         losses.token_classification_loss(logits, jnp.full((2, 5), 7))
     with pytest.raises(ValueError, match="problem_type must be one of"):
-        losses.sequence_classification_loss(jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), problem_type="ranking")
+        losses.sequence_classification_loss(
+            jnp.zeros((2, 3)), jnp.zeros(2, jnp.int32), problem_type="ranking"
+        )
     with pytest.raises(ValueError, match="integer class labels"):
-        losses.sequence_classification_loss(jnp.zeros((2, 3)), jnp.zeros(2), "single_label_classification")
+        losses.sequence_classification_loss(
+            jnp.zeros((2, 3)), jnp.zeros(2), "single_label_classification"
+        )
     with pytest.raises(ValueError, match="start_positions has shape"):
-        losses.question_answering_loss(jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.zeros(3, jnp.int32), jnp.zeros(2))
+        losses.question_answering_loss(
+            jnp.zeros((2, 5)), jnp.zeros((2, 5)), jnp.zeros(3, jnp.int32), jnp.zeros(2)
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -83,8 +102,12 @@ def test_loss_input_errors():
 
 HEADS = {
     "BloomForCausalLM": lambda out, b: losses.causal_lm_loss(out.logits, b["labels"]),
-    "BloomForSequenceClassification": lambda out, b: losses.sequence_classification_loss(out.logits, b["classes"]),
-    "BloomForTokenClassification": lambda out, b: losses.token_classification_loss(out.logits, b["tags"]),
+    "BloomForSequenceClassification": lambda out, b: losses.sequence_classification_loss(
+        out.logits, b["classes"]
+    ),
+    "BloomForTokenClassification": lambda out, b: losses.token_classification_loss(
+        out.logits, b["tags"]
+    ),
     "BloomForQuestionAnswering": lambda out, b: losses.question_answering_loss(
         out.start_logits, out.end_logits, b["starts"], b["ends"]
     ),
@@ -108,7 +131,11 @@ def batch_for(vocab_size: int, padding: str = "left") -> dict:
 @pytest.mark.parametrize("arch", HEADS)
 def test_fine_tuning_lowers_the_loss(make_checkpoint, arch):
     # One layer keeps the gradient's compile short; the causal LM keeps two for the gradient check.
-    folder = make_checkpoint("pow2", arch) if arch == "BloomForCausalLM" else make_checkpoint("pow2", arch, n_layer=1)
+    folder = (
+        make_checkpoint("pow2", arch)
+        if arch == "BloomForCausalLM"
+        else make_checkpoint("pow2", arch, n_layer=1)
+    )
     model = getattr(bloomlm, "Flax" + arch).from_pretrained(folder)
     optimizer = optax.adam(3e-3)
 
@@ -148,6 +175,8 @@ def assert_grads_equal_torch(folder, batch, grads, config) -> None:
     for name, param in model.named_parameters():
         if name == "lm_head.weight":
             continue  # tied: the same tensor as the embeddings
-        assert_close(torch.tensor(np.asarray(converted[name])), param.grad, 1e-4, name=f"grad {name}")
+        assert_close(
+            torch.tensor(np.asarray(converted[name])), param.grad, 1e-4, name=f"grad {name}"
+        )
         checked += 1
     assert checked == len(converted)

@@ -23,7 +23,9 @@ FLAX_TOL = 1e-4  # SPEC: Flax fp32 against our PyTorch fp32
 # 1.6e-2 / 1.7e-2 / 1.5e-2 with bf16 parameters; our PyTorch bf16 gives 1.9e-2 / 1.6e-2 / 1.3e-2.
 # A wrong mask or ALiBi gives O(1) differences.
 FLAX_BF16_TOL = 4e-2
-FLAX_FP16_TOL = 5e-3  # float16 computation and parameters; measured 2.1e-3 (pow2), 1.5e-3 (odd_heads)
+FLAX_FP16_TOL = (
+    5e-3  # float16 computation and parameters; measured 2.1e-3 (pow2), 1.5e-3 (odd_heads)
+)
 
 ARCHS = (
     "BloomModel",
@@ -55,7 +57,13 @@ def jitted(model):
     """What a user writes: one jit over the call, parameters as an argument."""
 
     def forward(params, input_ids, attention_mask):
-        return model(input_ids, attention_mask, params=params, output_hidden_states=True, output_attentions=True)
+        return model(
+            input_ids,
+            attention_mask,
+            params=params,
+            output_hidden_states=True,
+            output_attentions=True,
+        )
 
     return jax.jit(forward)
 
@@ -79,16 +87,25 @@ def flax_pair(make_checkpoint):
 
 def torch_forward(model, input_ids, attention_mask):
     with torch.no_grad():
-        return model(input_ids, attention_mask=attention_mask, output_hidden_states=True, output_attentions=True)
+        return model(
+            input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            output_attentions=True,
+        )
 
 
-def compare(flax_out, torch_out, arch: str, mask: torch.Tensor, tol: float = FLAX_TOL, check_dtype=True) -> int:
+def compare(
+    flax_out, torch_out, arch: str, mask: torch.Tensor, tol: float = FLAX_TOL, check_dtype=True
+) -> int:
     """Main fields, every hidden state and every attention map; padding positions excluded."""
     checked = 0
     for field in MAIN_FIELDS[arch]:
         per_token = arch != "BloomForSequenceClassification"
         ours = as_torch(getattr(flax_out, field))
-        assert_close(ours, getattr(torch_out, field).float(), tol, mask if per_token else None, name=field)
+        assert_close(
+            ours, getattr(torch_out, field).float(), tol, mask if per_token else None, name=field
+        )
         checked += 1
     assert len(flax_out.hidden_states) == len(torch_out.hidden_states)
     for i, (ours, ref) in enumerate(zip(flax_out.hidden_states, torch_out.hidden_states)):
@@ -96,7 +113,9 @@ def compare(flax_out, torch_out, arch: str, mask: torch.Tensor, tol: float = FLA
         checked += 1
     assert len(flax_out.attentions) == len(torch_out.attentions)
     for i, (ours, ref) in enumerate(zip(flax_out.attentions, torch_out.attentions)):
-        assert_close(as_torch(ours), ref.float(), tol, mask.bool()[:, None, :, None], name=f"attentions[{i}]")
+        assert_close(
+            as_torch(ours), ref.float(), tol, mask.bool()[:, None, :, None], name=f"attentions[{i}]"
+        )
         checked += 1
     return checked
 
@@ -109,26 +128,39 @@ def test_flax_equals_torch(flax_pair, config_name, arch):
         input_ids, mask = make_inputs(vocab, padding)
         flax_out = forward(flax_model.params, input_ids.numpy(), mask.numpy())
         torch_out = torch_forward(torch_model, input_ids, mask)
-        assert compare(flax_out, torch_out, arch, mask) == len(MAIN_FIELDS[arch]) + 2 * flax_model.config.n_layer + 1
+        assert (
+            compare(flax_out, torch_out, arch, mask)
+            == len(MAIN_FIELDS[arch]) + 2 * flax_model.config.n_layer + 1
+        )
 
 
 def test_sequence_classification_pools_last_real_token(flax_pair):
     flax_model, forward, torch_model = flax_pair("pow2", "BloomForSequenceClassification")
     input_ids, mask = make_inputs(flax_model.config.vocab_size, "right")
     flax_logits = forward(flax_model.params, input_ids.numpy(), mask.numpy()).logits
-    assert_close(as_torch(flax_logits), torch_forward(torch_model, input_ids, mask).logits, FLAX_TOL)
+    assert_close(
+        as_torch(flax_logits), torch_forward(torch_model, input_ids, mask).logits, FLAX_TOL
+    )
     # Row 1 keeps 5 tokens: its logits are those of the token at index 4 and of no other.
     per_token = forward(flax_model.params, input_ids.numpy(), mask.numpy()).hidden_states[-1]
     score = np.asarray(flax_model.params["score"]["kernel"])
-    np.testing.assert_allclose(np.asarray(flax_logits)[1], np.asarray(per_token)[1, 4] @ score, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(flax_logits)[1], np.asarray(per_token)[1, 4] @ score, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_tuple_outputs_keep_hidden_states(flax_pair):
     flax_model, _, _ = flax_pair("pow2", "BloomForCausalLM")
     input_ids, mask = make_inputs(flax_model.config.vocab_size, "left")
-    as_dict = flax_model(input_ids.numpy(), mask.numpy(), output_hidden_states=True, output_attentions=True)
+    as_dict = flax_model(
+        input_ids.numpy(), mask.numpy(), output_hidden_states=True, output_attentions=True
+    )
     as_tuple = flax_model(
-        input_ids.numpy(), mask.numpy(), output_hidden_states=True, output_attentions=True, return_dict=False
+        input_ids.numpy(),
+        mask.numpy(),
+        output_hidden_states=True,
+        output_attentions=True,
+        return_dict=False,
     )
     assert isinstance(as_tuple, tuple) and len(as_tuple) == 3  # logits, hidden_states, attentions
     np.testing.assert_array_equal(as_tuple[0], as_dict.logits)
@@ -151,13 +183,17 @@ def test_cached_decoding_equals_full_forward(flax_pair, config_name):
     logits = [np.asarray(out.logits)]
     out = flax_model(input_ids[:, 4:5], mask[:, :5], past_key_values=out.past_key_values)
     logits.append(np.asarray(out.logits))
-    full_mask = np.ones((mask.shape[0], max_length), mask.dtype)  # transformers' generate builds this one
+    full_mask = np.ones(
+        (mask.shape[0], max_length), mask.dtype
+    )  # transformers' generate builds this one
     full_mask[:, :7] = mask
     for t in (5, 6):
         out = flax_model(input_ids[:, t : t + 1], full_mask, past_key_values=out.past_key_values)
         logits.append(np.asarray(out.logits))
     assert int(out.past_key_values["transformer"]["h"]["0"]["self_attention"]["cache_index"]) == 7
-    assert_close(as_torch(np.concatenate(logits, axis=1)), as_torch(full), FLAX_TOL, torch.from_numpy(mask))
+    assert_close(
+        as_torch(np.concatenate(logits, axis=1)), as_torch(full), FLAX_TOL, torch.from_numpy(mask)
+    )
 
 
 def test_base_model_cache_matches_torch_cache(flax_pair):
@@ -168,13 +204,19 @@ def test_base_model_cache_matches_torch_cache(flax_pair):
     with torch.no_grad():
         ref = torch_model(input_ids, attention_mask=mask, use_cache=True).past_key_values
     batch, heads, dim = 3, flax_model.config.n_head, flax_model.config.head_dim
-    kept = mask.bool().repeat_interleave(heads, dim=0)  # [B*H, S]: padded slots hold garbage in both
+    kept = mask.bool().repeat_interleave(
+        heads, dim=0
+    )  # [B*H, S]: padded slots hold garbage in both
     for layer, (ref_key, ref_value) in enumerate(ref):
         cache = out.past_key_values["h"][str(layer)]["self_attention"]
         key = np.asarray(cache["cached_key"])[:, :5]  # [B, S, H, D]; slot 5 is still empty
         key = key.transpose(0, 2, 3, 1).reshape(batch * heads, dim, 5)
         assert_close(as_torch(key), ref_key, FLAX_TOL, kept[:, None, :], name=f"key {layer}")
-        value = np.asarray(cache["cached_value"])[:, :5].transpose(0, 2, 1, 3).reshape(batch * heads, 5, dim)
+        value = (
+            np.asarray(cache["cached_value"])[:, :5]
+            .transpose(0, 2, 1, 3)
+            .reshape(batch * heads, 5, dim)
+        )
         assert_close(as_torch(value), ref_value, FLAX_TOL, kept, name=f"value {layer}")
         assert not np.asarray(cache["cached_key"])[:, 5].any()
 
@@ -209,9 +251,14 @@ def test_scan_layers_equals_unscanned(flax_pair, tmp_path):
     plain, plain_forward, _ = flax_pair("odd_heads", "BloomForCausalLM")
     scanned, scanned_forward, _ = flax_pair("odd_heads", "BloomForCausalLM", scan_layers=True)
     n_layer = plain.config.n_layer
-    assert scanned.params["transformer"]["h"]["self_attention"]["dense"]["kernel"].shape[0] == n_layer
+    assert (
+        scanned.params["transformer"]["h"]["self_attention"]["dense"]["kernel"].shape[0] == n_layer
+    )
     input_ids, mask = (t.numpy() for t in make_inputs(plain.config.vocab_size, "left"))
-    ours, ref = scanned_forward(scanned.params, input_ids, mask), plain_forward(plain.params, input_ids, mask)
+    ours, ref = (
+        scanned_forward(scanned.params, input_ids, mask),
+        plain_forward(plain.params, input_ids, mask),
+    )
     assert len(ours.hidden_states) == n_layer + 1 and len(ours.attentions) == n_layer
     pairs = [
         (ours.logits, ref.logits),
@@ -226,19 +273,25 @@ def test_scan_layers_equals_unscanned(flax_pair, tmp_path):
     step = scanned(input_ids[:, :6], mask[:, :6], past_key_values=cache)
     step = scanned(input_ids[:, 6:], mask, past_key_values=step.past_key_values)
     np.testing.assert_allclose(step.logits[:, 0], ref.logits[:, 6], rtol=1e-5, atol=1e-5)
-    unstacked = plain(input_ids[:, :6], mask[:, :6], past_key_values=plain.init_cache(3, 8)).past_key_values
+    unstacked = plain(
+        input_ids[:, :6], mask[:, :6], past_key_values=plain.init_cache(3, 8)
+    ).past_key_values
     step = scanned(input_ids[:, 6:], mask, past_key_values=unstacked)
     assert "0" in step.past_key_values["transformer"]["h"]
     np.testing.assert_allclose(step.logits[:, 0], ref.logits[:, 6], rtol=1e-5, atol=1e-5)
     # save_pretrained writes transformers' tree; an unscanned model reads it back bit for bit.
     scanned.save_pretrained(tmp_path)
     reread = bloomlm.FlaxBloomForCausalLM.from_pretrained(tmp_path)
-    assert jax.tree_util.tree_all(jax.tree_util.tree_map(np.array_equal, reread.params, plain.params))
+    assert jax.tree_util.tree_all(
+        jax.tree_util.tree_map(np.array_equal, reread.params, plain.params)
+    )
 
 
 def test_dropout_needs_rng_and_changes_outputs(make_checkpoint):
     folder = make_checkpoint("pow2", "BloomForTokenClassification")
-    model = bloomlm.FlaxBloomForTokenClassification.from_pretrained(folder, hidden_dropout=0.5, attention_dropout=0.3)
+    model = bloomlm.FlaxBloomForTokenClassification.from_pretrained(
+        folder, hidden_dropout=0.5, attention_dropout=0.3
+    )
     input_ids, mask = (t.numpy() for t in make_inputs(model.config.vocab_size))
     with pytest.raises(ValueError, match="dropout_rng"):
         model(input_ids, mask, train=True)
@@ -276,14 +329,23 @@ def test_bad_input_raises_value_error(flax_pair):
     with pytest.raises(ValueError, match="only 0"):
         model(input_ids, mask * 2)
     cache = model.init_cache(3, 8)
-    with pytest.raises(ValueError, match="cache is too short: it holds 0 positions of 8 and 9 new tokens"):
+    with pytest.raises(
+        ValueError, match="cache is too short: it holds 0 positions of 8 and 9 new tokens"
+    ):
         model(np.concatenate([input_ids, input_ids[:, :2]], axis=1), None, past_key_values=cache)
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(3, 5\); allowed: \[3, past \+ new\] = \[3, 7\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"attention_mask has shape \(3, 5\); allowed: \[3, past \+ new\] = \[3, 7\]",
+    ):
         model(input_ids, mask[:, :5], past_key_values=cache)
     with pytest.raises(ValueError, match=r"\[batch=2, max_length"):
         model(input_ids[:2], mask[:2], past_key_values=cache)
     with pytest.raises(ValueError, match="cache for 2 layers"):
-        model(input_ids, mask, past_key_values={"transformer": {"h": {"0": cache["transformer"]["h"]["0"]}}})
+        model(
+            input_ids,
+            mask,
+            past_key_values={"transformer": {"h": {"0": cache["transformer"]["h"]["0"]}}},
+        )
     with pytest.raises(ValueError, match="init_cache"):
         model(input_ids, mask, past_key_values=cache["transformer"])
 

@@ -32,7 +32,9 @@ VOCAB = 160
 PAD = 3
 RTOL = 1e-5  # fp32 parity tolerance of the spec: |ours - ref| <= RTOL * max(1, max|ref|)
 
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # transformers' own max_length/flag advice
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning"
+)  # transformers' own max_length/flag advice
 
 
 def _ours_available() -> bool:
@@ -58,7 +60,13 @@ def one_thread():
 
 def _random_bloom(n_head: int, hidden: int, seed: int) -> transformers.BloomForCausalLM:
     config = transformers.BloomConfig(
-        vocab_size=VOCAB, hidden_size=hidden, n_layer=2, n_head=n_head, bos_token_id=1, eos_token_id=2, pad_token_id=PAD
+        vocab_size=VOCAB,
+        hidden_size=hidden,
+        n_layer=2,
+        n_head=n_head,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=PAD,
     )
     model = transformers.BloomForCausalLM(config).eval()
     generator = torch.Generator().manual_seed(seed)
@@ -115,7 +123,9 @@ def _prompts() -> tuple[torch.Tensor, torch.Tensor]:
 
 def _eos_from_greedy(theirs, ids, mask, step: int = 3) -> int:
     """A token that greedy decoding of row 0 first produces at `step`, so eos really fires."""
-    new = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[0, ids.shape[1] :]
+    new = theirs.generate(ids, attention_mask=mask, max_new_tokens=12, eos_token_id=None)[
+        0, ids.shape[1] :
+    ]
     for k in range(step, len(new)):
         if int(new[k]) not in new[:k].tolist() and int(new[k]) != PAD:
             return int(new[k])
@@ -141,7 +151,9 @@ def _assert_close(ours: torch.Tensor, ref: torch.Tensor) -> None:
 
 def test_greedy_single_prompt(model, theirs):
     ids, _ = _prompts()
-    _assert_same_tokens(generate(model, ids[:1], max_new_tokens=12), theirs.generate(ids[:1], max_new_tokens=12))
+    _assert_same_tokens(
+        generate(model, ids[:1], max_new_tokens=12), theirs.generate(ids[:1], max_new_tokens=12)
+    )
 
 
 def test_greedy_left_padded_batch(model, theirs):
@@ -153,15 +165,21 @@ def test_greedy_left_padded_batch(model, theirs):
 
 def test_mask_inferred_from_padding_and_bos_start(model, theirs):
     ids, _ = _prompts()  # no mask given: padding is found from pad_token_id, as transformers does
-    _assert_same_tokens(generate(model, ids, max_new_tokens=8), theirs.generate(ids, max_new_tokens=8))
-    _assert_same_tokens(generate(model, max_new_tokens=8), theirs.generate(max_new_tokens=8))  # from bos
+    _assert_same_tokens(
+        generate(model, ids, max_new_tokens=8), theirs.generate(ids, max_new_tokens=8)
+    )
+    _assert_same_tokens(
+        generate(model, max_new_tokens=8), theirs.generate(max_new_tokens=8)
+    )  # from bos
 
 
 def test_max_length_and_max_new_tokens_agree(model, theirs):
     ids, mask = _prompts()
     by_total = generate(model, ids, attention_mask=mask, max_length=ids.shape[1] + 6)
     _assert_same_tokens(by_total, generate(model, ids, attention_mask=mask, max_new_tokens=6))
-    _assert_same_tokens(by_total, theirs.generate(ids, attention_mask=mask, max_length=ids.shape[1] + 6))
+    _assert_same_tokens(
+        by_total, theirs.generate(ids, attention_mask=mask, max_length=ids.shape[1] + 6)
+    )
 
 
 def test_eos_stops_generation_and_pads_finished_rows(model, theirs):
@@ -179,7 +197,9 @@ def test_eos_stops_generation_and_pads_finished_rows(model, theirs):
 def test_eos_list_and_pad_defaulting_to_eos(model, theirs, caplog):
     ids, mask = _prompts()
     eos = [_eos_from_greedy(theirs, ids, mask, step=2), 2]
-    ref = theirs.generate(ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=None)
+    ref = theirs.generate(
+        ids, attention_mask=mask, max_new_tokens=10, eos_token_id=eos, pad_token_id=None
+    )
     with caplog.at_level(logging.WARNING, logger="bloomlm"):
         config = GenerationConfig(eos_token_id=eos, pad_token_id=None, max_new_tokens=10)
         ours = generate(model, ids, generation_config=config, attention_mask=mask)
@@ -216,7 +236,9 @@ def test_logits_processors_match(model, theirs, kwargs):
         free = theirs.generate(ids, attention_mask=mask, max_new_tokens=10)[:, ids.shape[1] :]
         kwargs = dict(bad_words_ids=[[int(free[0, 0])], [int(free[1, 1]), int(free[1, 2])], [2]])
     ours = generate(model, ids, attention_mask=mask, max_new_tokens=10, **kwargs)
-    _assert_same_tokens(ours, theirs.generate(ids, attention_mask=mask, max_new_tokens=10, **kwargs))
+    _assert_same_tokens(
+        ours, theirs.generate(ids, attention_mask=mask, max_new_tokens=10, **kwargs)
+    )
     new = ours[:, ids.shape[1] :]
     if kwargs.get("no_repeat_ngram_size") == 2:
         for row in ours.tolist():
@@ -241,7 +263,9 @@ def test_logits_processors_match(model, theirs, kwargs):
 def test_beam_search_matches(model, theirs, kwargs):
     ids, mask = _prompts()
     eos = [_eos_from_greedy(theirs, ids, mask, step=2), 2]
-    common = dict(attention_mask=mask, max_new_tokens=9, eos_token_id=eos, pad_token_id=PAD, **kwargs)
+    common = dict(
+        attention_mask=mask, max_new_tokens=9, eos_token_id=eos, pad_token_id=PAD, **kwargs
+    )
     ours = generate(model, ids, **common)
     _assert_same_tokens(ours, theirs.generate(ids, **common))
     assert ours.shape[0] == 3 * kwargs.get("num_return_sequences", 1)
@@ -271,7 +295,9 @@ def test_return_dict_with_scores(model, theirs, kwargs):
     )
     ours, ref = generate(model, ids, **common), theirs.generate(ids, **common)
     assert type(ours).__name__ == type(ref).__name__
-    assert [k for k in ours.keys() if k != "past_key_values"] == [k for k in ref.keys() if k != "past_key_values"]
+    assert [k for k in ours.keys() if k != "past_key_values"] == [
+        k for k in ref.keys() if k != "past_key_values"
+    ]
     _assert_same_tokens(ours.sequences, ref.sequences)
     assert len(ours.scores) == len(ref.scores)
     for step_ours, step_ref in zip(ours.scores, ref.scores):
@@ -286,7 +312,9 @@ def test_return_dict_with_scores(model, theirs, kwargs):
         _assert_same_tokens(ours.beam_indices, ref.beam_indices)
     assert len(ours.past_key_values) == len(ref.past_key_values)
     for ours_layer, ref_layer in zip(ours.past_key_values, ref.past_key_values):
-        for ours_cache, ref_cache in zip(ours_layer, ref_layer):  # key [N*H, D, S], value [N*H, S, D]
+        for ours_cache, ref_cache in zip(
+            ours_layer, ref_layer
+        ):  # key [N*H, D, S], value [N*H, S, D]
             _assert_close(ours_cache, ref_cache)
     assert ours[0] is ours.sequences and ours["scores"] is ours.scores
     ours.sequences[0, 0] = 1  # a normal tensor: editable outside inference mode
@@ -294,9 +322,15 @@ def test_return_dict_with_scores(model, theirs, kwargs):
 
 def test_generation_config_argument_and_model_default(model, theirs):
     ids, mask = _prompts()
-    config = GenerationConfig(max_new_tokens=7, repetition_penalty=1.5, eos_token_id=None, pad_token_id=PAD)
-    ours = generate(model, ids, config, attention_mask=mask)  # positional order of transformers' generate
-    ref = theirs.generate(ids, transformers.GenerationConfig(**config.to_diff_dict()), attention_mask=mask)
+    config = GenerationConfig(
+        max_new_tokens=7, repetition_penalty=1.5, eos_token_id=None, pad_token_id=PAD
+    )
+    ours = generate(
+        model, ids, config, attention_mask=mask
+    )  # positional order of transformers' generate
+    ref = theirs.generate(
+        ids, transformers.GenerationConfig(**config.to_diff_dict()), attention_mask=mask
+    )
     _assert_same_tokens(ours, ref)
     assert config.max_length == 20  # the caller's config is not modified
     if hasattr(model, "generate") and not isinstance(model, transformers.PreTrainedModel):
@@ -306,7 +340,9 @@ def test_generation_config_argument_and_model_default(model, theirs):
 def test_use_cache_false_gives_the_same_tokens(model):
     ids, mask = _prompts()
     cached = generate(model, ids, attention_mask=mask, max_new_tokens=6)
-    _assert_same_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=6, use_cache=False), cached)
+    _assert_same_tokens(
+        generate(model, ids, attention_mask=mask, max_new_tokens=6, use_cache=False), cached
+    )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -318,7 +354,10 @@ def test_top_k_1_is_greedy(model):
     ids, mask = _prompts()
     greedy = generate(model, ids, attention_mask=mask, max_new_tokens=10)
     torch.manual_seed(123)
-    _assert_same_tokens(generate(model, ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=1), greedy)
+    _assert_same_tokens(
+        generate(model, ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=1),
+        greedy,
+    )
 
 
 @pytest.mark.parametrize(
@@ -335,7 +374,9 @@ def test_top_k_1_is_greedy(model):
 )
 def test_seeded_sampling_reproducible_and_same_draws_as_transformers(model, theirs, kwargs):
     ids, mask = _prompts()
-    common = dict(attention_mask=mask, max_new_tokens=10, do_sample=True, eos_token_id=None, **kwargs)
+    common = dict(
+        attention_mask=mask, max_new_tokens=10, do_sample=True, eos_token_id=None, **kwargs
+    )
     torch.manual_seed(7)
     first = generate(model, ids, **common)
     torch.manual_seed(7)
@@ -350,9 +391,13 @@ class _FixedLogitsModel(torch.nn.Module):
     def __init__(self, logits: torch.Tensor):
         super().__init__()
         self.logits = logits
-        self.config = SimpleNamespace(eos_token_id=None, pad_token_id=None, bos_token_id=0, vocab_size=len(logits))
+        self.config = SimpleNamespace(
+            eos_token_id=None, pad_token_id=None, bos_token_id=0, vocab_size=len(logits)
+        )
 
-    def forward(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, return_dict=True):
+    def forward(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, return_dict=True
+    ):
         batch, length = input_ids.shape
         return SimpleNamespace(logits=self.logits.expand(batch, length, -1), past_key_values=None)
 
@@ -394,11 +439,26 @@ def _random_scores(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 @pytest.mark.parametrize(
     "ours, theirs",
     [
-        (lambda s, k: gen.top_k_filter(s, 5, k), lambda k: hf_lp.TopKLogitsWarper(5, min_tokens_to_keep=k)),
-        (lambda s, k: gen.top_p_filter(s, 0.7, k), lambda k: hf_lp.TopPLogitsWarper(0.7, min_tokens_to_keep=k)),
-        (lambda s, k: gen.typical_filter(s, 0.6, k), lambda k: hf_lp.TypicalLogitsWarper(0.6, min_tokens_to_keep=k)),
-        (lambda s, k: gen.epsilon_filter(s, 0.05, k), lambda k: hf_lp.EpsilonLogitsWarper(0.05, min_tokens_to_keep=k)),
-        (lambda s, k: gen.eta_filter(s, 0.05, k), lambda k: hf_lp.EtaLogitsWarper(0.05, min_tokens_to_keep=k)),
+        (
+            lambda s, k: gen.top_k_filter(s, 5, k),
+            lambda k: hf_lp.TopKLogitsWarper(5, min_tokens_to_keep=k),
+        ),
+        (
+            lambda s, k: gen.top_p_filter(s, 0.7, k),
+            lambda k: hf_lp.TopPLogitsWarper(0.7, min_tokens_to_keep=k),
+        ),
+        (
+            lambda s, k: gen.typical_filter(s, 0.6, k),
+            lambda k: hf_lp.TypicalLogitsWarper(0.6, min_tokens_to_keep=k),
+        ),
+        (
+            lambda s, k: gen.epsilon_filter(s, 0.05, k),
+            lambda k: hf_lp.EpsilonLogitsWarper(0.05, min_tokens_to_keep=k),
+        ),
+        (
+            lambda s, k: gen.eta_filter(s, 0.05, k),
+            lambda k: hf_lp.EtaLogitsWarper(0.05, min_tokens_to_keep=k),
+        ),
         (lambda s, k: gen.apply_temperature(s, 0.6), lambda k: hf_lp.TemperatureLogitsWarper(0.6)),
     ],
     ids=["top_k", "top_p", "typical", "epsilon", "eta", "temperature"],
@@ -414,12 +474,17 @@ def test_warpers_equal_transformers(ours, theirs, keep):
 @pytest.mark.parametrize(
     "ours, theirs",
     [
-        (lambda i, s: gen.apply_repetition_penalty(i, s, 1.7), hf_lp.RepetitionPenaltyLogitsProcessor(1.7)),
+        (
+            lambda i, s: gen.apply_repetition_penalty(i, s, 1.7),
+            hf_lp.RepetitionPenaltyLogitsProcessor(1.7),
+        ),
         (lambda i, s: gen.ban_repeated_ngrams(i, s, 3), hf_lp.NoRepeatNGramLogitsProcessor(3)),
         (lambda i, s: gen.ban_repeated_ngrams(i, s, 1), hf_lp.NoRepeatNGramLogitsProcessor(1)),
         (lambda i, s: gen.ban_repeated_ngrams(i, s, 12), hf_lp.NoRepeatNGramLogitsProcessor(12)),
         (
-            lambda i, s: gen.apply_sequence_bias(i, s, gen.bad_words_bias([[4], [7, 9], [1, 2, 3], [2]], [2])),
+            lambda i, s: gen.apply_sequence_bias(
+                i, s, gen.bad_words_bias([[4], [7, 9], [1, 2, 3], [2]], [2])
+            ),
             hf_lp.NoBadWordsLogitsProcessor([[4], [7, 9], [1, 2, 3], [2]], eos_token_id=2),
         ),
         (
@@ -428,7 +493,15 @@ def test_warpers_equal_transformers(ours, theirs, keep):
         ),
         (lambda i, s: gen.remove_inf_nan(s), hf_lp.InfNanRemoveLogitsProcessor()),
     ],
-    ids=["repetition", "ngram3", "ngram1", "ngram-too-long", "bad-words", "sequence-bias", "inf-nan"],
+    ids=[
+        "repetition",
+        "ngram3",
+        "ngram1",
+        "ngram-too-long",
+        "bad-words",
+        "sequence-bias",
+        "inf-nan",
+    ],
 )
 def test_processors_equal_transformers(ours, theirs):
     ids, scores = _random_scores(1)
@@ -460,15 +533,21 @@ def test_processor_chain_order_matches_transformers(theirs):
         max_length=14,
     )
     hf_config = transformers.GenerationConfig(**config.to_diff_dict())
-    expected_chain = theirs._get_logits_processor(hf_config, 9, None, None, transformers.LogitsProcessorList())
+    expected_chain = theirs._get_logits_processor(
+        hf_config, 9, None, None, transformers.LogitsProcessorList()
+    )
     ours_chain = gen.build_logits_processors(config, 9)
     assert len(ours_chain) == len(expected_chain)
     generator = torch.Generator().manual_seed(3)
     for length in (9, 10, 11, 13):
         ids = torch.randint(0, 20, (2, length), generator=generator)
         scores = torch.randn(2, 20, generator=generator)
-        expected = expected_chain(ids, scores.clone())  # NaN where decay meets a banned eos, as in transformers
-        torch.testing.assert_close(gen._run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True)
+        expected = expected_chain(
+            ids, scores.clone()
+        )  # NaN where decay meets a banned eos, as in transformers
+        torch.testing.assert_close(
+            gen._run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -486,9 +565,13 @@ class _CountingModel(torch.nn.Module):
     def __init__(self, vocab: int = 10, eos: int | None = None, delay: float = 0.0):
         super().__init__()
         self.vocab, self.delay, self.calls = vocab, delay, []
-        self.config = SimpleNamespace(eos_token_id=eos, pad_token_id=None, bos_token_id=0, vocab_size=vocab, n_head=1)
+        self.config = SimpleNamespace(
+            eos_token_id=eos, pad_token_id=None, bos_token_id=0, vocab_size=vocab, n_head=1
+        )
 
-    def forward(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, return_dict=True):
+    def forward(
+        self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, return_dict=True
+    ):
         time.sleep(self.delay)
         past_len = 0 if past_key_values is None else past_key_values[0][1].shape[1]
         self.calls.append((input_ids.shape[1], past_len, attention_mask.shape[1]))
@@ -497,7 +580,9 @@ class _CountingModel(torch.nn.Module):
             value = torch.cat([past_key_values[0][1], value], dim=1)
         prefix_sums = value[:, :, 0].long().cumsum(dim=1)[:, past_len:]
         one_hot = torch.nn.functional.one_hot
-        logits = one_hot((input_ids + 1) % self.vocab, self.vocab) * 5.0 + one_hot(prefix_sums % self.vocab, self.vocab)
+        logits = one_hot((input_ids + 1) % self.vocab, self.vocab) * 5.0 + one_hot(
+            prefix_sums % self.vocab, self.vocab
+        )
         past = ((value.transpose(1, 2), value),) if use_cache else None
         return SimpleNamespace(logits=logits, past_key_values=past)
 
@@ -506,15 +591,26 @@ def test_fake_model_greedy_feeds_only_new_tokens():
     model = _CountingModel()
     out = generate(model, torch.tensor([[3, 4]]), max_new_tokens=4)
     assert out.tolist() == [[3, 4, 5, 6, 7, 8]]
-    assert model.calls == [(2, 0, 2), (1, 2, 3), (1, 3, 4), (1, 4, 5)]  # prompt once, then one token at a time
+    assert model.calls == [
+        (2, 0, 2),
+        (1, 2, 3),
+        (1, 3, 4),
+        (1, 4, 5),
+    ]  # prompt once, then one token at a time
 
 
 def test_fake_model_eos_pad_and_custom_hooks():
     model = _CountingModel(eos=7)
     out = generate(model, torch.tensor([[1, 2], [5, 6]]), max_new_tokens=6, pad_token_id=0)
-    assert out.tolist() == [[1, 2, 3, 4, 5, 6, 7], [5, 6, 7, 0, 0, 0, 0]]  # stops once every row has eos
+    assert out.tolist() == [
+        [1, 2, 3, 4, 5, 6, 7],
+        [5, 6, 7, 0, 0, 0, 0],
+    ]  # stops once every row has eos
     stop_at_9 = generate(
-        _CountingModel(), torch.tensor([[1]]), max_new_tokens=20, stopping_criteria=[lambda ids, s: ids[0, -1] == 4]
+        _CountingModel(),
+        torch.tensor([[1]]),
+        max_new_tokens=20,
+        stopping_criteria=[lambda ids, s: ids[0, -1] == 4],
     )
     assert stop_at_9.tolist() == [[1, 2, 3, 4]]
     ban_5 = generate(
@@ -529,7 +625,11 @@ def test_fake_model_eos_pad_and_custom_hooks():
 def test_fake_model_beam_search_reorders_the_cache():
     ids = torch.tensor([[2, 3], [1, 1]])
     kwargs = dict(
-        max_new_tokens=6, num_beams=3, num_return_sequences=3, return_dict_in_generate=True, output_scores=True
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=3,
+        return_dict_in_generate=True,
+        output_scores=True,
     )
     cached = generate(_CountingModel(), ids, **kwargs)
     uncached = generate(_CountingModel(), ids, use_cache=False, **kwargs)
@@ -537,7 +637,9 @@ def test_fake_model_beam_search_reorders_the_cache():
     _assert_same_tokens(cached.beam_indices, uncached.beam_indices)
     assert cached.sequences[0].tolist() == [2, 3, 4, 5, 6, 7, 8, 9]
     assert len({tuple(row) for row in cached.sequences.tolist()}) == 6
-    assert (cached.beam_indices[:, :6] % 3 != cached.beam_indices[:, :6] // 3 * 0).any()  # beams did move
+    assert (
+        cached.beam_indices[:, :6] % 3 != cached.beam_indices[:, :6] // 3 * 0
+    ).any()  # beams did move
 
 
 def test_static_cache_hook_is_used_and_reordered():
@@ -553,7 +655,14 @@ def test_static_cache_hook_is_used_and_reordered():
             self.cache = Cache()
             return self.cache
 
-        def forward(self, input_ids, past_key_values=None, attention_mask=None, use_cache=True, return_dict=True):
+        def forward(
+            self,
+            input_ids,
+            past_key_values=None,
+            attention_mask=None,
+            use_cache=True,
+            return_dict=True,
+        ):
             assert past_key_values is self.cache
             logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
             return SimpleNamespace(logits=logits, past_key_values=past_key_values)
@@ -609,9 +718,20 @@ def test_bad_inputs_raise_value_error(tokenizer):
     with pytest.raises(ValueError, match="input_ids"):
         generate(model, torch.tensor([1, 2]), max_new_tokens=2)
     with pytest.raises(ValueError, match="beam search"):
-        generate(model, torch.tensor([[1, 2]]), max_new_tokens=2, num_beams=2, streamer=TextStreamer(tokenizer))
+        generate(
+            model,
+            torch.tensor([[1, 2]]),
+            max_new_tokens=2,
+            num_beams=2,
+            streamer=TextStreamer(tokenizer),
+        )
     with pytest.raises(ValueError, match="batch size 1"):
-        generate(model, torch.tensor([[1, 2], [3, 4]]), max_new_tokens=2, streamer=TextStreamer(tokenizer))
+        generate(
+            model,
+            torch.tensor([[1, 2], [3, 4]]),
+            max_new_tokens=2,
+            streamer=TextStreamer(tokenizer),
+        )
     model.config.bos_token_id = None
     with pytest.raises(ValueError, match="bos_token_id"):
         generate(model, max_new_tokens=2)
@@ -631,11 +751,20 @@ def test_generation_config_defaults_are_transformers():
 
 
 def test_generation_config_round_trip_with_transformers(tmp_path):
-    ours = GenerationConfig(max_new_tokens=9, do_sample=True, top_p=0.9, eos_token_id=[2, 5], custom_key="kept")
+    ours = GenerationConfig(
+        max_new_tokens=9, do_sample=True, top_p=0.9, eos_token_id=[2, 5], custom_key="kept"
+    )
     ours.save_pretrained(tmp_path / "a")
-    assert [p.name for p in (tmp_path / "a").iterdir()] == [GENERATION_CONFIG_NAME]  # no temp file left
+    assert [p.name for p in (tmp_path / "a").iterdir()] == [
+        GENERATION_CONFIG_NAME
+    ]  # no temp file left
     ref = transformers.GenerationConfig.from_pretrained(tmp_path / "a")
-    assert (ref.max_new_tokens, ref.top_p, ref.eos_token_id, ref.custom_key) == (9, 0.9, [2, 5], "kept")
+    assert (ref.max_new_tokens, ref.top_p, ref.eos_token_id, ref.custom_key) == (
+        9,
+        0.9,
+        [2, 5],
+        "kept",
+    )
     ref.num_beams = 4
     ref.save_pretrained(tmp_path / "b")
     back = GenerationConfig.from_pretrained(tmp_path / "b")
@@ -646,8 +775,14 @@ def test_generation_config_round_trip_with_transformers(tmp_path):
 def test_generation_config_from_model_config_and_loader(checkpoint, tmp_path):
     model_config = transformers.BloomConfig.from_pretrained(checkpoint)
     from_model = GenerationConfig.from_model_config(model_config)
-    assert (from_model.bos_token_id, from_model.eos_token_id, from_model.pad_token_id) == (1, 2, PAD)
-    assert load_generation_config(tmp_path, model_config) == from_model  # no file: from the model config
+    assert (from_model.bos_token_id, from_model.eos_token_id, from_model.pad_token_id) == (
+        1,
+        2,
+        PAD,
+    )
+    assert (
+        load_generation_config(tmp_path, model_config) == from_model
+    )  # no file: from the model config
     GenerationConfig(eos_token_id=7, max_new_tokens=4).save_pretrained(tmp_path)
     loaded = load_generation_config(tmp_path, model_config)
     assert loaded.eos_token_id == 7 and loaded.max_new_tokens == 4
@@ -674,7 +809,10 @@ def test_from_pretrained_gives_generating_models_the_folder_generation_config(ch
 
 def test_generation_config_update_and_validate():
     config = GenerationConfig()
-    assert config.update(top_k=3, attention_mask="m", bogus=1) == {"attention_mask": "m", "bogus": 1}
+    assert config.update(top_k=3, attention_mask="m", bogus=1) == {
+        "attention_mask": "m",
+        "bogus": 1,
+    }
     assert config.top_k == 3
     with pytest.warns(UserWarning, match="top_k"):
         config.validate()
@@ -699,7 +837,9 @@ def _token_stream(tokenizer) -> list[int]:
 def test_streamer_chunks_equal_transformers(tokenizer, skip_prompt):
     ids = _token_stream(tokenizer)
     ours = TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
-    ref = transformers.TextIteratorStreamer(tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True)
+    ref = transformers.TextIteratorStreamer(
+        tokenizer, skip_prompt=skip_prompt, skip_special_tokens=True
+    )
     for streamer in (ours, ref):
         streamer.put(torch.tensor([ids[:3]]))
         for token in ids[3:]:
@@ -725,7 +865,9 @@ def test_iterator_streamer_yields_before_generate_returns(tokenizer):
     result = {}
 
     def run():
-        result["ids"] = generate(model, torch.tensor([[40, 41]]), max_new_tokens=15, streamer=streamer)
+        result["ids"] = generate(
+            model, torch.tensor([[40, 41]]), max_new_tokens=15, streamer=streamer
+        )
         returned.set()
 
     thread = threading.Thread(target=run)

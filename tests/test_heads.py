@@ -38,7 +38,9 @@ from conftest import (
 
 # transformers' QA passes position_ids=None to its body, which then warns on every call (defect (f))
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`position_ids` have no functionality in BLOOM:FutureWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:`position_ids` have no functionality in BLOOM:FutureWarning"
+    ),
     pytest.mark.usefixtures("one_thread"),
 ]
 
@@ -81,7 +83,10 @@ def token_labels(input_ids, mask):
 
 
 def span_positions(start, end):
-    return lambda input_ids, mask: {"start_positions": torch.tensor(start), "end_positions": torch.tensor(end)}
+    return lambda input_ids, mask: {
+        "start_positions": torch.tensor(start),
+        "end_positions": torch.tensor(end),
+    }
 
 
 # name -> (config, arch, checkpoint overrides, from_pretrained overrides, labels)
@@ -96,7 +101,13 @@ LOSS_CASES = {
     "seq_single_label": ("pow2", SEQ, {"num_labels": 3}, {}, class_labels),
     "seq_multi_label": ("pow2", SEQ, {"num_labels": 3}, {}, binary_labels),
     # problem_type given explicitly, through from_pretrained and through config.json
-    "seq_explicit_regression": ("pow2", SEQ, {"num_labels": 3}, {"problem_type": "regression"}, float_labels(BATCH, 3)),
+    "seq_explicit_regression": (
+        "pow2",
+        SEQ,
+        {"num_labels": 3},
+        {"problem_type": "regression"},
+        float_labels(BATCH, 3),
+    ),
     "seq_explicit_single_label": (
         "pow2",
         SEQ,
@@ -111,12 +122,42 @@ LOSS_CASES = {
         {"problem_type": "multi_label_classification"},
         binary_labels,
     ),
-    "seq_regression_in_config": ("pow2", SEQ, {"num_labels": 3, "problem_type": "regression"}, {}, binary_labels),
-    "token_classification": ("pow2", "BloomForTokenClassification", {"num_labels": 5}, {}, token_labels),
-    "token_classification_post_ln": ("post_ln", "BloomForTokenClassification", {"num_labels": 5}, {}, token_labels),
-    "qa_in_range": ("pow2", "BloomForQuestionAnswering", {}, {}, span_positions([1, 4, 6], [3, 6, 6])),
+    "seq_regression_in_config": (
+        "pow2",
+        SEQ,
+        {"num_labels": 3, "problem_type": "regression"},
+        {},
+        binary_labels,
+    ),
+    "token_classification": (
+        "pow2",
+        "BloomForTokenClassification",
+        {"num_labels": 5},
+        {},
+        token_labels,
+    ),
+    "token_classification_post_ln": (
+        "post_ln",
+        "BloomForTokenClassification",
+        {"num_labels": 5},
+        {},
+        token_labels,
+    ),
+    "qa_in_range": (
+        "pow2",
+        "BloomForQuestionAnswering",
+        {},
+        {},
+        span_positions([1, 4, 6], [3, 6, 6]),
+    ),
     # clamped to [0, LENGTH]: LENGTH and beyond are ignored, negatives become 0
-    "qa_out_of_range": ("pow2", "BloomForQuestionAnswering", {}, {}, span_positions([1, 50, -3], [LENGTH, 6, 2])),
+    "qa_out_of_range": (
+        "pow2",
+        "BloomForQuestionAnswering",
+        {},
+        {},
+        span_positions([1, 50, -3], [LENGTH, 6, 2]),
+    ),
     "qa_column_positions": (
         "odd_heads",
         "BloomForQuestionAnswering",
@@ -137,7 +178,9 @@ def test_loss_and_gradients(make_checkpoint, case, path):
     ours = ours_cls(arch).from_pretrained(folder, **load)
     ref = ref_cls(arch).from_pretrained(folder, **load, **reference_overrides(config_name))
     input_ids, mask = make_inputs(ours.config.vocab_size, "left", batch=BATCH, seq=LENGTH)
-    kwargs = forward_kwargs(arch, None, input_ids=input_ids, attention_mask=mask, **make_labels(input_ids, mask))
+    kwargs = forward_kwargs(
+        arch, None, input_ids=input_ids, attention_mask=mask, **make_labels(input_ids, mask)
+    )
     kwargs["output_attentions"] = path == "attentions"
     ours_out, ref_out = ours(**kwargs), ref(**kwargs)
     assert ours_out.loss.dim() == 0 and torch.isfinite(ref_out.loss)
@@ -188,10 +231,19 @@ def test_slow_but_exact_keeps_biases(make_checkpoint, arch):
         with torch.no_grad():
             outputs = {
                 name: getattr(model(**kwargs), field)
-                for name, model in [("exact", exact), ("fast", fast), ("ref", ref_fast), ("defect", ref_defective)]
+                for name, model in [
+                    ("exact", exact),
+                    ("fast", fast),
+                    ("ref", ref_fast),
+                    ("defect", ref_defective),
+                ]
             }
-        assert_close(outputs["exact"], outputs["fast"], FP32_TOL, token_mask, name="slow_but_exact vs fast")
-        assert_close(outputs["exact"], outputs["ref"], FP32_TOL, token_mask, name="vs transformers, fast")
+        assert_close(
+            outputs["exact"], outputs["fast"], FP32_TOL, token_mask, name="slow_but_exact vs fast"
+        )
+        assert_close(
+            outputs["exact"], outputs["ref"], FP32_TOL, token_mask, name="vs transformers, fast"
+        )
         # the fixture's biases are large enough that dropping them shows
         assert (outputs["defect"] - outputs["ref"]).abs().max() > 1e-2
 
@@ -226,7 +278,9 @@ def test_sequence_classification_pools_last_non_pad_token(load_pair):
         out = ours(input_ids, attention_mask=attention_mask, labels=torch.tensor([0, 1, 1, 0]))
         defective = ref(input_ids, attention_mask=attention_mask).logits
     assert_close(out.logits, expected, FP32_TOL, name="pooled logits")
-    assert_close(out.loss, F.cross_entropy(expected, torch.tensor([0, 1, 1, 0])), FP32_TOL, name="loss")
+    assert_close(
+        out.loss, F.cross_entropy(expected, torch.tensor([0, 1, 1, 0])), FP32_TOL, name="loss"
+    )
     # transformers pools the token before the first pad id: rows 0 and 1 differ there
     assert (defective[0] - expected[0]).abs().max() > 1e-3
 
@@ -261,22 +315,32 @@ def test_problem_type_inferred_per_call(make_checkpoint):
     ]:
         with torch.no_grad():
             out = ours(input_ids, attention_mask=mask, labels=labels)
-            ref_out = ref_cls(SEQ).from_pretrained(folder)(input_ids, attention_mask=mask, labels=labels)
-        assert_close(out.loss, loss_fn(out.logits, labels), FP32_TOL, name=f"loss for {labels.dtype} labels")
+            ref_out = ref_cls(SEQ).from_pretrained(folder)(
+                input_ids, attention_mask=mask, labels=labels
+            )
+        assert_close(
+            out.loss, loss_fn(out.logits, labels), FP32_TOL, name=f"loss for {labels.dtype} labels"
+        )
         assert_close(out.loss, ref_out.loss, FP32_TOL, name="vs a fresh transformers model")
-        assert ours.config.problem_type is None, "the inferred problem_type must not be written into the config"
+        assert ours.config.problem_type is None, (
+            "the inferred problem_type must not be written into the config"
+        )
 
 
 # ---------------------------------------------------------------------------------------------
 # (e) a cache for another number of layers is refused.
 
 
-@pytest.mark.parametrize("arch", ["BloomModel", "BloomForCausalLM", SEQ, "BloomForTokenClassification"])
+@pytest.mark.parametrize(
+    "arch", ["BloomModel", "BloomForCausalLM", SEQ, "BloomForTokenClassification"]
+)
 @pytest.mark.parametrize("layers", ["fewer", "more"])
 def test_cache_with_wrong_layer_count_raises(load_pair, arch, layers):
     ours, _ = load_pair("odd_heads", arch)  # 3 layers
     input_ids, _ = make_inputs(ours.config.vocab_size)
-    body = ours if arch == "BloomModel" else ours.transformer  # token classification returns no cache
+    body = (
+        ours if arch == "BloomModel" else ours.transformer
+    )  # token classification returns no cache
     with torch.no_grad():
         cache = body(input_ids, use_cache=True).past_key_values
     assert len(cache) == 3
@@ -290,7 +354,14 @@ def test_cache_with_wrong_layer_count_raises(load_pair, arch, layers):
 
 
 @pytest.mark.parametrize(
-    "arch", ["BloomModel", "BloomForCausalLM", SEQ, "BloomForTokenClassification", "BloomForQuestionAnswering"]
+    "arch",
+    [
+        "BloomModel",
+        "BloomForCausalLM",
+        SEQ,
+        "BloomForTokenClassification",
+        "BloomForQuestionAnswering",
+    ],
 )
 def test_position_ids_have_no_effect(load_pair, arch):
     ours, _ = load_pair("pow2", arch)
@@ -301,7 +372,9 @@ def test_position_ids_have_no_effect(load_pair, arch):
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         plain = getattr(ours(input_ids, attention_mask=mask), field)
-        with_positions = getattr(ours(input_ids, attention_mask=mask, position_ids=position_ids), field)
+        with_positions = getattr(
+            ours(input_ids, attention_mask=mask, position_ids=position_ids), field
+        )
     assert torch.equal(plain, with_positions)
 
 
@@ -335,13 +408,22 @@ def test_question_answering_position_ids_warn_once_per_process(make_checkpoint):
 
     folder = make_checkpoint("pow2", "BloomForQuestionAnswering")
     package_root = os.path.dirname(os.path.dirname(bloomlm.__file__))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")])}
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([package_root, os.environ.get("PYTHONPATH", "")]),
+    }
     result = subprocess.run(
-        [sys.executable, "-c", WARN_ONCE_SCRIPT, str(folder)], capture_output=True, text=True, env=env, timeout=120
+        [sys.executable, "-c", WARN_ONCE_SCRIPT, str(folder)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     counts = json.loads(result.stdout.strip().splitlines()[-1])
-    assert counts == [0, 1, 1, 1], f"position_ids warnings after each call: {counts} (expected [0, 1, 1, 1])"
+    assert counts == [0, 1, 1, 1], (
+        f"position_ids warnings after each call: {counts} (expected [0, 1, 1, 1])"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,9 @@ def test_gradient_checkpointing_recomputes_and_gives_equal_gradients():
         assert model.is_gradient_checkpointing == enabled
         counter = []
         # a pre-hook: recomputation may stop early, right after the last activation the backward needs
-        model.transformer.h[0].input_layernorm.register_forward_pre_hook(lambda *_, c=counter: c.append(1))
+        model.transformer.h[0].input_layernorm.register_forward_pre_hook(
+            lambda *_, c=counter: c.append(1)
+        )
         loss = model(ids, labels=ids).loss
         forward_calls = len(counter)
         loss.backward()
@@ -98,7 +100,9 @@ def test_tied_head_stored_once_and_loading_keywords_not_in_config(tmp_path):
         assert f.metadata() == {"format": "pt"}
     assert "lm_head.weight" not in keys and "transformer.word_embeddings.weight" in keys
     # written atomically, yet with the permissions of a plain file (safetensors alone makes them 0600)
-    assert (tmp_path / "model.safetensors").stat().st_mode == (tmp_path / "config.json").stat().st_mode
+    assert (tmp_path / "model.safetensors").stat().st_mode == (
+        tmp_path / "config.json"
+    ).stat().st_mode
     loaded = BloomForCausalLM.from_pretrained(
         tmp_path, low_cpu_mem_usage=True, device_map="cpu", local_files_only=True, use_safetensors=True,
         revision="main", cache_dir=str(tmp_path / "cache"),
@@ -108,7 +112,14 @@ def test_tied_head_stored_once_and_loading_keywords_not_in_config(tmp_path):
     written = json.loads((tmp_path / "config.json").read_text())
     loaded.save_pretrained(tmp_path / "again")
     rewritten = json.loads((tmp_path / "again" / "config.json").read_text())
-    for key in ("low_cpu_mem_usage", "device_map", "local_files_only", "use_safetensors", "revision", "cache_dir"):
+    for key in (
+        "low_cpu_mem_usage",
+        "device_map",
+        "local_files_only",
+        "use_safetensors",
+        "revision",
+        "cache_dir",
+    ):
         assert key not in written and key not in rewritten and not hasattr(loaded.config, key)
 
 
@@ -116,13 +127,20 @@ def test_tied_head_stored_once_and_loading_keywords_not_in_config(tmp_path):
 def test_torch_dtype_explicit_and_auto(tmp_path, dtype):
     model = _model()
     model.to(dtype).save_pretrained(tmp_path)
-    assert json.loads((tmp_path / "config.json").read_text())["torch_dtype"] == str(dtype).split(".")[1]
-    assert BloomForCausalLM.from_pretrained(tmp_path).dtype == torch.float32  # transformers' default
+    assert (
+        json.loads((tmp_path / "config.json").read_text())["torch_dtype"]
+        == str(dtype).split(".")[1]
+    )
+    assert (
+        BloomForCausalLM.from_pretrained(tmp_path).dtype == torch.float32
+    )  # transformers' default
     auto = BloomForCausalLM.from_pretrained(tmp_path, torch_dtype="auto")
     assert auto.dtype == dtype and all(p.dtype == dtype for p in auto.parameters())
     out = auto(torch.randint(0, 64, (1, 5)), output_attentions=True)
     assert out.logits.dtype == dtype and torch.isfinite(out.logits).all()
-    assert BloomForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).dtype == torch.float32
+    assert (
+        BloomForCausalLM.from_pretrained(tmp_path, torch_dtype=torch.float32).dtype == torch.float32
+    )
 
 
 def test_auto_dtype_without_config_dtype_is_float32(tmp_path):
@@ -150,7 +168,9 @@ def test_problem_type_decided_per_call_and_config_untouched():
     float_loss = model(ids, labels=torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])).loss
     assert model.config.problem_type is None
     logits = model(ids).logits
-    torch.testing.assert_close(int_loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2])))
+    torch.testing.assert_close(
+        int_loss, torch.nn.functional.cross_entropy(logits, torch.tensor([0, 2]))
+    )
     expected = torch.nn.functional.binary_cross_entropy_with_logits(
         logits, torch.tensor([[0.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
     )

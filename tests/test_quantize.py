@@ -14,14 +14,18 @@ from bloomlm.torch.quantize import Int8Embedding, Int8Linear, int8_linear, quant
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     torch.manual_seed(0)
-    model = BloomForCausalLM(BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, pad_token_id=3))
+    model = BloomForCausalLM(
+        BloomConfig(vocab_size=256, hidden_size=64, n_layer=2, n_head=4, pad_token_id=3)
+    )
     path = tmp_path_factory.mktemp("int8")
     model.save_pretrained(path)
     return path
 
 
 def test_quantize_rows_round_trip():
-    weight = torch.randn(8, 32) * torch.logspace(-3, 1, 8)[:, None]  # rows of very different magnitude
+    weight = (
+        torch.randn(8, 32) * torch.logspace(-3, 1, 8)[:, None]
+    )  # rows of very different magnitude
     q, scale = quantize_rows(weight)
     assert q.dtype == torch.int8 and scale.shape == (8,) and q.abs().max() == 127
     error = (q.float() * scale[:, None] - weight).abs().amax(dim=1)
@@ -42,11 +46,17 @@ def test_int8_model(folder, dtype):
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
     assert isinstance(model.get_input_embeddings(), Int8Embedding)
     assert all(m.weight.dtype == torch.int8 for m in linears)
-    assert model.lm_head.weight is model.transformer.word_embeddings.weight  # one int8 matrix, stored once
-    assert all(p.dtype == dtype for p in model.parameters())  # only biases and LayerNorms stay float
+    assert (
+        model.lm_head.weight is model.transformer.word_embeddings.weight
+    )  # one int8 matrix, stored once
+    assert all(
+        p.dtype == dtype for p in model.parameters()
+    )  # only biases and LayerNorms stay float
     ids = torch.randint(4, 256, (2, 12))
     ours, ref = model(ids).logits.float(), reference(ids).logits
-    bound = 0.05 if dtype == torch.float32 else 0.1  # measured ~0.01 / ~0.03 with these random weights
+    bound = (
+        0.05 if dtype == torch.float32 else 0.1
+    )  # measured ~0.01 / ~0.03 with these random weights
     assert (ours - ref).abs().max() <= bound * ref.abs().max()
     assert (ours.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
@@ -81,7 +91,9 @@ def test_int8_and_bf16_loads_peak_below_float32(tmp_path):
     del model
     peaks = {}
     for mode in ("none", "int8", "bf16"):
-        out = subprocess.run([sys.executable, "-c", PEAK_RSS, str(tmp_path), mode], capture_output=True, text=True)
+        out = subprocess.run(
+            [sys.executable, "-c", PEAK_RSS, str(tmp_path), mode], capture_output=True, text=True
+        )
         assert out.returncode == 0, out.stderr
         peaks[mode] = int(out.stdout.split()[-1])
     assert peaks["int8"] < peaks["none"] - 150, peaks
@@ -93,5 +105,7 @@ def test_decode_and_prefill_kernels_agree():
     q, scale = quantize_rows(torch.randn(48, 64))
     x = torch.randn(40, 64)
     many = int8_linear(x, q, scale)  # > 8 rows: bfloat16 matmul on the converted weight
-    few = torch.cat([int8_linear(x[i : i + 4], q, scale) for i in range(0, 40, 4)])  # fused int8 kernel
+    few = torch.cat(
+        [int8_linear(x[i : i + 4], q, scale) for i in range(0, 40, 4)]
+    )  # fused int8 kernel
     assert (many - few).abs().max() <= 1e-2 * many.abs().max()

@@ -76,7 +76,9 @@ def hub_like_folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     folder = root / "bigscience" / "bloom-560m"
     torch.manual_seed(0)
-    config = transformers.BloomConfig(vocab_size=1024, hidden_size=32, n_layer=2, n_head=4, pad_token_id=3)
+    config = transformers.BloomConfig(
+        vocab_size=1024, hidden_size=32, n_layer=2, n_head=4, pad_token_id=3
+    )
     base = transformers.BloomModel(config)
     state = {f"transformer.{k}": torch.randn_like(v) * 0.2 for k, v in base.state_dict().items()}
     state["score.weight"] = torch.randn(2, 32)
@@ -84,7 +86,11 @@ def hub_like_folder(tmp_path_factory):
     state["classifier.bias"] = torch.randn(2)
     folder.mkdir(parents=True)
     config.save_pretrained(folder)
-    save_file({k: v.contiguous() for k, v in state.items()}, folder / "model.safetensors", metadata={"format": "pt"})
+    save_file(
+        {k: v.contiguous() for k, v in state.items()},
+        folder / "model.safetensors",
+        metadata={"format": "pt"},
+    )
     for item in FIXTURE_TOKENIZER.iterdir():
         shutil.copy(item, folder / item.name)
     return root

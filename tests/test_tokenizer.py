@@ -43,12 +43,19 @@ TEXTS = {
 }
 BATCH = list(TEXTS.values())  # mixes the empty string with the long text
 PAIR_FIRST = ["What is BLOOM?", "", "Où est la gare ?", "短い質問"]
-PAIR_SECOND = ["A multilingual language model trained by BigScience.", "empty first", "À gauche.", "答え"]
+PAIR_SECOND = [
+    "A multilingual language model trained by BigScience.",
+    "empty first",
+    "À gauche.",
+    "答え",
+]
 WORDS = [["Hello", "wörld", "!"], ["東京", "は", "大きい"], ["a"], []]
 
 
 @functools.cache
-def _load(options: tuple[tuple[str, object], ...]) -> tuple[BloomTokenizerFast, transformers.BloomTokenizerFast]:
+def _load(
+    options: tuple[tuple[str, object], ...],
+) -> tuple[BloomTokenizerFast, transformers.BloomTokenizerFast]:
     kwargs = dict(options)
     ours = BloomTokenizerFast.from_pretrained(str(FIXTURE), **kwargs)
     theirs = transformers.BloomTokenizerFast.from_pretrained(str(FIXTURE), **kwargs)
@@ -85,7 +92,9 @@ def assert_same_encoding(ours: BatchEncoding, theirs: transformers.BatchEncoding
         assert ours.sequence_ids(row) == theirs.sequence_ids(row)
 
 
-def assert_same_call(*args: object, load_kwargs: dict | None = None, **kwargs: object) -> BatchEncoding:
+def assert_same_call(
+    *args: object, load_kwargs: dict | None = None, **kwargs: object
+) -> BatchEncoding:
     ours, theirs = load(**(load_kwargs or {}))
     ours_out = ours(*args, **kwargs)
     assert_same_encoding(ours_out, theirs(*args, **kwargs))
@@ -98,7 +107,11 @@ CALL_OPTIONS = {
     "defaults": {},
     "no_special_tokens": {"add_special_tokens": False},
     "no_attention_mask": {"return_attention_mask": False},
-    "offsets_masks_length": {"return_offsets_mapping": True, "return_special_tokens_mask": True, "return_length": True},
+    "offsets_masks_length": {
+        "return_offsets_mapping": True,
+        "return_special_tokens_mask": True,
+        "return_length": True,
+    },
     "token_type_ids": {"return_token_type_ids": True},
 }
 
@@ -121,8 +134,17 @@ BATCH_OPTIONS = {
     "max_length_implies_truncation": {"max_length": 5},
     "padding_true_ignores_max_length": {"padding": True, "max_length": 5},
     "pad_to_multiple_of": {"padding": True, "pad_to_multiple_of": 8},
-    "offsets_padded": {"padding": True, "return_offsets_mapping": True, "return_special_tokens_mask": True},
-    "overflow_with_stride": {"truncation": True, "max_length": 6, "stride": 2, "return_overflowing_tokens": True},
+    "offsets_padded": {
+        "padding": True,
+        "return_offsets_mapping": True,
+        "return_special_tokens_mask": True,
+    },
+    "overflow_with_stride": {
+        "truncation": True,
+        "max_length": 6,
+        "stride": 2,
+        "return_overflowing_tokens": True,
+    },
     "explicit_no": {"padding": "do_not_pad", "truncation": "do_not_truncate"},
 }
 LOAD_OPTIONS = {
@@ -163,13 +185,18 @@ PAIR_OPTIONS = {
 
 @pytest.mark.parametrize("options", PAIR_OPTIONS.values(), ids=PAIR_OPTIONS.keys())
 def test_pair_batch(options: dict) -> None:
-    first, second = PAIR_FIRST[2:], PAIR_SECOND[2:]  # non-empty firsts, so only_first can always truncate
+    first, second = (
+        PAIR_FIRST[2:],
+        PAIR_SECOND[2:],
+    )  # non-empty firsts, so only_first can always truncate
     if options.get("truncation") != "only_first":
         first, second = PAIR_FIRST, PAIR_SECOND
     assert_same_call(first, second, **options)
 
 
-@pytest.mark.parametrize("second", ["A multilingual answer.", ""], ids=["pair", "empty_pair_means_no_pair"])
+@pytest.mark.parametrize(
+    "second", ["A multilingual answer.", ""], ids=["pair", "empty_pair_means_no_pair"]
+)
 def test_single_pair(second: str) -> None:
     out = assert_same_call("What is BLOOM?", second, return_offsets_mapping=True)
     assert out.n_sequences == (2 if second else 1)
@@ -181,7 +208,8 @@ def test_pairs_given_as_tuples_in_a_batch() -> None:
 
 @pytest.mark.parametrize("load_kwargs", [{}, {"model_max_length": 8}], ids=["unlimited", "limit_8"])
 @pytest.mark.parametrize(
-    "options", [{"padding": "max_length"}, {"truncation": True}, {"padding": True, "truncation": True}]
+    "options",
+    [{"padding": "max_length"}, {"truncation": True}, {"padding": True, "truncation": True}],
 )
 def test_model_max_length(load_kwargs: dict, options: dict) -> None:
     assert_same_call(BATCH[:4], load_kwargs=load_kwargs, **options)
@@ -227,8 +255,14 @@ def test_split_into_words_needs_add_prefix_space() -> None:
 
 TENSOR_CASES = {
     "single": (TEXTS["latin_accents"], {}),
-    "padded_batch": (BATCH, {"padding": True, "return_offsets_mapping": True, "return_length": True}),
-    "truncated_pairs": ((PAIR_FIRST, PAIR_SECOND), {"padding": "max_length", "max_length": 12, "truncation": True}),
+    "padded_batch": (
+        BATCH,
+        {"padding": True, "return_offsets_mapping": True, "return_length": True},
+    ),
+    "truncated_pairs": (
+        (PAIR_FIRST, PAIR_SECOND),
+        {"padding": "max_length", "max_length": 12, "truncation": True},
+    ),
 }
 
 
@@ -273,7 +307,9 @@ def test_encode() -> None:
     for text in BATCH:
         assert ours.encode(text) == theirs.encode(text)
     assert ours.encode("a", "b c") == theirs.encode("a", "b c")
-    assert torch.equal(ours.encode("héllo", return_tensors="pt"), theirs.encode("héllo", return_tensors="pt"))
+    assert torch.equal(
+        ours.encode("héllo", return_tensors="pt"), theirs.encode("héllo", return_tensors="pt")
+    )
     # transformers encodes a 2-list as a pair; bloomlm refuses the ambiguity.
     with pytest.raises(TypeError, match="batch"):
         ours.encode(["a", "b"])
@@ -295,7 +331,15 @@ def test_decode(skip_special_tokens: bool, clean_up: bool | None) -> None:
 
 @pytest.mark.parametrize(
     "ids",
-    [[70, 71, 1], (70, 71), 70, np.array([70, 71, 2]), torch.tensor([70, 71, 3]), torch.tensor(70), np.int64(70)],
+    [
+        [70, 71, 1],
+        (70, 71),
+        70,
+        np.array([70, 71, 2]),
+        torch.tensor([70, 71, 3]),
+        torch.tensor(70),
+        np.int64(70),
+    ],
     ids=["list", "tuple", "int", "numpy", "torch", "torch_scalar", "numpy_scalar"],
 )
 def test_decode_input_types(ids: object) -> None:
@@ -335,10 +379,12 @@ def test_tokens_and_ids() -> None:
         assert ours.convert_tokens_to_ids(token) == theirs.convert_tokens_to_ids(token)
     assert ours.convert_tokens_to_ids(None) is None
     ids = [1, 70, 2, 3, 0, 71]
-    assert ours.convert_ids_to_tokens(ids, skip_special_tokens=True) == theirs.convert_ids_to_tokens(
+    assert ours.convert_ids_to_tokens(
         ids, skip_special_tokens=True
+    ) == theirs.convert_ids_to_tokens(ids, skip_special_tokens=True)
+    assert ours.convert_tokens_to_string(["Ġh", "ello"]) == theirs.convert_tokens_to_string(
+        ["Ġh", "ello"]
     )
-    assert ours.convert_tokens_to_string(["Ġh", "ello"]) == theirs.convert_tokens_to_string(["Ġh", "ello"])
 
 
 SPECIAL_LOAD_OPTIONS = {
@@ -349,11 +395,15 @@ SPECIAL_LOAD_OPTIONS = {
     "new_token": {"pad_token": "<my-pad>", "additional_special_tokens": ["<extra>"]},
 }
 SPECIAL_ATTRIBUTES = [
-    f"{name}_token{suffix}" for name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask") for suffix in ("", "_id")
+    f"{name}_token{suffix}"
+    for name in ("bos", "eos", "unk", "pad", "sep", "cls", "mask")
+    for suffix in ("", "_id")
 ]
 
 
-@pytest.mark.parametrize("load_kwargs", SPECIAL_LOAD_OPTIONS.values(), ids=SPECIAL_LOAD_OPTIONS.keys())
+@pytest.mark.parametrize(
+    "load_kwargs", SPECIAL_LOAD_OPTIONS.values(), ids=SPECIAL_LOAD_OPTIONS.keys()
+)
 def test_special_tokens_and_vocabulary(load_kwargs: dict) -> None:
     ours, theirs = fresh(**load_kwargs)
     for name in [
@@ -409,7 +459,11 @@ def test_special_token_setters() -> None:
     for tokenizer in (ours, theirs):
         tokenizer.pad_token = tokenizer.eos_token
         tokenizer.bos_token_id = 0
-    assert (ours.pad_token_id, ours.bos_token) == (theirs.pad_token_id, theirs.bos_token) == (2, "<unk>")
+    assert (
+        (ours.pad_token_id, ours.bos_token)
+        == (theirs.pad_token_id, theirs.bos_token)
+        == (2, "<unk>")
+    )
     assert_same_encoding(ours(BATCH, padding=True), theirs(BATCH, padding=True))
     with pytest.raises(TypeError, match="pad_token must be a str"):
         ours.pad_token = 3
@@ -418,7 +472,10 @@ def test_special_token_setters() -> None:
 def test_add_tokens() -> None:
     ours, theirs = fresh()
     counts = [
-        (tokenizer.add_tokens(["<new1>", "the", "hello"]), tokenizer.add_special_tokens({"cls_token": "<sep>"}))
+        (
+            tokenizer.add_tokens(["<new1>", "the", "hello"]),
+            tokenizer.add_special_tokens({"cls_token": "<sep>"}),
+        )
         for tokenizer in (ours, theirs)
     ]
     assert counts[0] == counts[1]
@@ -440,7 +497,9 @@ def test_batch_encoding_access() -> None:
     assert isinstance(out, dict) and isinstance(out[0], Encoding)
     assert out.to("cpu") is out and out.input_ids.device.type == "cpu"
     assert out.to(torch.device("cpu")).attention_mask.dtype == torch.int64
-    assert out.to(torch.float16).input_ids.dtype == torch.int64  # not a device: ignored, as in transformers
+    assert (
+        out.to(torch.float16).input_ids.dtype == torch.int64
+    )  # not a device: ignored, as in transformers
     assert out[:1]["input_ids"].shape == (1, out.input_ids.shape[1])
     with pytest.raises(AttributeError, match="no_such_feature"):
         _ = out.no_such_feature
@@ -482,7 +541,9 @@ SAVE_LOAD_OPTIONS = {
 
 @pytest.mark.parametrize("used", [False, True], ids=["fresh", "after_padded_truncated_call"])
 @pytest.mark.parametrize("load_kwargs", SAVE_LOAD_OPTIONS.values(), ids=SAVE_LOAD_OPTIONS.keys())
-def test_save_pretrained_writes_what_transformers_writes(tmp_path: Path, load_kwargs: dict, used: bool) -> None:
+def test_save_pretrained_writes_what_transformers_writes(
+    tmp_path: Path, load_kwargs: dict, used: bool
+) -> None:
     ours, theirs = fresh(**load_kwargs)
     if used:  # the backend keeps its last truncation/padding and tokenizer.json records it
         for tokenizer in (ours, theirs):
@@ -496,12 +557,20 @@ def test_save_pretrained_writes_what_transformers_writes(tmp_path: Path, load_kw
     # Each library reads the other's folder back to the same tokenizer.
     ours_back = BloomTokenizerFast.from_pretrained(tmp_path / "theirs")
     theirs_back = transformers.BloomTokenizerFast.from_pretrained(tmp_path / "ours")
-    assert ours_back.init_kwargs.keys() - {"added_tokens_decoder"} == theirs_back.init_kwargs.keys() - {
+    assert ours_back.init_kwargs.keys() - {
+        "added_tokens_decoder"
+    } == theirs_back.init_kwargs.keys() - {
         "name_or_path",
         "tokenizer_file",
         "special_tokens_map_file",
     }
-    for name in ["all_special_tokens", "all_special_ids", "padding_side", "add_prefix_space", "model_max_length"]:
+    for name in [
+        "all_special_tokens",
+        "all_special_ids",
+        "padding_side",
+        "add_prefix_space",
+        "model_max_length",
+    ]:
         assert getattr(ours_back, name) == getattr(theirs_back, name), name
     ours_back.save_pretrained(tmp_path / "ours_again")
     theirs_back.save_pretrained(tmp_path / "theirs_again")
@@ -539,7 +608,12 @@ BIGSCIENCE_CONFIGS = {
         "padding_side": "left",
     },
     "legacy_dict_tokens": {
-        "pad_token": {"__type": "AddedToken", "content": "<pad>", "lstrip": False, "normalized": True},
+        "pad_token": {
+            "__type": "AddedToken",
+            "content": "<pad>",
+            "lstrip": False,
+            "normalized": True,
+        },
         "model_max_length": 64,
         "errors": "replace",
     },
@@ -548,7 +622,9 @@ BIGSCIENCE_CONFIGS = {
 SPECIAL_TOKENS_MAPS = {
     "none": None,
     "strings": {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"},
-    "dicts": {"pad_token": {"content": "<unk>", "lstrip": False, "normalized": False, "rstrip": False}},
+    "dicts": {
+        "pad_token": {"content": "<unk>", "lstrip": False, "normalized": False, "rstrip": False}
+    },
 }
 
 
@@ -563,13 +639,20 @@ def _folder(tmp_path: Path, config: dict | None, special_tokens_map: dict | None
     return folder
 
 
-@pytest.mark.parametrize("special_map", SPECIAL_TOKENS_MAPS.values(), ids=SPECIAL_TOKENS_MAPS.keys())
+@pytest.mark.parametrize(
+    "special_map", SPECIAL_TOKENS_MAPS.values(), ids=SPECIAL_TOKENS_MAPS.keys()
+)
 @pytest.mark.parametrize("config", BIGSCIENCE_CONFIGS.values(), ids=BIGSCIENCE_CONFIGS.keys())
 def test_config_files(tmp_path: Path, config: dict, special_map: dict | None) -> None:
     folder = _folder(tmp_path, config, special_map)
     ours = BloomTokenizerFast.from_pretrained(folder)
     theirs = transformers.BloomTokenizerFast.from_pretrained(folder)
-    for name in [*SPECIAL_ATTRIBUTES, "all_special_tokens", "model_max_length", "clean_up_tokenization_spaces"]:
+    for name in [
+        *SPECIAL_ATTRIBUTES,
+        "all_special_tokens",
+        "model_max_length",
+        "clean_up_tokenization_spaces",
+    ]:
         assert getattr(ours, name) == getattr(theirs, name), name
     if config.get("padding_side") is None:
         # transformers falls back to right padding; bloomlm keeps BLOOM's left padding (SPEC).
@@ -583,7 +666,9 @@ def test_config_files(tmp_path: Path, config: dict, special_map: dict | None) ->
 
 
 def test_hub_keywords_are_accepted_for_a_local_folder() -> None:
-    ours = BloomTokenizerFast.from_pretrained(FIXTURE, local_files_only=True, revision="main", cache_dir=None)
+    ours = BloomTokenizerFast.from_pretrained(
+        FIXTURE, local_files_only=True, revision="main", cache_dir=None
+    )
     assert "revision" not in ours.init_kwargs and ours.pad_token_id == 3
 
 
@@ -616,8 +701,13 @@ def test_auto_tokenizer_returns_bloom_tokenizer() -> None:
 
 def test_auto_tokenizer_on_the_176b_config_decodes_like_transformers(tmp_path: Path) -> None:
     folder = _folder(tmp_path, BIGSCIENCE_CONFIGS["bloom_176b"], None)
-    ours, theirs = AutoTokenizer.from_pretrained(folder), transformers.AutoTokenizer.from_pretrained(folder)
-    assert type(theirs).__name__ == "PreTrainedTokenizerFast"  # whose decode cleans up spaces by default
+    ours, theirs = (
+        AutoTokenizer.from_pretrained(folder),
+        transformers.AutoTokenizer.from_pretrained(folder),
+    )
+    assert (
+        type(theirs).__name__ == "PreTrainedTokenizerFast"
+    )  # whose decode cleans up spaces by default
     ids = theirs("Hello , world . It 's fine").input_ids
     assert ours.decode(ids) == theirs.decode(ids) == "Hello, world. It's fine"
     assert BloomTokenizerFast.from_pretrained(folder).decode(ids) == "Hello , world . It 's fine"
@@ -626,7 +716,11 @@ def test_auto_tokenizer_on_the_176b_config_decodes_like_transformers(tmp_path: P
 # -- bad arguments ----------------------------------------------------------------------------------------------
 
 BAD_CALLS = {
-    "padding_value": (lambda t: t(["a"], padding="sideways"), ValueError, "padding='sideways' is not supported"),
+    "padding_value": (
+        lambda t: t(["a"], padding="sideways"),
+        ValueError,
+        "padding='sideways' is not supported",
+    ),
     "truncation_value": (lambda t: t(["a"], truncation="middle"), ValueError, "'only_second'"),
     "return_tensors": (lambda t: t("a", return_tensors="tf"), ValueError, "'pt' \\(torch\\)"),
     "text_int": (lambda t: t(5), ValueError, "text must be `str`"),
@@ -635,8 +729,16 @@ BAD_CALLS = {
     "pair_str_for_batch": (lambda t: t(["a", "b"], "c"), TypeError, "text_pair must be a list"),
     "pair_length": (lambda t: t(["a", "b"], ["c"]), ValueError, "does not match"),
     "empty_batch": (lambda t: t([]), ValueError, "empty batch"),
-    "max_length_negative": (lambda t: t("a", max_length=-1), ValueError, "max_length must be an int >= 0"),
-    "pad_to_multiple_of_zero": (lambda t: t("a", pad_to_multiple_of=0), ValueError, "pad_to_multiple_of"),
+    "max_length_negative": (
+        lambda t: t("a", max_length=-1),
+        ValueError,
+        "max_length must be an int >= 0",
+    ),
+    "pad_to_multiple_of_zero": (
+        lambda t: t("a", pad_to_multiple_of=0),
+        ValueError,
+        "pad_to_multiple_of",
+    ),
     "multiple_vs_max_length": (
         lambda t: t("a", padding=True, truncation=True, max_length=10, pad_to_multiple_of=4),
         ValueError,
@@ -676,11 +778,14 @@ def test_bad_load_arguments() -> None:
 
 
 def test_import_is_light() -> None:
-    code = (
-        "import sys, bloomlm.tokenizer; print(sorted(m for m in ('transformers', 'torch', 'jax') if m in sys.modules))"
-    )
+    code = "import sys, bloomlm.tokenizer; print(sorted(m for m in ('transformers', 'torch', 'jax') if m in sys.modules))"
     # The same bloomlm as this test run imports, whether installed or on PYTHONPATH.
     source_root = str(Path(bloomlm.tokenizer.__file__).parents[1])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([source_root, os.environ.get("PYTHONPATH", "")]),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
     assert result.stdout.strip() == "[]"

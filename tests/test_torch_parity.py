@@ -36,7 +36,9 @@ from conftest import (
 
 # transformers' QA passes position_ids=None to its body, which then warns on every call
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:`position_ids` have no functionality in BLOOM:FutureWarning"),
+    pytest.mark.filterwarnings(
+        "ignore:`position_ids` have no functionality in BLOOM:FutureWarning"
+    ),
     pytest.mark.usefixtures("one_thread"),
 ]
 
@@ -79,7 +81,11 @@ def test_forward_parity(load_pair, config_name, arch, padding):
     ours, ref = load_pair(config_name, arch)
     input_ids, mask = make_inputs(ours.config.vocab_size, padding)
     kwargs = forward_kwargs(
-        arch, input_ids=input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+        arch,
+        input_ids=input_ids,
+        attention_mask=mask,
+        output_hidden_states=True,
+        output_attentions=True,
     )
     ours_out, ref_out = run_both(ours, ref, arch, **kwargs)
     compare_outputs(ours_out, ref_out, arch, query_mask=mask, kv_mask=mask)
@@ -152,19 +158,28 @@ def test_incremental_decoding_equals_full_forward(load_pair, config_name, arch):
             use_cache=True,
         )
         several = ours(
-            input_ids[:, prefix + 1 :], past_key_values=one.past_key_values, attention_mask=mask, use_cache=True
+            input_ids[:, prefix + 1 :],
+            past_key_values=one.past_key_values,
+            attention_mask=mask,
+            use_cache=True,
         )
     compare_outputs(full, ref_full, arch, query_mask=mask, kv_mask=mask)
     assert_cache_close(several.past_key_values, full.past_key_values, FP32_TOL, kv_mask=mask)
     if arch == "BloomForSequenceClassification":  # pooled: the last new token is the last token
         assert_close(several.logits, full.logits, FP32_TOL, name="pooled logits")
     else:
-        assert_close(getattr(one, field), getattr(full, field)[:, prefix : prefix + 1], FP32_TOL, name=field)
-        assert_close(getattr(several, field), getattr(full, field)[:, prefix + 1 :], FP32_TOL, name=field)
+        assert_close(
+            getattr(one, field), getattr(full, field)[:, prefix : prefix + 1], FP32_TOL, name=field
+        )
+        assert_close(
+            getattr(several, field), getattr(full, field)[:, prefix + 1 :], FP32_TOL, name=field
+        )
 
 
 @pytest.mark.parametrize("output_attentions", [False, True])
-@pytest.mark.parametrize("direction", ["transformers_cache_into_ours", "our_cache_into_transformers"])
+@pytest.mark.parametrize(
+    "direction", ["transformers_cache_into_ours", "our_cache_into_transformers"]
+)
 @pytest.mark.parametrize("arch", CACHE_ARCHS)
 @pytest.mark.parametrize("config_name", ["pow2", "odd_heads"])
 def test_cache_exchange(load_pair, config_name, arch, direction, output_attentions):
@@ -173,7 +188,9 @@ def test_cache_exchange(load_pair, config_name, arch, direction, output_attentio
     prefix = 5
     producer = ref if direction == "transformers_cache_into_ours" else ours
     with torch.no_grad():
-        cache = producer(input_ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True).past_key_values
+        cache = producer(
+            input_ids[:, :prefix], attention_mask=mask[:, :prefix], use_cache=True
+        ).past_key_values
     pristine = _clone_cache(cache)
     for new in (slice(prefix, prefix + 1), slice(prefix, None)):  # one token, then several
         kwargs = dict(
@@ -230,7 +247,11 @@ def test_head_mask(load_pair, config_name, arch, kind):
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
     head_mask = _head_mask(ours.config, kind)
     kwargs = forward_kwargs(
-        arch, input_ids=input_ids, attention_mask=mask, output_attentions=True, output_hidden_states=True
+        arch,
+        input_ids=input_ids,
+        attention_mask=mask,
+        output_attentions=True,
+        output_hidden_states=True,
     )
     ours_out, ref_out = run_both(ours, ref, arch, head_mask=head_mask, **kwargs)
     compare_outputs(ours_out, ref_out, arch, query_mask=mask, kv_mask=mask)
@@ -251,7 +272,9 @@ def test_inputs_embeds(load_pair, config_name, arch, recwarn, caplog):
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
     gen = torch.Generator().manual_seed(7)
     embeds = 0.5 * torch.randn(*input_ids.shape, ours.config.hidden_size, generator=gen)
-    kwargs = forward_kwargs(arch, inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True)
+    kwargs = forward_kwargs(
+        arch, inputs_embeds=embeds, attention_mask=mask, output_hidden_states=True
+    )
     ours_out, ref_out = run_both(ours, ref, arch, **kwargs)
     compare_outputs(ours_out, ref_out, arch, query_mask=mask, kv_mask=mask)
     if arch == "BloomForSequenceClassification":
@@ -261,7 +284,9 @@ def test_inputs_embeds(load_pair, config_name, arch, recwarn, caplog):
         return
     # the same embeddings through input_ids give the same result
     with torch.no_grad():
-        from_embeddings = ours(**forward_kwargs(arch, inputs_embeds=ours.get_input_embeddings()(input_ids)))
+        from_embeddings = ours(
+            **forward_kwargs(arch, inputs_embeds=ours.get_input_embeddings()(input_ids))
+        )
         from_ids = ours(**forward_kwargs(arch, input_ids=input_ids))
     field = MAIN_FIELD[arch]
     assert_close(getattr(from_embeddings, field), getattr(from_ids, field), FP32_TOL, name=field)
@@ -273,14 +298,23 @@ def test_inputs_embeds(load_pair, config_name, arch, recwarn, caplog):
 
 def _expected_tuple(arch: str, ref_dict_output) -> tuple:
     """What transformers' dataclass holds, as a tuple: the correct tuple (defect (d) aside)."""
-    return tuple(getattr(ref_dict_output, f) for f in OUTPUT_FIELDS[arch] if getattr(ref_dict_output, f) is not None)
+    return tuple(
+        getattr(ref_dict_output, f)
+        for f in OUTPUT_FIELDS[arch]
+        if getattr(ref_dict_output, f) is not None
+    )
 
 
 @pytest.mark.parametrize("extras", ["plain", "hidden_states", "all"])
 @pytest.mark.parametrize("use_cache", [True, False])
 @pytest.mark.parametrize(
     ("arch", "with_labels"),
-    [(arch, labels) for arch in ARCHS for labels in (False, True) if arch != "BloomModel" or not labels],
+    [
+        (arch, labels)
+        for arch in ARCHS
+        for labels in (False, True)
+        if arch != "BloomModel" or not labels
+    ],
 )
 def test_return_dict_false_tuples(load_pair, arch, with_labels, use_cache, extras):
     # QA has no use_cache argument: config.use_cache decides what transformers' body returns
@@ -340,7 +374,9 @@ def test_dropout_only_in_training(make_checkpoint, arch, output_attentions):
     folder = make_checkpoint("pow2", arch, hidden_dropout=0.3, attention_dropout=0.3)
     ours = ours_cls(arch).from_pretrained(folder)
     ref = ref_cls(arch).from_pretrained(folder)
-    assert not ours.training, "from_pretrained must return the model in eval mode, as transformers does"
+    assert not ours.training, (
+        "from_pretrained must return the model in eval mode, as transformers does"
+    )
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
     kwargs = dict(input_ids=input_ids, attention_mask=mask, output_attentions=output_attentions)
     with torch.no_grad():
@@ -367,7 +403,10 @@ FORMATS = {
     "bin": ({"safe_serialization": False}, "pytorch_model.bin"),
     # the tiny models weigh ~100-150 kB: 50 kB shards give 3-4 files
     "safetensors_sharded": ({"max_shard_size": "50KB"}, "model.safetensors.index.json"),
-    "bin_sharded": ({"safe_serialization": False, "max_shard_size": 50_000}, "pytorch_model.bin.index.json"),
+    "bin_sharded": (
+        {"safe_serialization": False, "max_shard_size": 50_000},
+        "pytorch_model.bin.index.json",
+    ),
 }
 WEIGHT_FILES = {name for _, name in FORMATS.values()}
 # every class in the single-file formats; the sharded ones on a tied, an untied and a head model
@@ -402,7 +441,9 @@ def _check_folder(folder, fmt: str) -> None:
 
 def _compare_models(ours, ref, arch):
     input_ids, mask = make_inputs(ref.config.vocab_size, "left")
-    kwargs = forward_kwargs(arch, input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    kwargs = forward_kwargs(
+        arch, input_ids=input_ids, attention_mask=mask, output_hidden_states=True
+    )
     ours_out, ref_out = run_both(ours, ref, arch, **kwargs)
     compare_outputs(ours_out, ref_out, arch, query_mask=mask, kv_mask=mask)
 
@@ -414,7 +455,12 @@ def test_our_save_loads_in_transformers(make_checkpoint, tmp_path, config_name, 
     ours.save_pretrained(tmp_path, **FORMATS[fmt][0])
     _check_folder(tmp_path, fmt)
     ref, info = ref_cls(arch).from_pretrained(tmp_path, output_loading_info=True)
-    assert info == {"missing_keys": [], "unexpected_keys": [], "mismatched_keys": [], "error_msgs": []}
+    assert info == {
+        "missing_keys": [],
+        "unexpected_keys": [],
+        "mismatched_keys": [],
+        "error_msgs": [],
+    }
     original = ref_cls(arch).from_pretrained(make_checkpoint(config_name, arch))
     for name, tensor in original.state_dict().items():
         assert torch.equal(ref.state_dict()[name], tensor), f"{name} changed in the round trip"
@@ -458,7 +504,9 @@ def test_base_checkpoint_into_head(make_checkpoint, config_name, arch):
         if name.endswith("weight"):
             assert value.std() > 0, f"missing {name} was not initialised randomly"
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
-    kwargs = forward_kwargs(arch, input_ids=input_ids, attention_mask=mask, output_hidden_states=True)
+    kwargs = forward_kwargs(
+        arch, input_ids=input_ids, attention_mask=mask, output_hidden_states=True
+    )
     ours_out, ref_out = run_both(ours, ref, arch, **kwargs)
     for i, (o, r) in enumerate(zip(ours_out.hidden_states, ref_out.hidden_states, strict=True)):
         assert_close(o, r, FP32_TOL, mask, name=f"hidden_states[{i}]")
@@ -500,7 +548,11 @@ def test_tied_lm_head_stored_once(make_checkpoint, tmp_path, config_name):
 def test_loading_keywords_are_accepted_and_not_saved(make_checkpoint, tmp_path):
     folder = make_checkpoint("pow2", "BloomForCausalLM")
     ours = ours_cls("BloomForCausalLM").from_pretrained(
-        folder, low_cpu_mem_usage=True, local_files_only=True, use_safetensors=True, device_map="cpu"
+        folder,
+        low_cpu_mem_usage=True,
+        local_files_only=True,
+        use_safetensors=True,
+        device_map="cpu",
     )
     ours.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
@@ -542,7 +594,10 @@ def test_torch_dtype(make_checkpoint, tmp_path, config_name, torch_dtype, expect
     assert ref.dtype == expected  # the oracle agrees
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
     with torch.no_grad():
-        logits, ref_logits = ours(input_ids, attention_mask=mask).logits, ref(input_ids, attention_mask=mask).logits
+        logits, ref_logits = (
+            ours(input_ids, attention_mask=mask).logits,
+            ref(input_ids, attention_mask=mask).logits,
+        )
     tol = {torch.float32: FP32_TOL, torch.bfloat16: BF16_TOL, torch.float16: FP16_TOL}[expected]
     assert_close(logits, ref_logits, tol, mask, name=f"{expected} logits")
 
@@ -556,15 +611,21 @@ def test_half_precision_parity(make_checkpoint, config_name, dtype, tol):
     ours = ours_cls(arch).from_pretrained(folder, torch_dtype=dtype)
     ref = ref_cls(arch).from_pretrained(folder, torch_dtype=dtype)
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
-    kwargs = dict(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True)
+    kwargs = dict(
+        input_ids=input_ids, attention_mask=mask, output_hidden_states=True, output_attentions=True
+    )
     ours_out, ref_out = run_both(ours, ref, arch, **kwargs)
     assert ours_out.logits.dtype == dtype
     compare_outputs(ours_out, ref_out, arch, tol=tol, query_mask=mask, kv_mask=mask)
-    fast_kwargs = dict(input_ids=input_ids, attention_mask=mask, use_cache=True)  # no attentions: any path
+    fast_kwargs = dict(
+        input_ids=input_ids, attention_mask=mask, use_cache=True
+    )  # no attentions: any path
     ours_fast, ref_fast = run_both(ours, ref, arch, **fast_kwargs)
     compare_outputs(ours_fast, ref_fast, arch, tol=tol, query_mask=mask, kv_mask=mask)
     for attention in ours_out.attentions:  # probabilities from an fp32 softmax: rows sum to 1
-        row_sums = attention.float().sum(-1)[mask.bool()[:, None, :].expand(-1, attention.shape[1], -1)]
+        row_sums = attention.float().sum(-1)[
+            mask.bool()[:, None, :].expand(-1, attention.shape[1], -1)
+        ]
         assert (row_sums - 1).abs().max() < 2e-2
     # and the half-precision result is near the fp32 one on the same weights
     ours32 = ours_cls(arch).from_pretrained(folder, torch_dtype=torch.float32)

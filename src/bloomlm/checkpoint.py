@@ -69,16 +69,24 @@ def save_state_dict(
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     shards = _split_into_shards(tensors, parse_size(max_shard_size), weights_name)
     index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
-    written = [target / name for name in shards] + ([target / index_name] if len(shards) > 1 else [])
+    written = [target / name for name in shards] + (
+        [target / index_name] if len(shards) > 1 else []
+    )
 
     # Every file is written to its temporary name first; the renames happen together when the stack
     # closes without error (an error deletes all temporaries instead), so a failed save changes nothing.
     with contextlib.ExitStack() as stack:
-        if len(shards) > 1:  # entered first, so renamed last: the index never points at missing shards
+        if (
+            len(shards) > 1
+        ):  # entered first, so renamed last: the index never points at missing shards
             index_text = json.dumps(_build_index(shards), indent=2, sort_keys=True) + "\n"
-            stack.enter_context(atomic_path(target / index_name)).write_text(index_text, encoding="utf-8")
+            stack.enter_context(atomic_path(target / index_name)).write_text(
+                index_text, encoding="utf-8"
+            )
         for name, shard in shards.items():
-            _write_weight_file(shard, stack.enter_context(atomic_path(target / name)), safe_serialization)
+            _write_weight_file(
+                shard, stack.enter_context(atomic_path(target / name)), safe_serialization
+            )
 
     _remove_stale_weight_files(target, keep={path.name for path in written})
     return written
@@ -94,7 +102,9 @@ def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
     tensors = {}
     for name, tensor in state_dict.items():
         if not isinstance(name, str) or not isinstance(tensor, torch.Tensor):
-            raise TypeError(f"state_dict must map str names to tensors; got {name!r}: {type(tensor).__name__}")
+            raise TypeError(
+                f"state_dict must map str names to tensors; got {name!r}: {type(tensor).__name__}"
+            )
         tensor = tensor.detach()
         storage = tensor.untyped_storage()
         owns_storage = (
@@ -130,12 +140,16 @@ def _split_into_shards(
 
 
 def _build_index(shards: dict[str, dict[str, torch.Tensor]]) -> dict:
-    total_size = sum(t.numel() * t.element_size() for shard in shards.values() for t in shard.values())
+    total_size = sum(
+        t.numel() * t.element_size() for shard in shards.values() for t in shard.values()
+    )
     weight_map = {name: file_name for file_name, shard in shards.items() for name in shard}
     return {"metadata": {"total_size": total_size}, "weight_map": weight_map}
 
 
-def _write_weight_file(tensors: dict[str, torch.Tensor], path: Path, safe_serialization: bool) -> None:
+def _write_weight_file(
+    tensors: dict[str, torch.Tensor], path: Path, safe_serialization: bool
+) -> None:
     if safe_serialization:
         # transformers refuses safetensors files without format metadata.
         safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
@@ -177,7 +191,9 @@ def read_index(index_path: str | os.PathLike) -> dict[str, str]:
     except FileNotFoundError:
         raise CheckpointNotFoundError(f"index file {path} does not exist") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"index file {path} is truncated or corrupt ({err}); re-download or re-save") from err
+        raise CheckpointError(
+            f"index file {path} is truncated or corrupt ({err}); re-download or re-save"
+        ) from err
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
@@ -194,11 +210,17 @@ def _candidate_names(use_safetensors: bool | None) -> tuple[str, ...]:
     return WEIGHT_FILE_CANDIDATES[:2] if use_safetensors else WEIGHT_FILE_CANDIDATES[2:]
 
 
-def _locate_weights(folder: Path, use_safetensors: bool | None) -> tuple[list[Path], dict[str, str] | None]:
+def _locate_weights(
+    folder: Path, use_safetensors: bool | None
+) -> tuple[list[Path], dict[str, str] | None]:
     """(files to read, weight_map if sharded) for the first candidate present."""
     if not folder.is_dir():
-        kind = "a file, not a folder (use load_state_dict_file)" if folder.exists() else "not a folder"
-        raise CheckpointNotFoundError(f"{folder} is {kind}; looked for {', '.join(WEIGHT_FILE_CANDIDATES)}")
+        kind = (
+            "a file, not a folder (use load_state_dict_file)" if folder.exists() else "not a folder"
+        )
+        raise CheckpointNotFoundError(
+            f"{folder} is {kind}; looked for {', '.join(WEIGHT_FILE_CANDIDATES)}"
+        )
     candidates = _candidate_names(use_safetensors)
     for name in candidates:
         path = folder / name
@@ -218,7 +240,9 @@ def _shard_paths(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
     for name in shard_names:
         # Shards sit beside their index; a path in the index must not reach elsewhere on the disk.
         if Path(name).name != name or name in (".", ".."):
-            raise CheckpointError(f"index file {index_path} names shard {name!r}, which is not a plain file name")
+            raise CheckpointError(
+                f"index file {index_path} names shard {name!r}, which is not a plain file name"
+            )
         path = index_path.parent / name
         if not path.is_file():
             raise CheckpointNotFoundError(
@@ -229,16 +253,24 @@ def _shard_paths(index_path: Path, weight_map: dict[str, str]) -> list[Path]:
     return paths
 
 
-def _nothing_found_message(folder: Path, candidates: tuple[str, ...], use_safetensors: bool | None) -> str:
+def _nothing_found_message(
+    folder: Path, candidates: tuple[str, ...], use_safetensors: bool | None
+) -> str:
     message = f"no weights in {folder}: looked for {', '.join(candidates)}"
     if use_safetensors is not None:
         message += f" (use_safetensors={use_safetensors})"
     others = [name for name in (FLAX_WEIGHTS_NAME, TF_WEIGHTS_NAME) if (folder / name).is_file()]
     if FLAX_WEIGHTS_NAME in others:
-        message += f"; only Flax weights found ({FLAX_WEIGHTS_NAME}): load them with the Flax classes"
+        message += (
+            f"; only Flax weights found ({FLAX_WEIGHTS_NAME}): load them with the Flax classes"
+        )
     elif others:
-        message += f"; only TensorFlow weights found ({TF_WEIGHTS_NAME}), which bloomlm does not read"
-    elif use_safetensors is not None and any((folder / n).is_file() for n in WEIGHT_FILE_CANDIDATES):
+        message += (
+            f"; only TensorFlow weights found ({TF_WEIGHTS_NAME}), which bloomlm does not read"
+        )
+    elif use_safetensors is not None and any(
+        (folder / n).is_file() for n in WEIGHT_FILE_CANDIDATES
+    ):
         message += "; weights of the other format are present"
     return message
 
@@ -247,7 +279,10 @@ def _nothing_found_message(folder: Path, candidates: tuple[str, ...], use_safete
 
 
 def load_state_dict(
-    folder: str | os.PathLike, *, use_safetensors: bool | None = None, device: str | torch.device = "cpu"
+    folder: str | os.PathLike,
+    *,
+    use_safetensors: bool | None = None,
+    device: str | torch.device = "cpu",
 ) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint in `folder` (one file or every shard), by parameter name."""
     files, weight_map = _locate_weights(Path(folder), use_safetensors)
@@ -259,12 +294,16 @@ def load_state_dict(
     return state_dict
 
 
-def load_state_dict_file(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def load_state_dict_file(
+    path: str | os.PathLike, *, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The tensors of one `.safetensors` or `torch.save`d `.bin` file (memory-mapped when possible)."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointNotFoundError(f"weight file {file} does not exist")
-    target_device = torch.device(device)  # a bad device name fails here, not as "corrupt file" below
+    target_device = torch.device(
+        device
+    )  # a bad device name fails here, not as "corrupt file" below
     if file.suffix == ".safetensors":
         tensors = _read_safetensors(file)
     else:
@@ -309,7 +348,9 @@ def row_blocks(
         yield from tensor.row_blocks(max_bytes)
         return
     rows = tensor.shape[0] if tensor.dim() else 1
-    row_bytes = max(1, tensor[0].numel() * tensor.element_size() if tensor.dim() else tensor.element_size())
+    row_bytes = max(
+        1, tensor[0].numel() * tensor.element_size() if tensor.dim() else tensor.element_size()
+    )
     step = max(1, max_bytes // row_bytes)
     for start in range(0, rows, step):
         yield start, (tensor[start : start + step] if tensor.dim() else tensor)
@@ -324,7 +365,15 @@ _SAFETENSORS_DTYPES = {
 class StreamedTensor:
     """One safetensors entry not yet read: its shape and dtype, and its rows on demand."""
 
-    def __init__(self, path: Path, file, offset: int, shape: list[int], dtype: torch.dtype, buffer: torch.Tensor):
+    def __init__(
+        self,
+        path: Path,
+        file,
+        offset: int,
+        shape: list[int],
+        dtype: torch.dtype,
+        buffer: torch.Tensor,
+    ):
         self.path, self._file, self._offset = path, file, offset
         self.shape, self.dtype, self._buffer = tuple(shape), dtype, buffer
 
@@ -350,7 +399,9 @@ class StreamedTensor:
             yield start, block.view(count, *row_shape) if self.shape else block.view(())
 
 
-def _stream_safetensors(path: Path, buffer_bytes: int = 32 * 2**20) -> Iterator[tuple[str, StreamedTensor]]:
+def _stream_safetensors(
+    path: Path, buffer_bytes: int = 32 * 2**20
+) -> Iterator[tuple[str, StreamedTensor]]:
     # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
     # then the raw bytes, offsets counted from the end of the header.
     try:
@@ -366,23 +417,36 @@ def _stream_safetensors(path: Path, buffer_bytes: int = 32 * 2**20) -> Iterator[
                 begin, end = info["data_offsets"]
                 expected = math.prod(info["shape"]) * _SAFETENSORS_DTYPES[info["dtype"]].itemsize
                 if end - begin != expected or 8 + header_length + end > path.stat().st_size:
-                    raise ValueError(f"tensor {name} does not fit the file (offsets {begin}..{end})")
+                    raise ValueError(
+                        f"tensor {name} does not fit the file (offsets {begin}..{end})"
+                    )
         except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
             raise CheckpointError(_corrupt_message(path, err)) from err
         # Blocks are whole rows, so the buffer must hold at least the widest row.
         widest_row = max((math.prod(i["shape"][1:]) * _SAFETENSORS_DTYPES[i["dtype"]].itemsize
                           for i in entries.values()), default=0)  # fmt: skip
-        largest = max((i["data_offsets"][1] - i["data_offsets"][0] for i in entries.values()), default=0)
+        largest = max(
+            (i["data_offsets"][1] - i["data_offsets"][0] for i in entries.values()), default=0
+        )
         buffer = torch.empty(min(largest, max(buffer_bytes, widest_row)), dtype=torch.uint8)
         for name, info in entries.items():
             dtype = _SAFETENSORS_DTYPES[info["dtype"]]
             yield (
                 name,
-                StreamedTensor(path, file, 8 + header_length + info["data_offsets"][0], info["shape"], dtype, buffer),
+                StreamedTensor(
+                    path,
+                    file,
+                    8 + header_length + info["data_offsets"][0],
+                    info["shape"],
+                    dtype,
+                    buffer,
+                ),
             )
 
 
-def load_numpy_state_dict(folder: str | os.PathLike, *, use_safetensors: bool | None = None) -> dict[str, np.ndarray]:
+def load_numpy_state_dict(
+    folder: str | os.PathLike, *, use_safetensors: bool | None = None
+) -> dict[str, np.ndarray]:
     """Like `load_state_dict`, as NumPy arrays (for the Flax side).
 
     Read through torch, which is always installed: `.numpy()` shares memory with the mapped file (no copy),
@@ -390,7 +454,8 @@ def load_numpy_state_dict(folder: str | os.PathLike, *, use_safetensors: bool | 
     `ml_dtypes.bfloat16` when that package (a jax dependency) is installed, else as float32 (exact).
     """
     return {
-        name: _to_numpy(tensor) for name, tensor in load_state_dict(folder, use_safetensors=use_safetensors).items()
+        name: _to_numpy(tensor)
+        for name, tensor in load_state_dict(folder, use_safetensors=use_safetensors).items()
     }
 
 
@@ -409,7 +474,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
         # safe_open maps the file; tensors are read from the mapping without an extra full-file buffer.
         with safetensors.safe_open(str(path), framework="pt") as reader:
             return {name: reader.get_tensor(name) for name in reader.keys()}
-    except Exception as err:  # SafetensorError, OSError, ...: whatever the cause, the file is unusable
+    except (
+        Exception
+    ) as err:  # SafetensorError, OSError, ...: whatever the cause, the file is unusable
         raise CheckpointError(_corrupt_message(path, err)) from err
 
 
@@ -419,7 +486,9 @@ def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
     mmap = _starts_like_zip(path)
     try:
         with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Detected pickle protocol")  # noise on foreign pickles
+            warnings.filterwarnings(
+                "ignore", message="Detected pickle protocol"
+            )  # noise on foreign pickles
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
@@ -446,7 +515,13 @@ def _starts_like_zip(path: Path) -> bool:
 def _unpickler_reason(err: Exception) -> str:
     """The specific part of torch's long weights_only error (e.g. 'Unsupported global: ... posix.system')."""
     text = str(err).split("WeightsUnpickler error:", 1)[-1]
-    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue", "(1)", "(2)")
+    boilerplate = (
+        "Weights only load failed",
+        "Check the documentation",
+        "Please file an issue",
+        "(1)",
+        "(2)",
+    )
     lines = [line.strip() for line in text.splitlines()]
     details = [line for line in lines if line and not line.startswith(boilerplate)]
     # Drop torch's advice to allow-list globals: bloomlm offers no way to do that, by design.
@@ -458,7 +533,9 @@ def _corrupt_message(path: Path, err: Exception) -> str:
     return f"weight file {path} is truncated or corrupt ({reason}); re-download it or save it again"
 
 
-def _check_index_covered(weight_map: dict[str, str], state_dict: dict[str, torch.Tensor], folder: Path) -> None:
+def _check_index_covered(
+    weight_map: dict[str, str], state_dict: dict[str, torch.Tensor], folder: Path
+) -> None:
     missing = [name for name in weight_map if name not in state_dict]
     if missing:
         shown = ", ".join(f"{name} (in {weight_map[name]})" for name in missing[:5])

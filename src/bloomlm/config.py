@@ -55,12 +55,22 @@ _DEFAULTS: dict[str, Any] = {
 
 # Other names for the same field: (alias -> field). The first two are transformers' attribute_map,
 # `n_embed` is what the original hub files call hidden_size.
-ALIASES = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head", "n_embed": "hidden_size"}
+ALIASES = {
+    "num_hidden_layers": "n_layer",
+    "num_attention_heads": "n_head",
+    "n_embed": "hidden_size",
+}
 
 PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_classification")
 
 # Keys written by transformers that carry no meaning for a model and are not kept as extras.
-_DROPPED_KEYS = {"model_type", "transformers_version", "_name_or_path", "_commit_hash", "num_labels"}
+_DROPPED_KEYS = {
+    "model_type",
+    "transformers_version",
+    "_name_or_path",
+    "_commit_hash",
+    "num_labels",
+}
 
 
 class BloomConfig:
@@ -100,8 +110,14 @@ class BloomConfig:
         name = ALIASES.get(name, name)
         if name == "torch_dtype" and value is not None and not isinstance(value, str):
             value = str(value).removeprefix("torch.")  # a torch.dtype, stored by name as in JSON
-        if name not in _DEFAULTS and not name.startswith("_") and name not in ("id2label", "label2id"):
-            if name not in self._extra_keys and not isinstance(getattr(type(self), name, None), property):
+        if (
+            name not in _DEFAULTS
+            and not name.startswith("_")
+            and name not in ("id2label", "label2id")
+        ):
+            if name not in self._extra_keys and not isinstance(
+                getattr(type(self), name, None), property
+            ):
                 self._extra_keys.append(name)
         object.__setattr__(self, name, value)
 
@@ -153,16 +169,24 @@ class BloomConfig:
         for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, (int, float)) and 0.0 <= value <= 1.0):
-                raise ValueError(f"BloomConfig.{name} must be a probability in [0, 1], got {value!r}")
+                raise ValueError(
+                    f"BloomConfig.{name} must be a probability in [0, 1], got {value!r}"
+                )
         if not (isinstance(self.layer_norm_epsilon, (int, float)) and self.layer_norm_epsilon > 0):
-            raise ValueError(f"BloomConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}")
+            raise ValueError(
+                f"BloomConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
+            )
         if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
             raise ValueError(
                 f"BloomConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}"
             )
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
-            if isinstance(value, int) and not isinstance(value, bool) and not 0 <= value < self.vocab_size:
+            if (
+                isinstance(value, int)
+                and not isinstance(value, bool)
+                and not 0 <= value < self.vocab_size
+            ):
                 raise ValueError(
                     f"BloomConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size}) or be None"
                 )
@@ -302,6 +326,8 @@ def _resolve_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:
             # An explicit field wins over its alias only if the alias is absent; both present and
             # different is a contradiction in the file.
             if field in out and out[field] != value:
-                raise ValueError(f"config sets both {field}={out[field]!r} and its alias {alias}={value!r}")
+                raise ValueError(
+                    f"config sets both {field}={out[field]!r} and its alias {alias}={value!r}"
+                )
             out[field] = value
     return out

@@ -132,7 +132,10 @@ class GenerationConfig:
 
     @classmethod
     def from_pretrained(
-        cls, folder: str | os.PathLike, config_file_name: str = GENERATION_CONFIG_NAME, **kwargs: Any
+        cls,
+        folder: str | os.PathLike,
+        config_file_name: str = GENERATION_CONFIG_NAME,
+        **kwargs: Any,
     ) -> GenerationConfig:
         """Read `generation_config.json` from a checkpoint folder (or the given file); kwargs override."""
         path = Path(folder)
@@ -170,7 +173,13 @@ class GenerationConfig:
 
     def validate(self, is_init: bool = False) -> None:
         """Raise ValueError for unusable settings; warn (UserWarning) about ignored ones, as transformers does."""
-        for check in (_check_lengths, _check_strategy, _check_sampling, _check_penalties, _check_token_ids):
+        for check in (
+            _check_lengths,
+            _check_strategy,
+            _check_sampling,
+            _check_penalties,
+            _check_token_ids,
+        ):
             check(self)
         for arg in _GENERATE_ARGUMENTS:
             if hasattr(self, arg):
@@ -182,7 +191,10 @@ class GenerationConfig:
     # -- serialisation ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        out = {field.name: copy.deepcopy(getattr(self, field.name)) for field in dataclasses.fields(self)}
+        out = {
+            field.name: copy.deepcopy(getattr(self, field.name))
+            for field in dataclasses.fields(self)
+        }
         out.update({key: copy.deepcopy(getattr(self, key)) for key in self._extra_keys})
         if self._from_model_config:
             out["_from_model_config"] = True
@@ -208,7 +220,8 @@ class GenerationConfig:
             self.validate()
         if caught:
             raise ValueError(
-                "refusing to save an inconsistent generation config: " + "; ".join(str(w.message) for w in caught)
+                "refusing to save an inconsistent generation config: "
+                + "; ".join(str(w.message) for w in caught)
             )
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
@@ -269,7 +282,8 @@ def _check_lengths(config: GenerationConfig) -> None:
         f"`max_length` must be a positive integer, got {config.max_length!r}",
     )
     _require(
-        config.max_new_tokens is None or (_is_int(config.max_new_tokens) and config.max_new_tokens >= 1),
+        config.max_new_tokens is None
+        or (_is_int(config.max_new_tokens) and config.max_new_tokens >= 1),
         f"`max_new_tokens` must be a positive integer or None, got {config.max_new_tokens!r}",
     )
     for name in ("min_length", "min_new_tokens"):
@@ -291,7 +305,9 @@ def _check_strategy(config: GenerationConfig) -> None:
     )
     for name in ("num_beams", "num_beam_groups", "num_return_sequences"):
         value = getattr(config, name)
-        _require(_is_int(value) and value >= 1, f"`{name}` must be a positive integer, got {value!r}")
+        _require(
+            _is_int(value) and value >= 1, f"`{name}` must be a positive integer, got {value!r}"
+        )
     if config.num_return_sequences != 1:
         if config.num_beams == 1 and not config.do_sample:
             raise ValueError(
@@ -302,7 +318,10 @@ def _check_strategy(config: GenerationConfig) -> None:
             raise ValueError(
                 f"`num_return_sequences` ({config.num_return_sequences}) must be <= `num_beams` ({config.num_beams})"
             )
-    _require(_is_number(config.length_penalty), f"`length_penalty` must be a number, got {config.length_penalty!r}")
+    _require(
+        _is_number(config.length_penalty),
+        f"`length_penalty` must be a number, got {config.length_penalty!r}",
+    )
 
 
 def _check_sampling(config: GenerationConfig) -> None:
@@ -358,7 +377,10 @@ def _check_penalties(config: GenerationConfig) -> None:
         _require(
             isinstance(bias, dict)
             and len(bias) > 0
-            and all(isinstance(k, tuple) and len(k) > 0 and all(_is_int(t) and t >= 0 for t in k) for k in bias)
+            and all(
+                isinstance(k, tuple) and len(k) > 0 and all(_is_int(t) and t >= 0 for t in k)
+                for k in bias
+            )
             and all(isinstance(v, float) for v in bias.values()),
             f"`sequence_bias` must be a non-empty dict of token-id tuples to float biases, got {bias!r}",
         )
@@ -366,7 +388,10 @@ def _check_penalties(config: GenerationConfig) -> None:
     _require(
         penalty is None
         or (
-            isinstance(penalty, (list, tuple)) and len(penalty) == 2 and _is_int(penalty[0]) and _is_number(penalty[1])
+            isinstance(penalty, (list, tuple))
+            and len(penalty) == 2
+            and _is_int(penalty[0])
+            and _is_number(penalty[1])
         ),
         f"`exponential_decay_length_penalty` must be (start_index: int, decay_factor: float), got {penalty!r}",
     )
@@ -376,26 +401,47 @@ def _check_token_ids(config: GenerationConfig) -> None:
     for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id", "decoder_start_token_id"):
         value = getattr(config, name)
         _require(
-            value is None or (_is_int(value) and value >= 0), f"`{name}` must be a token id >= 0 or None, got {value!r}"
+            value is None or (_is_int(value) and value >= 0),
+            f"`{name}` must be a token id >= 0 or None, got {value!r}",
         )
     for name in ("eos_token_id", "forced_eos_token_id"):
         value = getattr(config, name)
         ok = value is None or (_is_int(value) and value >= 0)
-        ok = ok or (isinstance(value, list) and len(value) > 0 and all(_is_int(t) and t >= 0 for t in value))
-        _require(ok, f"`{name}` must be a token id >= 0, a non-empty list of them, or None; got {value!r}")
+        ok = ok or (
+            isinstance(value, list) and len(value) > 0 and all(_is_int(t) and t >= 0 for t in value)
+        )
+        _require(
+            ok,
+            f"`{name}` must be a token id >= 0, a non-empty list of them, or None; got {value!r}",
+        )
 
 
 def _warn_ignored_flags(config: GenerationConfig, is_init: bool) -> None:
     where = " (found when reading a generation config; the file should be fixed)" if is_init else ""
     ignored = []
     if not config.do_sample:
-        defaults = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "epsilon_cutoff": 0.0, "eta_cutoff": 0.0}
-        ignored += [(name, "do_sample=True") for name, d in defaults.items() if getattr(config, name) != d]
+        defaults = {
+            "temperature": 1.0,
+            "top_p": 1.0,
+            "typical_p": 1.0,
+            "epsilon_cutoff": 0.0,
+            "eta_cutoff": 0.0,
+        }
+        ignored += [
+            (name, "do_sample=True") for name, d in defaults.items() if getattr(config, name) != d
+        ]
         if config.top_k != 50 and config.penalty_alpha is None:  # contrastive search uses top_k
             ignored.append(("top_k", "do_sample=True"))
     if config.num_beams == 1:
-        defaults = {"early_stopping": False, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0}
-        ignored += [(name, "num_beams > 1") for name, d in defaults.items() if getattr(config, name) != d]
+        defaults = {
+            "early_stopping": False,
+            "num_beam_groups": 1,
+            "diversity_penalty": 0.0,
+            "length_penalty": 1.0,
+        }
+        ignored += [
+            (name, "num_beams > 1") for name, d in defaults.items() if getattr(config, name) != d
+        ]
     for name, needs in ignored:
         warnings.warn(
             f"`{name}` is set to {getattr(config, name)!r} but only takes effect with {needs}; "

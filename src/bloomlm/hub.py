@@ -38,7 +38,12 @@ HUB_KEYWORDS: frozenset[str] = frozenset(
 
 # Files worth fetching with any model whatever was asked for: they are small, and the config and tokenizer
 # calls that usually follow then find them in the same snapshot.
-_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+)
 # Weight files are alternatives (one format is enough), unlike config and tokenizer files.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5", ".index.json")
 # Hub repo ids: "name" or "org/name" (the rule huggingface_hub's validate_repo_id applies).
@@ -51,7 +56,9 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODELS: tuple[str, ...] = ("bloomlm-tiny", "bloomlm-tiny-sentiment")
 
 
-def resolve_model_dir(name_or_path: str | os.PathLike, wanted_files: list[str], **hub_kwargs: Any) -> Path:
+def resolve_model_dir(
+    name_or_path: str | os.PathLike, wanted_files: list[str], **hub_kwargs: Any
+) -> Path:
     """The folder holding a model: `name_or_path` itself if it is a directory, else a hub snapshot.
 
     `wanted_files` are the file names the caller will look for; they are used to choose what to download
@@ -72,9 +79,13 @@ def resolve_model_dir(name_or_path: str | os.PathLike, wanted_files: list[str], 
     name = os.fspath(name_or_path)
     if name in EMBEDDED_MODELS:
         return _embedded_folder(name, subfolder, wanted_files)
-    not_local = f"No local folder named '{name}' ({path.resolve()}); looked for {_names(wanted_files)}."
+    not_local = (
+        f"No local folder named '{name}' ({path.resolve()}); looked for {_names(wanted_files)}."
+    )
     if not _looks_like_repo_id(name):
-        raise CheckpointNotFoundError(f"{not_local} Nor is '{name}' a hub model id ('name' or 'org/name').")
+        raise CheckpointNotFoundError(
+            f"{not_local} Nor is '{name}' a hub model id ('name' or 'org/name')."
+        )
     hub = _import_huggingface_hub()
     if hub is None:
         raise CheckpointNotFoundError(
@@ -154,14 +165,20 @@ def _snapshot_kwargs(hub_kwargs: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_hub_cache(
-    hub: ModuleType, repo_id: str, wanted_files: list[str], hub_kwargs: dict[str, Any], why_offline: str
+    hub: ModuleType,
+    repo_id: str,
+    wanted_files: list[str],
+    hub_kwargs: dict[str, Any],
+    why_offline: str,
 ) -> Path:
     """A snapshot downloaded earlier, found without touching the network (what transformers does offline)."""
     kwargs = _snapshot_kwargs(hub_kwargs) | {"local_files_only": True}
     kwargs.pop("force_download", None)
     try:
         snapshot = Path(hub.snapshot_download(repo_id, **kwargs))
-    except Exception as err:  # LocalEntryNotFoundError and friends: nothing cached for this repo/revision
+    except (
+        Exception
+    ) as err:  # LocalEntryNotFoundError and friends: nothing cached for this repo/revision
         raise CheckpointNotFoundError(
             f"{why_offline}, and '{repo_id}' is not in the local hub cache. Download it while online, "
             "or pass the path of a folder holding the files."
@@ -170,13 +187,19 @@ def _from_hub_cache(
 
 
 def _download(
-    hub: ModuleType, repo_id: str, wanted_files: list[str], hub_kwargs: dict[str, Any], not_local: str
+    hub: ModuleType,
+    repo_id: str,
+    wanted_files: list[str],
+    hub_kwargs: dict[str, Any],
+    not_local: str,
 ) -> Path:
     kwargs = _snapshot_kwargs(hub_kwargs)
     subfolder = hub_kwargs.get("subfolder") or ""
     try:
         api = hub.HfApi()
-        repo_files = api.list_repo_files(repo_id, revision=kwargs.get("revision"), token=kwargs.get("token"))
+        repo_files = api.list_repo_files(
+            repo_id, revision=kwargs.get("revision"), token=kwargs.get("token")
+        )
         patterns = select_hub_files(repo_files, wanted_files, subfolder)
         if not patterns:
             raise CheckpointNotFoundError(
@@ -186,14 +209,18 @@ def _download(
         snapshot = Path(hub.snapshot_download(repo_id, allow_patterns=patterns, **kwargs))
     except CheckpointNotFoundError:
         raise
-    except Exception as err:  # network, auth, unknown repo or revision: all mean "not found from here"
+    except (
+        Exception
+    ) as err:  # network, auth, unknown repo or revision: all mean "not found from here"
         raise CheckpointNotFoundError(
             f"{not_local} Fetching '{repo_id}' from the Hugging Face hub failed: {type(err).__name__}: {err}"
         ) from err
     return _local_folder(snapshot, subfolder, wanted_files)
 
 
-def select_hub_files(repo_files: list[str], wanted_files: list[str], subfolder: str = "") -> list[str]:
+def select_hub_files(
+    repo_files: list[str], wanted_files: list[str], subfolder: str = ""
+) -> list[str]:
     """Which repo files to download: the wanted ones, small JSON/tokenizer files, and ONE weight format.
 
     Weight names in `wanted_files` are alternatives in priority order; the first present in the repo wins
@@ -202,7 +229,9 @@ def select_hub_files(repo_files: list[str], wanted_files: list[str], subfolder: 
     Returns [] when none of `wanted_files` is in the repo.
     """
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
-    names = {f[len(prefix) :] for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix) :]}
+    names = {
+        f[len(prefix) :] for f in repo_files if f.startswith(prefix) and "/" not in f[len(prefix) :]
+    }
     weight_names = [w for w in wanted_files if w.endswith(_WEIGHT_SUFFIXES)]
     other_names = [w for w in wanted_files if w not in weight_names and w in names]
     chosen_weights = next(([w] + _shards_of(w, names) for w in weight_names if w in names), [])

@@ -23,7 +23,9 @@ class ModelOutput:
     yields their names, as a dict's keys (transformers' rule)."""
 
     def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+        return tuple(
+            getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None
+        )
 
     def keys(self) -> list[str]:
         return [f.name for f in fields(self) if getattr(self, f.name) is not None]
@@ -40,7 +42,9 @@ class ModelOutput:
     def __getitem__(self, key: int | slice | str) -> Any:
         if isinstance(key, str):
             if key not in self.keys():
-                raise KeyError(f"{key!r} is not set in this {type(self).__name__}; set fields: {self.keys()}")
+                raise KeyError(
+                    f"{key!r} is not set in this {type(self).__name__}; set fields: {self.keys()}"
+                )
             return getattr(self, key)
         return self.to_tuple()[key]
 

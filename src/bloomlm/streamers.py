@@ -58,7 +58,9 @@ class TextStreamer(BaseStreamer):
         """Take ids ([L] or [1, L]); release the text that can no longer change."""
         shape = tuple(value.shape)
         if len(shape) > 1 and shape[0] > 1:
-            raise ValueError(f"TextStreamer only supports batch size 1, got ids of shape {list(shape)}")
+            raise ValueError(
+                f"TextStreamer only supports batch size 1, got ids of shape {list(shape)}"
+            )
         if len(shape) > 1:
             value = value[0]
         if self.skip_prompt and self.next_tokens_are_prompt:
@@ -70,7 +72,9 @@ class TextStreamer(BaseStreamer):
             printable = text[self.print_len :]
             self.token_cache = []
             self.print_len = 0
-        elif len(text) > 0 and _is_cjk(text[-1]):  # no spaces between CJK words: release every character
+        elif len(text) > 0 and _is_cjk(
+            text[-1]
+        ):  # no spaces between CJK words: release every character
             printable = text[self.print_len :]
             self.print_len += len(printable)
         else:  # release up to the last space; the word after it may still grow
@@ -106,7 +110,13 @@ class TextIteratorStreamer(TextStreamer):
     `timeout` (seconds) bounds each wait on the queue; `queue.Empty` is raised when it runs out.
     """
 
-    def __init__(self, tokenizer: Any, skip_prompt: bool = False, timeout: float | None = None, **decode_kwargs: Any):
+    def __init__(
+        self,
+        tokenizer: Any,
+        skip_prompt: bool = False,
+        timeout: float | None = None,
+        **decode_kwargs: Any,
+    ):
         super().__init__(tokenizer, skip_prompt, **decode_kwargs)
         self.text_queue: Queue = Queue()
         self.stop_signal = None

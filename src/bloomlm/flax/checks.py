@@ -33,7 +33,9 @@ def check_input_ids(input_ids: Any, vocab_size: int) -> jax.Array:
         raise ValueError("input_ids is required: integer token ids of shape [batch, seq]")
     input_ids = _as_array(input_ids)
     if input_ids.ndim != 2 or 0 in input_ids.shape:
-        raise ValueError(f"input_ids must have shape [batch, seq] with both > 0, got {tuple(input_ids.shape)}")
+        raise ValueError(
+            f"input_ids must have shape [batch, seq] with both > 0, got {tuple(input_ids.shape)}"
+        )
     if not jnp.issubdtype(input_ids.dtype, jnp.integer):
         raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
     if is_concrete(input_ids):
@@ -53,7 +55,9 @@ class CacheInfo:
     index: Any  # positions written so far: an int when concrete, else a tracer
 
 
-def check_cache(cache: Any, config: BloomConfig, prefix: str | None, batch_size: int, new_tokens: int) -> CacheInfo:
+def check_cache(
+    cache: Any, config: BloomConfig, prefix: str | None, batch_size: int, new_tokens: int
+) -> CacheInfo:
     """A cache from init_cache (either layer layout) that fits these inputs and has room for them.
 
     `prefix` is "transformer" for the heads (their cache sits under it), None for the base model.
@@ -61,7 +65,9 @@ def check_cache(cache: Any, config: BloomConfig, prefix: str | None, batch_size:
     body = cache.get(prefix) if prefix and isinstance(cache, Mapping) else cache
     if not isinstance(body, Mapping) or not isinstance(body.get("h"), Mapping):
         where = f"'{prefix}/h'" if prefix else "'h'"
-        raise ValueError(f"past_key_values must be a cache made by init_cache (a tree with {where})")
+        raise ValueError(
+            f"past_key_values must be a cache made by init_cache (a tree with {where})"
+        )
     layers = body["h"]
     stacked = "0" not in layers
     layer = layers.get("self_attention", {}) if stacked else layers["0"].get("self_attention", {})
@@ -72,7 +78,12 @@ def check_cache(cache: Any, config: BloomConfig, prefix: str | None, batch_size:
             f"past_key_values must hold a cache for {config.n_layer} layers (from init_cache); got {count}"
         )
     key_shape = tuple(np.shape(key))[1:] if stacked else tuple(np.shape(key))
-    if len(key_shape) != 4 or key_shape != (batch_size, key_shape[1], config.n_head, config.head_dim):
+    if len(key_shape) != 4 or key_shape != (
+        batch_size,
+        key_shape[1],
+        config.n_head,
+        config.head_dim,
+    ):
         raise ValueError(
             f"past_key_values holds keys of shape {key_shape}; for these input_ids and this config "
             f"[batch={batch_size}, max_length, n_head={config.n_head}, head_dim={config.head_dim}] is needed"
@@ -88,7 +99,9 @@ def check_cache(cache: Any, config: BloomConfig, prefix: str | None, batch_size:
     return CacheInfo(stacked=stacked, length=key_shape[1], index=index)
 
 
-def check_attention_mask(attention_mask: Any, batch_size: int, new_tokens: int, cache: CacheInfo | None) -> jax.Array:
+def check_attention_mask(
+    attention_mask: Any, batch_size: int, new_tokens: int, cache: CacheInfo | None
+) -> jax.Array:
     """int32 [B, S]: ones when None. With a cache, S is past + new or the full cache length; else S = T."""
     if attention_mask is None:
         return jnp.ones((batch_size, cache.length if cache else new_tokens), jnp.int32)

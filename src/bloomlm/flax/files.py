@@ -39,7 +39,11 @@ UNUSED_PYTORCH = "<pytorch>"  # first path element of PyTorch tensors no Flax pa
 
 
 def read_weights(
-    folder: Path, config: BloomConfig, expected: set[tuple[str, ...]], from_pt: bool, use_safetensors: bool | None
+    folder: Path,
+    config: BloomConfig,
+    expected: set[tuple[str, ...]],
+    from_pt: bool,
+    use_safetensors: bool | None,
 ) -> dict[tuple[str, ...], np.ndarray]:
     """The checkpoint in `folder` for a model whose parameter paths are `expected`.
 
@@ -56,7 +60,11 @@ def read_weights(
         looked = ", ".join([*FLAX_WEIGHT_FILES, *PYTORCH_WEIGHT_NAMES])
         raise CheckpointNotFoundError(f"no weights in {folder}: looked for {looked}")
     if not from_pt:
-        logger.warning("%s has PyTorch weights and no %s: converting them to Flax in memory", folder, FLAX_WEIGHTS_NAME)
+        logger.warning(
+            "%s has PyTorch weights and no %s: converting them to Flax in memory",
+            folder,
+            FLAX_WEIGHTS_NAME,
+        )
     from bloomlm.checkpoint import load_numpy_state_dict
 
     state_dict = load_numpy_state_dict(folder, use_safetensors=use_safetensors)
@@ -95,18 +103,26 @@ def _msgpack_files(folder: Path) -> list[Path]:
         weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
         names = sorted(set(weight_map.values()))
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
-        raise CheckpointError(f"{index_path} is truncated or corrupt ({err}); re-download or re-save") from err
+        raise CheckpointError(
+            f"{index_path} is truncated or corrupt ({err}); re-download or re-save"
+        ) from err
     files = []
     for name in names:
         if not isinstance(name, str) or Path(name).name != name:
-            raise CheckpointError(f"{index_path} names shard {name!r}, which is not a plain file name")
+            raise CheckpointError(
+                f"{index_path} names shard {name!r}, which is not a plain file name"
+            )
         if not (folder / name).is_file():
-            raise CheckpointNotFoundError(f"shard {name} listed in {index_path} is missing from {folder}")
+            raise CheckpointNotFoundError(
+                f"shard {name} listed in {index_path} is missing from {folder}"
+            )
         files.append(folder / name)
     return files
 
 
-def write_msgpack(folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: int, extra: dict[str, bytes]) -> None:
+def write_msgpack(
+    folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: int, extra: dict[str, bytes]
+) -> None:
     """Write flat {"a/b/c": array} params (sharded past `max_shard_bytes`) plus `extra` files, atomically.
 
     Stale msgpack files of an earlier save (other shards, an index) are removed afterwards.
@@ -114,13 +130,22 @@ def write_msgpack(folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: in
     shards = _split_shards(flat, max_shard_bytes)
     files = dict(extra)
     if len(shards) == 1:
-        files[FLAX_WEIGHTS_NAME] = serialization.msgpack_serialize(unflatten_dict(shards[0], sep="/"))
+        files[FLAX_WEIGHTS_NAME] = serialization.msgpack_serialize(
+            unflatten_dict(shards[0], sep="/")
+        )
     else:
         names = [shard_file_name(FLAX_WEIGHTS_NAME, i + 1, len(shards)) for i in range(len(shards))]
         weight_map = {path: name for name, shard in zip(names, shards) for path in shard}
-        index = {"metadata": {"total_size": sum(a.nbytes for a in flat.values())}, "weight_map": weight_map}
-        files[FLAX_WEIGHTS_INDEX_NAME] = (json.dumps(index, indent=2, sort_keys=True) + "\n").encode()
-        files.update({name: serialization.msgpack_serialize(shard) for name, shard in zip(names, shards)})
+        index = {
+            "metadata": {"total_size": sum(a.nbytes for a in flat.values())},
+            "weight_map": weight_map,
+        }
+        files[FLAX_WEIGHTS_INDEX_NAME] = (
+            json.dumps(index, indent=2, sort_keys=True) + "\n"
+        ).encode()
+        files.update(
+            {name: serialization.msgpack_serialize(shard) for name, shard in zip(names, shards)}
+        )
     _write_files_atomically(folder, files)
     for stale in folder.glob("flax_model*.msgpack*"):
         if stale.name not in files:

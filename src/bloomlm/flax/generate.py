@@ -122,7 +122,9 @@ def sample_loop(
     def step(state):
         length, sequences, finished, logits, cache, key = state
         key, draw_key = jax.random.split(key)
-        tokens = jnp.where(finished, pad, choose(logits.astype(jnp.float32), draw_key)).astype(jnp.int32)
+        tokens = jnp.where(finished, pad, choose(logits.astype(jnp.float32), draw_key)).astype(
+            jnp.int32
+        )
         sequences = lax.dynamic_update_slice(sequences, tokens[:, None], (0, length))
         finished = finished | jnp.isin(tokens, eos)
         logits, cache = tokens_to_logits(tokens[:, None], cache)
@@ -318,7 +320,11 @@ def generate(
     input_ids = checks.check_input_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = input_ids.shape
     attention_mask = checks.check_attention_mask(attention_mask, batch, prompt_length, None)
-    max_length = config.max_length if config.max_new_tokens is None else prompt_length + config.max_new_tokens
+    max_length = (
+        config.max_length
+        if config.max_new_tokens is None
+        else prompt_length + config.max_new_tokens
+    )
     if max_length <= prompt_length:
         raise ValueError(
             f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
@@ -357,7 +363,9 @@ def _traced_settings(config: GenerationConfig) -> dict[str, jax.Array]:
     )
 
 
-def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwargs: dict) -> GenerationConfig:
+def _resolve_config(
+    model: Any, generation_config: GenerationConfig | None, kwargs: dict
+) -> GenerationConfig:
     base = generation_config or getattr(model, "generation_config", None)
     base = GenerationConfig.from_model_config(model.config) if base is None else base
     config = GenerationConfig.from_dict(base.to_dict())
@@ -369,12 +377,17 @@ def _resolve_config(model: Any, generation_config: GenerationConfig | None, kwar
     unsupported = sorted(
         field.name
         for field in dataclasses.fields(GenerationConfig)
-        if field.name not in _SUPPORTED and getattr(config, field.name) != getattr(defaults, field.name)
+        if field.name not in _SUPPORTED
+        and getattr(config, field.name) != getattr(defaults, field.name)
     )
     if unsupported:
-        raise ValueError(f"Flax generate does not implement {unsupported}; supported settings: {sorted(_SUPPORTED)}")
+        raise ValueError(
+            f"Flax generate does not implement {unsupported}; supported settings: {sorted(_SUPPORTED)}"
+        )
     if config.do_sample and config.num_beams > 1:
-        raise ValueError("Flax generate does not implement beam sampling (do_sample=True with num_beams > 1)")
+        raise ValueError(
+            "Flax generate does not implement beam sampling (do_sample=True with num_beams > 1)"
+        )
     return config
 
 
@@ -396,21 +409,29 @@ def _jitted_generate(key: tuple):
 
         def tokens_to_logits(tokens, cache):
             variables = {"params": params, "cache": cache}
-            out, mutated = module.apply(variables, tokens, mask, True, False, False, mutable=["cache"])
+            out, mutated = module.apply(
+                variables, tokens, mask, True, False, False, mutable=["cache"]
+            )
             return out.logits[:, -1], mutated["cache"]
 
         eos, pad = traced["eos"], traced["pad"]
         if num_beams > 1:
             beam_settings = (traced["length_penalty"], traced["early_stopping"])
-            return beam_search_loop(tokens_to_logits, input_ids, cache, max_length, num_beams, eos, pad, *beam_settings)
+            return beam_search_loop(
+                tokens_to_logits, input_ids, cache, max_length, num_beams, eos, pad, *beam_settings
+            )
 
         def choose(scores, draw_key):
             if not sampling:
                 return jnp.argmax(scores, axis=-1)
-            warped = warp_for_sampling(scores, traced["temperature"], traced["top_k"], traced["top_p"])
+            warped = warp_for_sampling(
+                scores, traced["temperature"], traced["top_k"], traced["top_p"]
+            )
             return jax.random.categorical(draw_key, warped, axis=-1)
 
-        sequences = sample_loop(tokens_to_logits, input_ids, cache, max_length, eos, pad, choose, key)
+        sequences = sample_loop(
+            tokens_to_logits, input_ids, cache, max_length, eos, pad, choose, key
+        )
         return sequences, jnp.zeros(rows, jnp.float32)
 
     return run

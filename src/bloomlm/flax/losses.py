@@ -26,12 +26,16 @@ from bloomlm.config import PROBLEM_TYPES
 IGNORE_INDEX = -100
 
 
-def cross_entropy(logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX) -> jax.Array:
+def cross_entropy(
+    logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
+) -> jax.Array:
     """torch.nn.functional.cross_entropy over logits [N, C] and integer labels [N], mean over kept labels."""
     _check_class_labels(labels, logits.shape[-1], ignore_index)
     kept = labels != ignore_index
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    picked = jnp.take_along_axis(log_probs, jnp.where(kept, labels, 0)[:, None].astype(jnp.int32), axis=-1)[:, 0]
+    picked = jnp.take_along_axis(
+        log_probs, jnp.where(kept, labels, 0)[:, None].astype(jnp.int32), axis=-1
+    )[:, 0]
     return -jnp.sum(jnp.where(kept, picked, 0.0)) / jnp.sum(kept)
 
 
@@ -48,7 +52,9 @@ def token_classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array
     return cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
 
 
-def sequence_classification_loss(logits: jax.Array, labels: jax.Array, problem_type: str | None = None) -> jax.Array:
+def sequence_classification_loss(
+    logits: jax.Array, labels: jax.Array, problem_type: str | None = None
+) -> jax.Array:
     """The PyTorch sequence classifier's loss for pooled logits [B, num_labels]; see the module docstring."""
     num_labels = logits.shape[-1]
     labels = jnp.asarray(labels)
@@ -61,7 +67,9 @@ def sequence_classification_loss(logits: jax.Array, labels: jax.Array, problem_t
         else:
             problem_type = "multi_label_classification"
     if problem_type not in PROBLEM_TYPES:
-        raise ValueError(f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}")
+        raise ValueError(
+            f"problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}"
+        )
     logits = logits.astype(jnp.float32)
     if problem_type == "regression":
         if num_labels == 1:  # PyTorch squeezes both sides
@@ -70,37 +78,53 @@ def sequence_classification_loss(logits: jax.Array, labels: jax.Array, problem_t
         return jnp.mean((logits - labels.astype(jnp.float32)) ** 2)
     if problem_type == "single_label_classification":
         if not integer_labels:
-            raise ValueError(f"single_label_classification needs integer class labels, got dtype {labels.dtype}")
+            raise ValueError(
+                f"single_label_classification needs integer class labels, got dtype {labels.dtype}"
+            )
         _check_shape(labels, logits.shape[:1], "labels", "one class id per row")
         return cross_entropy(logits, labels)
-    _check_shape(labels, logits.shape, "labels", "[batch, num_labels] of 0/1 targets for multi-label")
+    _check_shape(
+        labels, logits.shape, "labels", "[batch, num_labels] of 0/1 targets for multi-label"
+    )
     targets = labels.astype(jnp.float32)
     # BCE with logits, written the stable way torch does: max(x, 0) - x * y + log(1 + exp(-|x|)).
-    return jnp.mean(jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits))))
+    return jnp.mean(
+        jnp.maximum(logits, 0) - logits * targets + jnp.log1p(jnp.exp(-jnp.abs(logits)))
+    )
 
 
 def question_answering_loss(
-    start_logits: jax.Array, end_logits: jax.Array, start_positions: jax.Array, end_positions: jax.Array
+    start_logits: jax.Array,
+    end_logits: jax.Array,
+    start_positions: jax.Array,
+    end_positions: jax.Array,
 ) -> jax.Array:
     """Mean of the start and end cross-entropies; positions outside [0, seq) are clamped to seq and ignored."""
     batch, length = start_logits.shape
     _check_shape(end_logits, (batch, length), "end_logits", "the shape of start_logits")
     losses = []
-    sides = (("start_positions", start_logits, start_positions), ("end_positions", end_logits, end_positions))
+    sides = (
+        ("start_positions", start_logits, start_positions),
+        ("end_positions", end_logits, end_positions),
+    )
     for name, logits, positions in sides:
         positions = jnp.asarray(positions)
         if positions.ndim > 1:  # [B, 1] as PyTorch accepts it
             positions = positions.squeeze(-1)
         _check_shape(positions, (batch,), name, "one position per row")
         if not jnp.issubdtype(positions.dtype, jnp.integer):
-            raise ValueError(f"{name} must hold integer token positions, got dtype {positions.dtype}")
+            raise ValueError(
+                f"{name} must hold integer token positions, got dtype {positions.dtype}"
+            )
         losses.append(cross_entropy(logits, jnp.clip(positions, 0, length), ignore_index=length))
     return (losses[0] + losses[1]) / 2
 
 
 def _check_shape(array, shape: tuple, name: str, allowed: str) -> None:
     if tuple(jnp.shape(array)) != tuple(shape):
-        raise ValueError(f"{name} has shape {tuple(jnp.shape(array))}, expected {tuple(shape)}: {allowed}")
+        raise ValueError(
+            f"{name} has shape {tuple(jnp.shape(array))}, expected {tuple(shape)}: {allowed}"
+        )
 
 
 def _check_class_labels(labels, num_classes: int, ignore_index: int) -> None:

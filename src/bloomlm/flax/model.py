@@ -93,7 +93,9 @@ def make_cache(
     return {BASE_PREFIX: cache} if is_head else cache
 
 
-def _dense(features: int, module: nn.Module, name: str | None = None, use_bias: bool = True) -> nn.Dense:
+def _dense(
+    features: int, module: nn.Module, name: str | None = None, use_bias: bool = True
+) -> nn.Dense:
     return nn.Dense(
         features,
         use_bias=use_bias,
@@ -127,8 +129,12 @@ class FlaxBloomAttention(nn.Module):
         cache_index = self.variable("cache", "cache_index")
         offset = cache_index.value
         start = (0, offset, 0, 0)
-        cached_key.value = lax.dynamic_update_slice(cached_key.value, key.astype(cached_key.value.dtype), start)
-        cached_value.value = lax.dynamic_update_slice(cached_value.value, value.astype(cached_value.value.dtype), start)
+        cached_key.value = lax.dynamic_update_slice(
+            cached_key.value, key.astype(cached_key.value.dtype), start
+        )
+        cached_value.value = lax.dynamic_update_slice(
+            cached_value.value, value.astype(cached_value.value.dtype), start
+        )
         cache_index.value = offset + key.shape[1]
         return cached_key.value, cached_value.value, offset
 
@@ -141,7 +147,11 @@ class FlaxBloomAttention(nn.Module):
         fused_qkv = _dense(3 * hidden, self, "query_key_value")(hidden_states).reshape(
             batch, length, n_head, 3, head_dim
         )
-        query, key, value = fused_qkv[..., 0, :], fused_qkv[..., 1, :], fused_qkv[..., 2, :]  # [B, T, H, D]
+        query, key, value = (
+            fused_qkv[..., 0, :],
+            fused_qkv[..., 1, :],
+            fused_qkv[..., 2, :],
+        )  # [B, T, H, D]
 
         query_offset = 0
         if self.has_variable("cache", "cached_key"):
@@ -163,12 +173,18 @@ class FlaxBloomAttention(nn.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
         probs = nn.Dropout(self.config.attention_dropout)(probs, deterministic=deterministic)
 
-        context = jnp.einsum("BHTS,BSHD->BTHD", probs, value.astype(self.dtype)).reshape(batch, length, hidden)
+        context = jnp.einsum("BHTS,BSHD->BTHD", probs, value.astype(self.dtype)).reshape(
+            batch, length, hidden
+        )
         output = _dense(hidden, self, "dense")(context)
-        output = nn.Dropout(self.config.hidden_dropout)(output, deterministic=deterministic) + residual
+        output = (
+            nn.Dropout(self.config.hidden_dropout)(output, deterministic=deterministic) + residual
+        )
         if self.has_variable("cache", "cached_key"):
             # Under jit an overfull cache cannot raise: the write was clamped, so poison the output instead.
-            output = jnp.where(query_offset + length > num_keys, jnp.nan, output).astype(output.dtype)
+            output = jnp.where(query_offset + length > num_keys, jnp.nan, output).astype(
+                output.dtype
+            )
         return output, probs
 
 
@@ -179,9 +195,14 @@ class FlaxBloomMLP(nn.Module):
 
     @nn.compact
     def __call__(self, hidden_states, residual, deterministic: bool = True):
-        hidden_states = bloom_gelu(_dense(4 * self.config.hidden_size, self, "dense_h_to_4h")(hidden_states))
+        hidden_states = bloom_gelu(
+            _dense(4 * self.config.hidden_size, self, "dense_h_to_4h")(hidden_states)
+        )
         hidden_states = _dense(self.config.hidden_size, self, "dense_4h_to_h")(hidden_states)
-        return nn.Dropout(self.config.hidden_dropout)(hidden_states, deterministic=deterministic) + residual
+        return (
+            nn.Dropout(self.config.hidden_dropout)(hidden_states, deterministic=deterministic)
+            + residual
+        )
 
 
 class FlaxBloomBlock(nn.Module):
@@ -190,7 +211,13 @@ class FlaxBloomBlock(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask, deterministic: bool = True, output_attentions: bool = False):
+    def __call__(
+        self,
+        hidden_states,
+        attention_mask,
+        deterministic: bool = True,
+        output_attentions: bool = False,
+    ):
         """[B, T, C] -> ([B, T, C], attention probabilities [B, H, T, S] or None)."""
         post_ln = self.config.apply_residual_connection_post_layernorm
         kwargs = dict(config=self.config, dtype=self.dtype, param_dtype=self.param_dtype)
@@ -208,8 +235,12 @@ class FlaxBloomBlock(nn.Module):
 class _FlaxBloomScanStep(FlaxBloomBlock):
     """A block in the (carry, per-layer output) form `nn.scan` needs; the output is (input, attentions)."""
 
-    def __call__(self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states):
-        output, probs = super().__call__(hidden_states, attention_mask, deterministic, output_attentions)
+    def __call__(
+        self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states
+    ):
+        output, probs = super().__call__(
+            hidden_states, attention_mask, deterministic, output_attentions
+        )
         return output, (hidden_states if output_hidden_states else None, probs)
 
 
@@ -221,12 +252,16 @@ class FlaxBloomBlockCollection(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states):
+    def __call__(
+        self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states
+    ):
         all_hidden_states, all_attentions = [], []
         for index in range(self.config.n_layer):
             all_hidden_states.append(hidden_states)
             block = FlaxBloomBlock(self.config, self.dtype, self.param_dtype, name=str(index))
-            hidden_states, probs = block(hidden_states, attention_mask, deterministic, output_attentions)
+            hidden_states, probs = block(
+                hidden_states, attention_mask, deterministic, output_attentions
+            )
             all_attentions.append(probs)
         return (
             hidden_states,
@@ -277,7 +312,9 @@ class FlaxBloomModule(nn.Module):
         # Ids outside [0, V) give NaN embeddings (negative ids too), so they cannot pass unnoticed under
         # jit; the API boundary raises a ValueError for them whenever the ids are concrete.
         input_ids = jnp.where(input_ids < 0, self.config.vocab_size, input_ids)
-        embeddings = jnp.take(self.word_embeddings.embedding, input_ids, axis=0, mode="fill", fill_value=jnp.nan)
+        embeddings = jnp.take(
+            self.word_embeddings.embedding, input_ids, axis=0, mode="fill", fill_value=jnp.nan
+        )
         return embeddings.astype(self.dtype)
 
     def __call__(
@@ -291,16 +328,22 @@ class FlaxBloomModule(nn.Module):
         hidden_states = self.word_embeddings_layernorm(self.embed(input_ids))
         flags = (deterministic, output_attentions, output_hidden_states)
         if self.scan_layers:
-            hidden_states, (all_hidden_states, all_attentions) = self.h(hidden_states, attention_mask, *flags)
+            hidden_states, (all_hidden_states, all_attentions) = self.h(
+                hidden_states, attention_mask, *flags
+            )
             all_hidden_states = _unstack_if(output_hidden_states, all_hidden_states)
             all_attentions = _unstack_if(output_attentions, all_attentions)
         else:
-            hidden_states, all_hidden_states, all_attentions = self.h(hidden_states, attention_mask, *flags)
+            hidden_states, all_hidden_states, all_attentions = self.h(
+                hidden_states, attention_mask, *flags
+            )
         hidden_states = self.ln_f(hidden_states)
         if output_hidden_states:
             all_hidden_states = all_hidden_states + (hidden_states,)
         return FlaxBaseModelOutput(
-            last_hidden_state=hidden_states, hidden_states=all_hidden_states, attentions=all_attentions
+            last_hidden_state=hidden_states,
+            hidden_states=all_hidden_states,
+            attentions=all_attentions,
         )
 
 
@@ -324,27 +367,51 @@ class _FlaxBloomHeadModule(nn.Module):
 class FlaxBloomForCausalLMModule(_FlaxBloomHeadModule):
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask, deterministic=True, output_attentions=False, output_hidden_states=False
+        self,
+        input_ids,
+        attention_mask,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
     ):
         transformer = self._body()
-        outputs = transformer(input_ids, attention_mask, deterministic, output_attentions, output_hidden_states)
+        outputs = transformer(
+            input_ids, attention_mask, deterministic, output_attentions, output_hidden_states
+        )
         if self.config.tie_word_embeddings:
             # No lm_head parameter: the logits reuse the input embeddings, as in transformers' tree.
-            embedding = transformer.variables["params"]["word_embeddings"]["embedding"].astype(self.dtype)
+            embedding = transformer.variables["params"]["word_embeddings"]["embedding"].astype(
+                self.dtype
+            )
             logits = jnp.einsum("BTC,VC->BTV", outputs.last_hidden_state, embedding)
         else:
-            logits = _dense(self.config.vocab_size, self, "lm_head", use_bias=False)(outputs.last_hidden_state)
-        return FlaxCausalLMOutput(logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+            logits = _dense(self.config.vocab_size, self, "lm_head", use_bias=False)(
+                outputs.last_hidden_state
+            )
+        return FlaxCausalLMOutput(
+            logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions
+        )
 
 
 class FlaxBloomForSequenceClassificationModule(_FlaxBloomHeadModule):
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask, deterministic=True, output_attentions=False, output_hidden_states=False
+        self,
+        input_ids,
+        attention_mask,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
     ):
-        outputs = self._body()(input_ids, attention_mask, deterministic, output_attentions, output_hidden_states)
-        logits = _dense(self.config.num_labels, self, "score", use_bias=False)(outputs.last_hidden_state)
-        pooled = logits[jnp.arange(logits.shape[0]), last_non_pad_index(input_ids, self.config.pad_token_id)]
+        outputs = self._body()(
+            input_ids, attention_mask, deterministic, output_attentions, output_hidden_states
+        )
+        logits = _dense(self.config.num_labels, self, "score", use_bias=False)(
+            outputs.last_hidden_state
+        )
+        pooled = logits[
+            jnp.arange(logits.shape[0]), last_non_pad_index(input_ids, self.config.pad_token_id)
+        ]
         return FlaxSequenceClassifierOutput(
             logits=pooled, hidden_states=outputs.hidden_states, attentions=outputs.attentions
         )
@@ -367,9 +434,16 @@ def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Ar
 class FlaxBloomForTokenClassificationModule(_FlaxBloomHeadModule):
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask, deterministic=True, output_attentions=False, output_hidden_states=False
+        self,
+        input_ids,
+        attention_mask,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
     ):
-        outputs = self._body()(input_ids, attention_mask, deterministic, output_attentions, output_hidden_states)
+        outputs = self._body()(
+            input_ids, attention_mask, deterministic, output_attentions, output_hidden_states
+        )
         rate = self.config.classifier_dropout
         rate = self.config.hidden_dropout if rate is None else rate
         hidden_states = nn.Dropout(rate)(outputs.last_hidden_state, deterministic=deterministic)
@@ -382,9 +456,16 @@ class FlaxBloomForTokenClassificationModule(_FlaxBloomHeadModule):
 class FlaxBloomForQuestionAnsweringModule(_FlaxBloomHeadModule):
     @nn.compact
     def __call__(
-        self, input_ids, attention_mask, deterministic=True, output_attentions=False, output_hidden_states=False
+        self,
+        input_ids,
+        attention_mask,
+        deterministic=True,
+        output_attentions=False,
+        output_hidden_states=False,
     ):
-        outputs = self._body()(input_ids, attention_mask, deterministic, output_attentions, output_hidden_states)
+        outputs = self._body()(
+            input_ids, attention_mask, deterministic, output_attentions, output_hidden_states
+        )
         logits = _dense(2, self, "qa_outputs")(outputs.last_hidden_state)  # [B, T, 2]
         return FlaxQuestionAnsweringModelOutput(
             start_logits=logits[..., 0],

@@ -38,7 +38,9 @@ from bloomlm.generation import GenerationConfigMixin, attach_generation_config
 logger = logging.getLogger(__name__)
 
 # transformers' loading keywords that mean nothing here; accepted so calls written for it keep working.
-_IGNORED_LOADING_KEYWORDS = frozenset({"from_flax", "low_cpu_mem_usage", "_fast_init", "device_map", "torch_dtype"})
+_IGNORED_LOADING_KEYWORDS = frozenset(
+    {"from_flax", "low_cpu_mem_usage", "_fast_init", "device_map", "torch_dtype"}
+)
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -60,7 +62,9 @@ class FlaxBloomPreTrainedModel:
         scan_layers: bool = False,
     ) -> None:
         if not isinstance(config, BloomConfig):
-            raise TypeError(f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
+            )
         config.validate()
         self.config = config
         self.dtype = _as_dtype(dtype, "dtype")
@@ -71,7 +75,9 @@ class FlaxBloomPreTrainedModel:
         self.key = jax.random.PRNGKey(seed)
         self.module = self.module_class(config, self.dtype, self.param_dtype, self.scan_layers)
         ids = jax.ShapeDtypeStruct(self.input_shape, jnp.int32)
-        self._shape_tree = jax.eval_shape(lambda i: self.module.init(jax.random.PRNGKey(0), i, i)["params"], ids)
+        self._shape_tree = jax.eval_shape(
+            lambda i: self.module.init(jax.random.PRNGKey(0), i, i)["params"], ids
+        )
         self._params = self.init_weights(self.key, self.input_shape) if _do_init else None
 
     # -- parameters -----------------------------------------------------------------------------------
@@ -108,13 +114,19 @@ class FlaxBloomPreTrainedModel:
         got, want = flatten_dict(params, sep="/"), flatten_dict(self._shape_tree, sep="/")
         if set(got) != set(want):
             missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
-            raise ValueError(f"params do not fit {type(self).__name__}: missing {missing[:5]}, unexpected {extra[:5]}")
+            raise ValueError(
+                f"params do not fit {type(self).__name__}: missing {missing[:5]}, unexpected {extra[:5]}"
+            )
         for path, array in got.items():
             if tuple(array.shape) != tuple(want[path].shape):
-                raise ValueError(f"parameter {path} has shape {tuple(array.shape)}, expected {want[path].shape}")
+                raise ValueError(
+                    f"parameter {path} has shape {tuple(array.shape)}, expected {want[path].shape}"
+                )
         return params
 
-    def init_weights(self, rng: jax.Array, input_shape: tuple[int, int], params: Mapping | None = None) -> dict:
+    def init_weights(
+        self, rng: jax.Array, input_shape: tuple[int, int], params: Mapping | None = None
+    ) -> dict:
         """Fresh parameters as transformers initialises them (normal(initializer_range) kernels and
         embeddings, zero biases, unit LayerNorm scales); with `params`, only its missing leaves are new."""
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
@@ -175,8 +187,12 @@ class FlaxBloomPreTrainedModel:
         return_dict: bool | None = None,
     ):
         config = self.config
-        output_attentions = config.output_attentions if output_attentions is None else output_attentions
-        output_hidden_states = config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        output_attentions = (
+            config.output_attentions if output_attentions is None else output_attentions
+        )
+        output_hidden_states = (
+            config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        )
         return_dict = config.return_dict if return_dict is None else return_dict
 
         input_ids = checks.check_input_ids(input_ids, config.vocab_size)
@@ -191,13 +207,19 @@ class FlaxBloomPreTrainedModel:
         attention_mask = checks.check_attention_mask(attention_mask, batch_size, length, cache_info)
         rngs = {}
         if train and dropout_rng is None and _has_dropout(config):
-            raise ValueError("train=True applies dropout and needs dropout_rng=jax.random.PRNGKey(...)")
+            raise ValueError(
+                "train=True applies dropout and needs dropout_rng=jax.random.PRNGKey(...)"
+            )
         if dropout_rng is not None:
             rngs["dropout"] = dropout_rng
 
         flags = (not train, bool(output_attentions), bool(output_hidden_states))
-        outputs = self._forward(self._checked_call_params(params), cache, input_ids, attention_mask, rngs, *flags)
-        if cache_info is not None and cache_info.stacked != self.scan_layers:  # give it back as it came
+        outputs = self._forward(
+            self._checked_call_params(params), cache, input_ids, attention_mask, rngs, *flags
+        )
+        if (
+            cache_info is not None and cache_info.stacked != self.scan_layers
+        ):  # give it back as it came
             new_cache = _restack(outputs.past_key_values, config.n_layer, cache_info.stacked)
             outputs = outputs.replace(past_key_values=new_cache)
         return outputs if return_dict else outputs.to_tuple()
@@ -233,7 +255,9 @@ class FlaxBloomPreTrainedModel:
         from bloomlm.files import parse_size
 
         if push_to_hub:
-            raise ValueError("push_to_hub is not supported; save to a folder and upload it with huggingface_hub")
+            raise ValueError(
+                "push_to_hub is not supported; save to a folder and upload it with huggingface_hub"
+            )
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
@@ -286,8 +310,12 @@ class FlaxBloomPreTrainedModel:
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         layout = dict(param_dtype=param_dtype or jnp.float32, scan_layers=scan_layers)
         model = cls(config, input_shape, seed, dtype, _do_init=False, **layout)
-        state = files.read_weights(folder, config, set(model._flat_expected_shapes()), from_pt, use_safetensors)
-        params, info = model._fit_checkpoint(state, ignore_mismatched_sizes, str(pretrained_model_name_or_path))
+        state = files.read_weights(
+            folder, config, set(model._flat_expected_shapes()), from_pt, use_safetensors
+        )
+        params, info = model._fit_checkpoint(
+            state, ignore_mismatched_sizes, str(pretrained_model_name_or_path)
+        )
         params = model._as_model_params(params, param_dtype)
         attach_generation_config(model, folder)
         if not _do_init:
@@ -316,7 +344,9 @@ class FlaxBloomPreTrainedModel:
             )
         return flatten_dict(tree)
 
-    def _fit_checkpoint(self, state: dict, ignore_mismatched_sizes: bool, source: str) -> tuple[dict, dict]:
+    def _fit_checkpoint(
+        self, state: dict, ignore_mismatched_sizes: bool, source: str
+    ) -> tuple[dict, dict]:
         """Checkpoint leaves -> this model's tree; missing leaves initialised, unexpected ones dropped."""
         expected = self._flat_expected_shapes()
         missing = [p for p in expected if p not in state]
@@ -330,7 +360,9 @@ class FlaxBloomPreTrainedModel:
                         f"from config.json expects {tuple(expected[path].shape)}; check the config (vocab_size, "
                         "hidden_size, n_head, num_labels) or pass ignore_mismatched_sizes=True"
                     )
-                mismatched.append(("/".join(path), tuple(state[path].shape), tuple(expected[path].shape)))
+                mismatched.append(
+                    ("/".join(path), tuple(state[path].shape), tuple(expected[path].shape))
+                )
                 missing.append(path)
         params = {p: a for p, a in state.items() if p in expected and p not in missing}
         name = type(self).__name__
@@ -360,7 +392,9 @@ class FlaxBloomForCausalLM(GenerationConfigMixin, FlaxBloomPreTrainedModel):
 
     module_class = modules.FlaxBloomForCausalLMModule
 
-    def prepare_inputs_for_generation(self, input_ids, max_length: int, attention_mask=None) -> dict:
+    def prepare_inputs_for_generation(
+        self, input_ids, max_length: int, attention_mask=None
+    ) -> dict:
         """transformers' hook: an empty cache and the full `max_length` mask (ones after the prompt)."""
         batch_size, length = input_ids.shape
         mask = jnp.ones((batch_size, max_length), jnp.int32)
@@ -405,12 +439,23 @@ def _jitted_forward(key: tuple):
     """The module's apply under jax.jit, one per `module_key` (its module shared with generate)."""
     module = modules.module_for_key(key)
 
-    def forward(params, cache, input_ids, attention_mask, rngs, deterministic, output_attentions, hidden_states):
+    def forward(
+        params,
+        cache,
+        input_ids,
+        attention_mask,
+        rngs,
+        deterministic,
+        output_attentions,
+        hidden_states,
+    ):
         variables = {"params": params}
         args = (input_ids, attention_mask, deterministic, output_attentions, hidden_states)
         if cache is None:
             return module.apply(variables, *args, rngs=rngs)
-        outputs, mutated = module.apply({**variables, "cache": cache}, *args, rngs=rngs, mutable=["cache"])
+        outputs, mutated = module.apply(
+            {**variables, "cache": cache}, *args, rngs=rngs, mutable=["cache"]
+        )
         return outputs.replace(past_key_values=_to_dict(mutated["cache"]))
 
     # Eager calls would compile op by op; under a user's own jit this inner jit is simply inlined.
@@ -425,7 +470,9 @@ def _as_dtype(dtype: Any, name: str) -> Any:
     except TypeError:
         resolved = None
     if resolved is None or resolved not in {jnp.dtype(d) for d in _DTYPES.values()}:
-        raise ValueError(f"{name} must be one of jnp.float32, jnp.bfloat16, jnp.float16, got {dtype!r}")
+        raise ValueError(
+            f"{name} must be one of jnp.float32, jnp.bfloat16, jnp.float16, got {dtype!r}"
+        )
     return resolved.type
 
 

@@ -25,7 +25,11 @@ _BODY = (
     ("word_embeddings_layernorm.bias", "word_embeddings_layernorm/bias", False),
     ("h.{}.input_layernorm.weight", "h/{}/input_layernorm/scale", False),
     ("h.{}.input_layernorm.bias", "h/{}/input_layernorm/bias", False),
-    ("h.{}.self_attention.query_key_value.weight", "h/{}/self_attention/query_key_value/kernel", True),
+    (
+        "h.{}.self_attention.query_key_value.weight",
+        "h/{}/self_attention/query_key_value/kernel",
+        True,
+    ),
     ("h.{}.self_attention.query_key_value.bias", "h/{}/self_attention/query_key_value/bias", False),
     ("h.{}.self_attention.dense.weight", "h/{}/self_attention/dense/kernel", True),
     ("h.{}.self_attention.dense.bias", "h/{}/self_attention/dense/bias", False),
@@ -57,7 +61,9 @@ def name_table(config: BloomConfig, with_prefix: bool) -> list[tuple[str, tuple[
         layers = range(config.n_layer) if "{}" in torch_name else [None]
         for layer in layers:
             name, path = (
-                (torch_name, flax_path) if layer is None else (torch_name.format(layer), flax_path.format(layer))
+                (torch_name, flax_path)
+                if layer is None
+                else (torch_name.format(layer), flax_path.format(layer))
             )
             if with_prefix:
                 name, path = add_base_prefix(name), add_base_prefix(path, sep="/")
@@ -90,7 +96,9 @@ def torch_to_flax(
     return params, unused
 
 
-def flax_to_torch(params: Mapping[tuple[str, ...], np.ndarray], config: BloomConfig) -> dict[str, np.ndarray]:
+def flax_to_torch(
+    params: Mapping[tuple[str, ...], np.ndarray], config: BloomConfig
+) -> dict[str, np.ndarray]:
     """transformers' PyTorch state dict (NumPy arrays) for flat Flax params in transformers' layout.
 
     A tied causal LM gets `lm_head.weight` = the embeddings, as its PyTorch `state_dict()` has it.
@@ -103,7 +111,9 @@ def flax_to_torch(params: Mapping[tuple[str, ...], np.ndarray], config: BloomCon
             state_dict[name] = np.ascontiguousarray(array.T) if transpose else array
     unknown = set(params) - {path for _, path, _ in name_table(config, with_prefix)}
     if unknown:
-        raise ValueError(f"Flax parameters with no PyTorch name: {sorted('/'.join(p) for p in unknown)}")
+        raise ValueError(
+            f"Flax parameters with no PyTorch name: {sorted('/'.join(p) for p in unknown)}"
+        )
     return state_dict
 
 
@@ -123,15 +133,25 @@ def stack_layers(tree: Mapping, n_layer: int, stack=np.stack) -> dict:
     if "h" in tree and isinstance(tree["h"], Mapping) and "0" in tree["h"]:
         layers = [tree["h"][str(i)] for i in range(n_layer)]
         return {**tree, "h": _map_leaves(lambda *xs: stack(list(xs)), layers)}
-    return {k: stack_layers(v, n_layer, stack) if isinstance(v, Mapping) else v for k, v in tree.items()}
+    return {
+        k: stack_layers(v, n_layer, stack) if isinstance(v, Mapping) else v for k, v in tree.items()
+    }
 
 
 def unstack_layers(tree: Mapping, n_layer: int, take=lambda x, i: x[i]) -> dict:
     """The inverse of `stack_layers`; `take(array, i)` picks layer i (NumPy or jax arrays)."""
     if "h" in tree and isinstance(tree["h"], Mapping) and "0" not in tree["h"]:
         stacked = tree["h"]
-        return {**tree, "h": {str(i): _map_leaves(lambda x, i=i: take(x, i), [stacked]) for i in range(n_layer)}}
-    return {k: unstack_layers(v, n_layer, take) if isinstance(v, Mapping) else v for k, v in tree.items()}
+        return {
+            **tree,
+            "h": {
+                str(i): _map_leaves(lambda x, i=i: take(x, i), [stacked]) for i in range(n_layer)
+            },
+        }
+    return {
+        k: unstack_layers(v, n_layer, take) if isinstance(v, Mapping) else v
+        for k, v in tree.items()
+    }
 
 
 def is_stacked(tree: Mapping) -> bool:

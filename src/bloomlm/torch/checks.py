@@ -13,27 +13,41 @@ from bloomlm.config import BloomConfig
 _INT_DTYPES = (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8)
 
 
-def check_inputs(config: BloomConfig, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> None:
+def check_inputs(
+    config: BloomConfig, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None
+) -> None:
     if input_ids is not None and inputs_embeds is not None:
         raise ValueError("pass either input_ids or inputs_embeds, not both")
     if input_ids is None and inputs_embeds is None:
-        raise ValueError("pass input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, hidden_size)")
+        raise ValueError(
+            "pass input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, hidden_size)"
+        )
     if input_ids is not None:
         if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}")
+            raise TypeError(
+                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+            )
         if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
+            )
         if input_ids.dtype not in _INT_DTYPES:
             raise TypeError(f"input_ids must hold integers (torch.long), got {input_ids.dtype}")
         if input_ids.numel() == 0:
-            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token")
+            raise ValueError(
+                f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token"
+            )
         low, high = int(input_ids.min()), int(input_ids.max())
         if low < 0 or high >= config.vocab_size:
             bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})")
+            raise ValueError(
+                f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})"
+            )
     else:
         if not isinstance(inputs_embeds, torch.Tensor):
-            raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
+            raise TypeError(
+                f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}"
+            )
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
             raise ValueError(
                 f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), "
@@ -53,7 +67,9 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
             f"got {type(past_key_values).__name__}"
         )
     if len(past_key_values) != config.n_layer:
-        raise ValueError(f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}")
+        raise ValueError(
+            f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}"
+        )
     rows, head_dim = batch_size * config.n_head, config.head_dim
     past_length = None
     for i, layer in enumerate(past_key_values):
@@ -72,7 +88,9 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
                 f"{expected_value}, got {tuple(value.shape)}"
             )
         if past_length is not None and key.shape[2] != past_length:
-            raise ValueError(f"past_key_values[{i}] has length {key.shape[2]}, layer 0 has {past_length}")
+            raise ValueError(
+                f"past_key_values[{i}] has length {key.shape[2]}, layer 0 has {past_length}"
+            )
         past_length = key.shape[2]
     return past_length
 
@@ -80,7 +98,9 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
 def check_static_cache(cache, batch_size: int, seq_length: int) -> int:
     """Validate a preallocated cache against this call; return how many positions it already holds."""
     if cache.batch_size != batch_size:
-        raise ValueError(f"the StaticCache was made for batch size {cache.batch_size}, the inputs have {batch_size}")
+        raise ValueError(
+            f"the StaticCache was made for batch size {cache.batch_size}, the inputs have {batch_size}"
+        )
     if cache.length + seq_length > cache.max_length:
         raise ValueError(
             f"the StaticCache holds {cache.max_length} positions: {cache.length} are filled and {seq_length} "
@@ -89,9 +109,13 @@ def check_static_cache(cache, batch_size: int, seq_length: int) -> int:
     return cache.length
 
 
-def check_attention_mask(attention_mask: torch.Tensor, batch_size: int, past_length: int, seq_length: int):
+def check_attention_mask(
+    attention_mask: torch.Tensor, batch_size: int, past_length: int, seq_length: int
+):
     if not isinstance(attention_mask, torch.Tensor):
-        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}")
+        raise TypeError(
+            f"attention_mask must be a torch.Tensor, got {type(attention_mask).__name__}"
+        )
     expected = (batch_size, past_length + seq_length)
     if tuple(attention_mask.shape) != expected:
         raise ValueError(
@@ -114,9 +138,13 @@ def check_token_labels(labels: torch.Tensor, shape: tuple[int, ...], name: str) 
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must hold integer class ids (torch.long; -100 to ignore), got {labels.dtype}")
+        raise TypeError(
+            f"{name} must hold integer class ids (torch.long; -100 to ignore), got {labels.dtype}"
+        )
     if tuple(labels.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape (batch, seq_len) = {tuple(shape)}, got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{name} must have shape (batch, seq_len) = {tuple(shape)}, got {tuple(labels.shape)}"
+        )
 
 
 def check_logits_to_keep(num_logits_to_keep: int, labels: torch.Tensor | None) -> None:
@@ -139,13 +167,19 @@ def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) ->
     if positions.dim() > 1:
         positions = positions.squeeze(-1)
     if positions.dtype not in _INT_DTYPES:
-        raise TypeError(f"{name} must hold integer token positions (torch.long), got {positions.dtype}")
+        raise TypeError(
+            f"{name} must hold integer token positions (torch.long), got {positions.dtype}"
+        )
     if tuple(positions.shape) != (batch_size,):
-        raise ValueError(f"{name} must have shape (batch,) = ({batch_size},), got {tuple(positions.shape)}")
+        raise ValueError(
+            f"{name} must have shape (batch,) = ({batch_size},), got {tuple(positions.shape)}"
+        )
     return positions
 
 
-def sequence_problem_type(config: BloomConfig, num_labels: int, labels: torch.Tensor, batch_size: int) -> str:
+def sequence_problem_type(
+    config: BloomConfig, num_labels: int, labels: torch.Tensor, batch_size: int
+) -> str:
     """The loss to use for these labels, decided per call (the config is read, never written)."""
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
@@ -159,7 +193,9 @@ def sequence_problem_type(config: BloomConfig, num_labels: int, labels: torch.Te
             problem_type = "multi_label_classification"
     if problem_type == "single_label_classification":
         if labels.dtype not in _INT_DTYPES:
-            raise TypeError(f"single_label_classification needs integer labels (torch.long), got {labels.dtype}")
+            raise TypeError(
+                f"single_label_classification needs integer labels (torch.long), got {labels.dtype}"
+            )
         if tuple(labels.shape) != (batch_size,):
             raise ValueError(
                 f"single_label_classification labels must have shape (batch,) = ({batch_size},), "
@@ -176,7 +212,11 @@ def sequence_problem_type(config: BloomConfig, num_labels: int, labels: torch.Te
                 f"got {tuple(labels.shape)}"
             )
     else:
-        allowed = [(batch_size,), (batch_size, 1)] if num_labels == 1 else [(batch_size, num_labels)]
+        allowed = (
+            [(batch_size,), (batch_size, 1)] if num_labels == 1 else [(batch_size, num_labels)]
+        )
         if labels.dim() == 0 or tuple(labels.shape) not in allowed:
-            raise ValueError(f"regression labels must have shape {allowed[0]}, got {tuple(labels.shape)}")
+            raise ValueError(
+                f"regression labels must have shape {allowed[0]}, got {tuple(labels.shape)}"
+            )
     return problem_type

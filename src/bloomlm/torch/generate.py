@@ -42,7 +42,9 @@ NEG_INF = -float("inf")
 # --------------------------------------------------------------------------------------------------
 
 
-def apply_sequence_bias(input_ids: torch.Tensor, scores: torch.Tensor, sequence_bias: dict) -> torch.Tensor:
+def apply_sequence_bias(
+    input_ids: torch.Tensor, scores: torch.Tensor, sequence_bias: dict
+) -> torch.Tensor:
     """Add `bias` to the last token of each `sequence` whose prefix ends the row (one-token sequences: always)."""
     vocab_size = scores.shape[-1]
     outside = sorted({t for seq in sequence_bias for t in seq if t >= vocab_size})
@@ -62,7 +64,9 @@ def apply_sequence_bias(input_ids: torch.Tensor, scores: torch.Tensor, sequence_
         prefix = torch.tensor(sequence_ids[:-1], dtype=input_ids.dtype, device=input_ids.device)
         matching_rows = torch.eq(input_ids[:, -prefix.numel() :], prefix).prod(dim=1).bool()
         zero = torch.tensor(0.0, device=scores.device)
-        bias[:, sequence_ids[-1]] += torch.where(matching_rows, torch.tensor(value, device=scores.device), zero)
+        bias[:, sequence_ids[-1]] += torch.where(
+            matching_rows, torch.tensor(value, device=scores.device), zero
+        )
     return scores + bias
 
 
@@ -73,14 +77,18 @@ def bad_words_bias(bad_words_ids: list[list[int]], eos_token_ids: list[int] | No
     return {tuple(seq): NEG_INF for seq in kept}
 
 
-def apply_repetition_penalty(input_ids: torch.Tensor, scores: torch.Tensor, penalty: float) -> torch.Tensor:
+def apply_repetition_penalty(
+    input_ids: torch.Tensor, scores: torch.Tensor, penalty: float
+) -> torch.Tensor:
     """CTRL's penalty on every token already in the row: negative logits times `penalty`, positive ones divided."""
     seen = torch.gather(scores, 1, input_ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(1, input_ids, seen)
 
 
-def ban_repeated_ngrams(input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: int) -> torch.Tensor:
+def ban_repeated_ngrams(
+    input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: int
+) -> torch.Tensor:
     """Forbid any token that would complete an n-gram already present in the row (prompt included)."""
     length = input_ids.shape[1]
     if length < ngram_size:
@@ -112,7 +120,9 @@ def remove_inf_nan(scores: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(scores, nan=0.0, posinf=finfo.max, neginf=finfo.min)
 
 
-def boost_eos_exponentially(scores: torch.Tensor, eos_token_ids: list[int], steps: int, factor: float) -> torch.Tensor:
+def boost_eos_exponentially(
+    scores: torch.Tensor, eos_token_ids: list[int], steps: int, factor: float
+) -> torch.Tensor:
     """exponential_decay_length_penalty: raise eos scores by |score| * (factor**steps - 1)."""
     scores = scores.clone()
     for eos in eos_token_ids:
@@ -159,13 +169,17 @@ def typical_filter(scores: torch.Tensor, mass: float, min_tokens_to_keep: int = 
     return scores.masked_fill(to_remove, NEG_INF)
 
 
-def _keep_top_tokens(scores: torch.Tensor, to_remove: torch.Tensor, min_tokens_to_keep: int) -> torch.Tensor:
+def _keep_top_tokens(
+    scores: torch.Tensor, to_remove: torch.Tensor, min_tokens_to_keep: int
+) -> torch.Tensor:
     top_k = min(min_tokens_to_keep, scores.size(-1))
     to_remove = to_remove & (scores < torch.topk(scores, top_k)[0][..., -1, None])
     return scores.masked_fill(to_remove, NEG_INF)
 
 
-def epsilon_filter(scores: torch.Tensor, epsilon: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
+def epsilon_filter(
+    scores: torch.Tensor, epsilon: float, min_tokens_to_keep: int = 1
+) -> torch.Tensor:
     """Drop tokens with probability below `epsilon`."""
     return _keep_top_tokens(scores, scores.softmax(dim=-1) < epsilon, min_tokens_to_keep)
 
@@ -191,7 +205,9 @@ def _eos_list(eos_token_id: int | list[int] | None) -> list[int] | None:
     return [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
 
 
-def _when(condition: Callable[[torch.Tensor], bool], fn: Callable[[torch.Tensor], torch.Tensor]) -> LogitsFn:
+def _when(
+    condition: Callable[[torch.Tensor], bool], fn: Callable[[torch.Tensor], torch.Tensor]
+) -> LogitsFn:
     return lambda input_ids, scores: fn(scores) if condition(input_ids) else scores
 
 
@@ -209,19 +225,27 @@ def build_logits_processors(
     if config.no_repeat_ngram_size:
         chain.append(partial(ban_repeated_ngrams, ngram_size=config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
-        chain.append(partial(apply_sequence_bias, sequence_bias=bad_words_bias(config.bad_words_ids, eos)))
+        chain.append(
+            partial(apply_sequence_bias, sequence_bias=bad_words_bias(config.bad_words_ids, eos))
+        )
     if config.min_length and eos is not None:
-        chain.append(_when(lambda ids: ids.shape[-1] < config.min_length, partial(ban_tokens, token_ids=eos)))
+        chain.append(
+            _when(lambda ids: ids.shape[-1] < config.min_length, partial(ban_tokens, token_ids=eos))
+        )
     if config.min_new_tokens and eos is not None:
         min_total = prompt_length + config.min_new_tokens
-        chain.append(_when(lambda ids: ids.shape[-1] < min_total, partial(ban_tokens, token_ids=eos)))
+        chain.append(
+            _when(lambda ids: ids.shape[-1] < min_total, partial(ban_tokens, token_ids=eos))
+        )
     if config.forced_bos_token_id is not None:
         bos = [config.forced_bos_token_id]
         chain.append(_when(lambda ids: ids.shape[-1] == 1, partial(force_tokens, token_ids=bos)))
     if config.forced_eos_token_id is not None:
         forced_eos = _eos_list(config.forced_eos_token_id)
         last = config.max_length - 1
-        chain.append(_when(lambda ids: ids.shape[-1] == last, partial(force_tokens, token_ids=forced_eos)))
+        chain.append(
+            _when(lambda ids: ids.shape[-1] == last, partial(force_tokens, token_ids=forced_eos))
+        )
     if config.remove_invalid_values is True:
         chain.append(lambda ids, scores: remove_inf_nan(scores))
     if config.exponential_decay_length_penalty is not None:
@@ -229,7 +253,9 @@ def build_logits_processors(
         start += prompt_length
         chain.append(
             lambda ids, scores: (
-                boost_eos_exponentially(scores, _eos_list(config.eos_token_id), ids.shape[-1] - start, factor)
+                boost_eos_exponentially(
+                    scores, _eos_list(config.eos_token_id), ids.shape[-1] - start, factor
+                )
                 if ids.shape[-1] > start
                 else scores
             )
@@ -237,9 +263,15 @@ def build_logits_processors(
     if config.suppress_tokens is not None:
         chain.append(lambda ids, scores: ban_tokens(scores, config.suppress_tokens))
     if config.begin_suppress_tokens is not None:
-        begin = prompt_length if (prompt_length > 1 or config.forced_bos_token_id is None) else prompt_length + 1
+        begin = (
+            prompt_length
+            if (prompt_length > 1 or config.forced_bos_token_id is None)
+            else prompt_length + 1
+        )
         tokens = list(config.begin_suppress_tokens)
-        chain.append(_when(lambda ids: ids.shape[1] == begin, partial(ban_tokens, token_ids=tokens)))
+        chain.append(
+            _when(lambda ids: ids.shape[1] == begin, partial(ban_tokens, token_ids=tokens))
+        )
     chain.extend(custom)
     if config.renormalize_logits is True:
         chain.append(lambda ids, scores: log_normalize(scores))
@@ -264,7 +296,9 @@ def build_logits_warpers(config: GenerationConfig) -> list[LogitsFn]:
     if config.typical_p is not None and config.typical_p < 1.0:
         chain.append(lambda ids, scores: typical_filter(scores, float(config.typical_p), min_keep))
     if config.epsilon_cutoff is not None and 0.0 < config.epsilon_cutoff < 1.0:
-        chain.append(lambda ids, scores: epsilon_filter(scores, float(config.epsilon_cutoff), min_keep))
+        chain.append(
+            lambda ids, scores: epsilon_filter(scores, float(config.epsilon_cutoff), min_keep)
+        )
     if config.eta_cutoff is not None and 0.0 < config.eta_cutoff < 1.0:
         chain.append(lambda ids, scores: eta_filter(scores, float(config.eta_cutoff), min_keep))
     if config.renormalize_logits is True:
@@ -272,7 +306,9 @@ def build_logits_warpers(config: GenerationConfig) -> list[LogitsFn]:
     return chain
 
 
-def _run_chain(chain: Sequence[LogitsFn], input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+def _run_chain(
+    chain: Sequence[LogitsFn], input_ids: torch.Tensor, scores: torch.Tensor
+) -> torch.Tensor:
     for fn in chain:
         scores = fn(input_ids, scores)
     return scores
@@ -286,7 +322,9 @@ def _run_chain(chain: Sequence[LogitsFn], input_ids: torch.Tensor, scores: torch
 class BeamHypotheses:
     """The n best finished hypotheses of one prompt, scored sum_logprobs / generated_len ** length_penalty."""
 
-    def __init__(self, num_beams: int, length_penalty: float, early_stopping: bool | str, max_length: int):
+    def __init__(
+        self, num_beams: int, length_penalty: float, early_stopping: bool | str, max_length: int
+    ):
         self.num_beams = num_beams
         self.length_penalty = length_penalty
         self.early_stopping = early_stopping
@@ -297,7 +335,9 @@ class BeamHypotheses:
     def __len__(self) -> int:
         return len(self.beams)
 
-    def add(self, hyp: torch.Tensor, sum_logprobs: float, beam_indices: tuple | None, generated_len: int) -> None:
+    def add(
+        self, hyp: torch.Tensor, sum_logprobs: float, beam_indices: tuple | None, generated_len: int
+    ) -> None:
         score = sum_logprobs / (generated_len**self.length_penalty)
         if len(self) < self.num_beams or score > self.worst_score:
             self.beams.append((score, hyp, beam_indices))
@@ -328,7 +368,9 @@ class BeamSearchScorer:
         self.num_beams = config.num_beams
         self.num_beam_hyps_to_keep = config.num_return_sequences
         self.hyps = [
-            BeamHypotheses(config.num_beams, config.length_penalty, config.early_stopping, config.max_length)
+            BeamHypotheses(
+                config.num_beams, config.length_penalty, config.early_stopping, config.max_length
+            )
             for _ in range(batch_size)
         ]
         self.done = [False] * batch_size
@@ -360,7 +402,9 @@ class BeamSearchScorer:
         ):
             if self.done[b]:
                 if eos_token_ids is None or pad_token_id is None:
-                    raise ValueError("beam search finished a prompt early: eos_token_id and pad_token_id must be set")
+                    raise ValueError(
+                        "beam search finished a prompt early: eos_token_id and pad_token_id must be set"
+                    )
                 # transformers points finished prompts' rows at row 0; only padding is kept from them
                 scores_out += [0.0] * num_beams
                 tokens_out += [pad_token_id] * num_beams
@@ -370,10 +414,14 @@ class BeamSearchScorer:
             for rank, (token, score, index) in enumerate(zip(tokens, scores, indices)):
                 row = b * num_beams + index
                 if eos_token_ids is not None and token in eos_token_ids:
-                    if rank >= num_beams:  # an eos outside the top num_beams candidates is not a hypothesis
+                    if (
+                        rank >= num_beams
+                    ):  # an eos outside the top num_beams candidates is not a hypothesis
                         continue
                     hyp_indices = beam_indices[row] + (row,) if beam_indices is not None else None
-                    self.hyps[b].add(input_ids[row].clone(), score, hyp_indices, cur_len - prompt_len)
+                    self.hyps[b].add(
+                        input_ids[row].clone(), score, hyp_indices, cur_len - prompt_len
+                    )
                 else:
                     scores_out.append(score)
                     tokens_out.append(token)
@@ -382,7 +430,9 @@ class BeamSearchScorer:
                 if kept == num_beams:
                     break
             if kept < num_beams:
-                raise ValueError(f"at most {num_beams} of the candidates {tokens} may be eos tokens {eos_token_ids}")
+                raise ValueError(
+                    f"at most {num_beams} of the candidates {tokens} may be eos tokens {eos_token_ids}"
+                )
             self.done[b] = self.done[b] or self.hyps[b].is_done(max(scores), cur_len, prompt_len)
         device = input_ids.device
         return (
@@ -408,15 +458,21 @@ class BeamSearchScorer:
                 continue
             for row in range(b * self.num_beams, (b + 1) * self.num_beams):
                 row_indices = beam_indices[row] if beam_indices is not None else None
-                hyps.add(input_ids[row], final_scores[row], row_indices, input_ids.shape[-1] - prompt_len)
+                hyps.add(
+                    input_ids[row], final_scores[row], row_indices, input_ids.shape[-1] - prompt_len
+                )
         best = []
         for hyps in self.hyps:
-            ranked = sorted(hyps.beams, key=lambda beam: beam[0])  # stable: equal scores keep insertion order
+            ranked = sorted(
+                hyps.beams, key=lambda beam: beam[0]
+            )  # stable: equal scores keep insertion order
             best += [ranked.pop() for _ in range(self.num_beam_hyps_to_keep)]
         lengths = [len(hyp) for _, hyp, _ in best]
         out_len = min(max(lengths) + 1, max_length)
         if min(lengths) != max(lengths) and pad_token_id is None:
-            raise ValueError("beam hypotheses of different lengths need a `pad_token_id` to pad them")
+            raise ValueError(
+                "beam hypotheses of different lengths need a `pad_token_id` to pad them"
+            )
         fill = pad_token_id if pad_token_id is not None else 0
         sequences = input_ids.new_full((len(best), out_len), fill)
         track = len(best) > 0 and best[0][2] is not None
@@ -427,7 +483,9 @@ class BeamSearchScorer:
                 indices[i, : len(hyp_indices)] = torch.tensor(hyp_indices, dtype=indices.dtype)
             if lengths[i] < out_len:
                 sequences[i, lengths[i]] = eos_token_ids[0]
-        scores = torch.tensor([score for score, _, _ in best], dtype=torch.float32, device=input_ids.device)
+        scores = torch.tensor(
+            [score for score, _, _ in best], dtype=torch.float32, device=input_ids.device
+        )
         return sequences, scores, indices
 
 
@@ -504,7 +562,9 @@ class _Stepper:
         if self.use_cache:
             self.past = out.past_key_values
             self.seen = input_ids.shape[1]
-        self.attention_mask = torch.cat([self.attention_mask, self.attention_mask.new_ones((input_ids.shape[0], 1))], 1)
+        self.attention_mask = torch.cat(
+            [self.attention_mask, self.attention_mask.new_ones((input_ids.shape[0], 1))], 1
+        )
         return out
 
     def legacy_past(self) -> Any:
@@ -574,7 +634,9 @@ class _LoopTokens:
             pad = default.pad_token_id if pad is None else pad
         tokens = cls(_eos_list(eos), pad)
         if tokens.eos is not None and tokens.pad is None:
-            raise ValueError("`eos_token_id` is set, so `pad_token_id` must be set too (it fills finished rows)")
+            raise ValueError(
+                "`eos_token_id` is set, so `pad_token_id` must be set too (it fills finished rows)"
+            )
         return tokens
 
 
@@ -651,7 +713,9 @@ def _beam_search(
     prompt_len = input_ids.shape[-1]
     beam_scores = torch.zeros((batch_size, num_beams), dtype=torch.float, device=input_ids.device)
     if not config.do_sample:
-        beam_scores[:, 1:] = -1e9  # the beams start identical: only the first may expand at step one
+        beam_scores[
+            :, 1:
+        ] = -1e9  # the beams start identical: only the first may expand at step one
     beam_scores = beam_scores.view(-1)
     while True:
         out = step(input_ids)
@@ -661,7 +725,9 @@ def _beam_search(
             processed = _run_chain(warpers, input_ids, processed)
         record.add(processed, out)
         vocab_size = processed.shape[-1]
-        candidates = (processed + beam_scores[:, None].expand_as(processed)).view(batch_size, num_beams * vocab_size)
+        candidates = (processed + beam_scores[:, None].expand_as(processed)).view(
+            batch_size, num_beams * vocab_size
+        )
         cand_scores, flat_ids = _beam_candidates(candidates, num_beams, config.do_sample, eos)
         cand_rows = torch.div(flat_ids, vocab_size, rounding_mode="floor")
         cand_tokens = flat_ids % vocab_size
@@ -744,8 +810,12 @@ def generate(
     a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput`.
     """
     # Over 40 lines: transformers' signature and its argument resolution, then one dispatch.
-    _reject_unsupported_arguments(prefix_allowed_tokens_fn, synced_gpus, assistant_model, negative_prompt_ids)
-    del negative_prompt_attention_mask  # only meaningful with negative_prompt_ids, which is rejected
+    _reject_unsupported_arguments(
+        prefix_allowed_tokens_fn, synced_gpus, assistant_model, negative_prompt_ids
+    )
+    del (
+        negative_prompt_attention_mask
+    )  # only meaningful with negative_prompt_ids, which is rejected
     user_max_length = kwargs.get("max_length")
     config, model_kwargs = _resolve_config(model, generation_config, kwargs)
     input_ids, attention_mask = _prepare_inputs(model, inputs, model_kwargs, config)
@@ -765,16 +835,22 @@ def generate(
         step = _Stepper(model, attention_mask.repeat_interleave(expand, dim=0), config)
         try:
             if config.num_beams > 1:
-                result = _beam_search(step, input_ids, batch_size, config, tokens, processors, warpers, stop)
+                result = _beam_search(
+                    step, input_ids, batch_size, config, tokens, processors, warpers, stop
+                )
             else:
-                result = _greedy_or_sample(step, input_ids, config, tokens, processors, warpers, stop, streamer)
+                result = _greedy_or_sample(
+                    step, input_ids, config, tokens, processors, warpers, stop, streamer
+                )
         finally:
             if streamer is not None:  # also on error, so a consumer thread is never left waiting
                 streamer.end()
     return _outside_inference_mode(result)
 
 
-def _reject_unsupported_arguments(prefix_fn: Any, synced_gpus: Any, assistant: Any, negative_ids: Any) -> None:
+def _reject_unsupported_arguments(
+    prefix_fn: Any, synced_gpus: Any, assistant: Any, negative_ids: Any
+) -> None:
     for name, value in (
         ("prefix_allowed_tokens_fn", prefix_fn),
         ("assistant_model", assistant),
@@ -783,7 +859,9 @@ def _reject_unsupported_arguments(prefix_fn: Any, synced_gpus: Any, assistant: A
         if value is not None:
             raise ValueError(f"`{name}` is not supported by bloomlm's generate; leave it None")
     if synced_gpus:
-        raise ValueError("`synced_gpus=True` is not supported by bloomlm's generate (single process only)")
+        raise ValueError(
+            "`synced_gpus=True` is not supported by bloomlm's generate (single process only)"
+        )
 
 
 def _resolve_config(
@@ -797,12 +875,20 @@ def _resolve_config(
     config.validate()
     for name, off in _UNSUPPORTED_SETTINGS.items():
         if getattr(config, name) != off:
-            raise ValueError(f"`{name}`={getattr(config, name)!r} is not supported by bloomlm's generate; use {off!r}")
+            raise ValueError(
+                f"`{name}`={getattr(config, name)!r} is not supported by bloomlm's generate; use {off!r}"
+            )
     if config.guidance_scale is not None and config.guidance_scale != 1:
-        raise ValueError("`guidance_scale` (classifier-free guidance) is not supported by bloomlm's generate")
-    contrastive = config.penalty_alpha is not None and config.penalty_alpha > 0 and (config.top_k or 0) > 1
+        raise ValueError(
+            "`guidance_scale` (classifier-free guidance) is not supported by bloomlm's generate"
+        )
+    contrastive = (
+        config.penalty_alpha is not None and config.penalty_alpha > 0 and (config.top_k or 0) > 1
+    )
     if contrastive and config.num_beams == 1 and not config.do_sample:
-        raise ValueError("contrastive search (`penalty_alpha` > 0) is not supported by bloomlm's generate")
+        raise ValueError(
+            "contrastive search (`penalty_alpha` > 0) is not supported by bloomlm's generate"
+        )
     if config.pad_token_id is None and config.eos_token_id is not None:
         if model_kwargs.get("attention_mask") is None:
             logger.warning(
@@ -818,7 +904,9 @@ def _as_ours(config: Any) -> GenerationConfig:
     if isinstance(config, GenerationConfig):
         return config
     if not hasattr(config, "to_dict"):
-        raise ValueError(f"`generation_config` must be a GenerationConfig, got {type(config).__name__}")
+        raise ValueError(
+            f"`generation_config` must be a GenerationConfig, got {type(config).__name__}"
+        )
     return GenerationConfig(**config.to_dict())  # e.g. transformers' own GenerationConfig
 
 
@@ -834,7 +922,9 @@ def _model_device(model: Any) -> torch.device | None:
     device = getattr(model, "device", None)
     if isinstance(device, torch.device):
         return device
-    return next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    return (
+        next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
+    )
 
 
 def _prepare_inputs(
@@ -859,8 +949,14 @@ def _prepare_inputs(
             raise ValueError("`attention_mask` was given without `input_ids`; pass both or neither")
         if config.bos_token_id is None:
             raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided")
-        input_ids = torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=_model_device(model))
-    if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+        input_ids = torch.full(
+            (1, 1), config.bos_token_id, dtype=torch.long, device=_model_device(model)
+        )
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+    ):
         raise ValueError(
             "`input_ids` must be an integer tensor of shape [batch, length], got "
             + (
@@ -870,15 +966,23 @@ def _prepare_inputs(
             )
         )
     if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(f"`input_ids` must hold at least one token per row, got shape {list(input_ids.shape)}")
+        raise ValueError(
+            f"`input_ids` must hold at least one token per row, got shape {list(input_ids.shape)}"
+        )
     input_ids = input_ids.long()
     if attention_mask is None:
-        attention_mask = _default_attention_mask(input_ids, config.pad_token_id, config.eos_token_id)
+        attention_mask = _default_attention_mask(
+            input_ids, config.pad_token_id, config.eos_token_id
+        )
     elif not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != input_ids.shape:
         shape = (
-            list(attention_mask.shape) if isinstance(attention_mask, torch.Tensor) else type(attention_mask).__name__
+            list(attention_mask.shape)
+            if isinstance(attention_mask, torch.Tensor)
+            else type(attention_mask).__name__
         )
-        raise ValueError(f"`attention_mask` must have the shape of `input_ids` {list(input_ids.shape)}, got {shape}")
+        raise ValueError(
+            f"`attention_mask` must have the shape of `input_ids` {list(input_ids.shape)}, got {shape}"
+        )
     pad = config.pad_token_id
     if pad is not None and bool((input_ids[:, -1] == pad).any()):
         logger.warning(
@@ -888,10 +992,16 @@ def _prepare_inputs(
     return input_ids, attention_mask
 
 
-def _default_attention_mask(input_ids: torch.Tensor, pad: int | None, eos: int | list[int] | None) -> torch.Tensor:
+def _default_attention_mask(
+    input_ids: torch.Tensor, pad: int | None, eos: int | list[int] | None
+) -> torch.Tensor:
     """Mask out pad tokens, unless pad is also an eos token (then nothing can be told apart)."""
     eos_ids = _eos_list(eos)
-    if pad is not None and bool((input_ids == pad).any()) and (eos_ids is None or pad not in eos_ids):
+    if (
+        pad is not None
+        and bool((input_ids == pad).any())
+        and (eos_ids is None or pad not in eos_ids)
+    ):
         return input_ids.ne(pad).long()
     return torch.ones_like(input_ids)
 
@@ -941,9 +1051,13 @@ def _check_streamer(streamer: Any, config: GenerationConfig, batch_size: int) ->
         raise ValueError("`streamer` cannot be used with beam search; set `num_beams=1`")
     rows = batch_size * config.num_return_sequences
     if rows > 1:
-        raise ValueError(f"`streamer` needs a single sequence (batch size 1, num_return_sequences 1), got {rows} rows")
+        raise ValueError(
+            f"`streamer` needs a single sequence (batch size 1, num_return_sequences 1), got {rows} rows"
+        )
     if not (hasattr(streamer, "put") and hasattr(streamer, "end")):
-        raise ValueError("`streamer` must have `put(token_ids)` and `end()` methods, like TextStreamer")
+        raise ValueError(
+            "`streamer` must have `put(token_ids)` and `end()` methods, like TextStreamer"
+        )
 
 
 def _outside_inference_mode(value: Any) -> Any:
@@ -954,8 +1068,12 @@ def _outside_inference_mode(value: Any) -> Any:
         return tuple(_outside_inference_mode(v) for v in value)
     if isinstance(value, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput)):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        past = fields.pop("past_key_values")  # left as is: it can be large, and the model reads it fine
-        return type(value)(**{k: _outside_inference_mode(v) for k, v in fields.items()}, past_key_values=past)
+        past = fields.pop(
+            "past_key_values"
+        )  # left as is: it can be large, and the model reads it fine
+        return type(value)(
+            **{k: _outside_inference_mode(v) for k, v in fields.items()}, past_key_values=past
+        )
     return value
 
 

@@ -55,7 +55,9 @@ class BloomPreTrainedModel(nn.Module):
     def __init__(self, config: BloomConfig):
         super().__init__()
         if not isinstance(config, BloomConfig):
-            raise TypeError(f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}")
+            raise TypeError(
+                f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
+            )
         config.validate()
         self.config = config
         self.gradient_checkpointing = False
@@ -119,7 +121,9 @@ class BloomPreTrainedModel(nn.Module):
             new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
         if not isinstance(new_num_tokens, int) or new_num_tokens < 1:
             raise ValueError(f"new_num_tokens must be a positive integer, got {new_num_tokens!r}")
-        new = nn.Embedding(new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+        new = nn.Embedding(
+            new_num_tokens, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype
+        )
         self._init_weights(new)
         kept = min(old.num_embeddings, new_num_tokens)
         new.weight.data[:kept] = old.weight.data[:kept]
@@ -156,7 +160,9 @@ class BloomPreTrainedModel(nn.Module):
             if (p.requires_grad or not only_trainable) and id(p) not in embedding_ids
         )
 
-    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict | None = None
+    ) -> None:
         """Recompute each block in the backward pass instead of keeping its activations."""
         self.base_model.gradient_checkpointing = True
 
@@ -169,7 +175,9 @@ class BloomPreTrainedModel(nn.Module):
 
     # -- forward plumbing ------------------------------------------------------------------------------
 
-    def _resolve_flags(self, use_cache, output_attentions, output_hidden_states, return_dict) -> tuple:
+    def _resolve_flags(
+        self, use_cache, output_attentions, output_hidden_states, return_dict
+    ) -> tuple:
         config = self.config
         return (
             config.use_cache if use_cache is None else use_cache,
@@ -253,7 +261,9 @@ class BloomPreTrainedModel(nn.Module):
 
     # Over 40 lines because it takes transformers' many loading keywords, each by name.
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs: Any):
+    def from_pretrained(
+        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs: Any
+    ):
         """Load a model folder (or hub name) written by transformers or bloomlm.
 
         The model is built on the `meta` device and the checkpoint's tensors are assigned to it, so no
@@ -284,7 +294,9 @@ class BloomPreTrainedModel(nn.Module):
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
         if quantize:
-            quantize_int8_(model, dtype)  # int8 slots on meta; each float weight is quantized as it is read
+            quantize_int8_(
+                model, dtype
+            )  # int8 slots on meta; each float weight is quantized as it is read
         converting = bool(quantize) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
         tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, stream=converting)
         info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
@@ -331,7 +343,9 @@ class BloomPreTrainedModel(nn.Module):
         self._materialise([k for k in mismatched_keys if k not in missing], dtype)
         self.tie_weights()
         return {
-            "missing_keys": [k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)],
+            "missing_keys": [
+                k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)
+            ],
             "unexpected_keys": unexpected,
             "mismatched_keys": mismatched,
             "error_msgs": [],
@@ -342,7 +356,9 @@ class BloomPreTrainedModel(nn.Module):
             return set()
         tied = set(self._tied_weights_keys)
         return tied | {
-            k.removesuffix("weight") + "scale" for k in tied if k.removesuffix("weight") + "scale" in expected
+            k.removesuffix("weight") + "scale"
+            for k in tied
+            if k.removesuffix("weight") + "scale" in expected
         }
 
     def _materialise(self, names: list[str], dtype: torch.dtype) -> None:
@@ -485,11 +501,15 @@ def _read_blocks(tensor: checkpoint.StreamedTensor, dtype: torch.dtype) -> torch
     return out
 
 
-def _quantize_blocks(tensor: torch.Tensor | checkpoint.StreamedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _quantize_blocks(
+    tensor: torch.Tensor | checkpoint.StreamedTensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
     quantized = torch.empty(tensor.shape, dtype=torch.int8)
     scale = torch.empty(tensor.shape[0], dtype=torch.float32)
     for start, block in checkpoint.row_blocks(tensor):
-        quantized[start : start + len(block)], scale[start : start + len(block)] = quantize_rows(block)
+        quantized[start : start + len(block)], scale[start : start + len(block)] = quantize_rows(
+            block
+        )
     return quantized, scale
 
 
@@ -500,7 +520,9 @@ def _device_from_map(device_map: Any) -> torch.device | None:
     if isinstance(device_map, dict):
         devices = set(device_map.values())
         if len(devices) != 1:
-            raise ValueError(f"device_map must place the whole model on one device, got {device_map}")
+            raise ValueError(
+                f"device_map must place the whole model on one device, got {device_map}"
+            )
         device_map = devices.pop()
     if device_map == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -518,8 +540,12 @@ def _resolve_dtype(torch_dtype: Any, config: BloomConfig) -> torch.dtype:
         return _DTYPES.get(str(name), torch.float32) if name else torch.float32
     if isinstance(torch_dtype, str):
         if torch_dtype.removeprefix("torch.") not in _DTYPES:
-            raise ValueError(f"torch_dtype must be one of {sorted(_DTYPES)} or 'auto', got {torch_dtype!r}")
+            raise ValueError(
+                f"torch_dtype must be one of {sorted(_DTYPES)} or 'auto', got {torch_dtype!r}"
+            )
         return _DTYPES[torch_dtype.removeprefix("torch.")]
     if isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point:
         return torch_dtype
-    raise ValueError(f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}")
+    raise ValueError(
+        f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}"
+    )

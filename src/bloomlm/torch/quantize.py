@@ -19,7 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def quantize_rows(weight: torch.Tensor, rows_per_block: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    weight: torch.Tensor, rows_per_block: int = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Symmetric per-row int8: returns (int8 weight, float32 scale per row).
 
     Done in blocks of rows so the float temporaries stay small: a whole-matrix expression would allocate
@@ -30,10 +32,14 @@ def quantize_rows(weight: torch.Tensor, rows_per_block: int = 256) -> tuple[torc
     if weight.is_meta:  # a model being prepared for loading: only the shapes matter
         return quantized, scale
     for start in range(0, weight.shape[0], rows_per_block):
-        block = weight[start : start + rows_per_block].to(torch.float32, copy=True)  # never edit the source
+        block = weight[start : start + rows_per_block].to(
+            torch.float32, copy=True
+        )  # never edit the source
         block_scale = block.abs().amax(dim=1).clamp_(min=1e-12) / 127.0
         scale[start : start + rows_per_block] = block_scale
-        quantized[start : start + rows_per_block] = block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
+        quantized[start : start + rows_per_block] = (
+            block.div_(block_scale[:, None]).round_().clamp_(-127, 127)
+        )
     return quantized, scale
 
 
@@ -48,9 +54,13 @@ def int8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
     call and a regular matmul runs; the scale factors out of each output column.
     """
     flat = x.reshape(-1, x.shape[-1])
-    compute_dtype = torch.bfloat16 if flat.dtype == torch.float32 and flat.device.type == "cpu" else flat.dtype
+    compute_dtype = (
+        torch.bfloat16 if flat.dtype == torch.float32 and flat.device.type == "cpu" else flat.dtype
+    )
     flat = flat.to(compute_dtype)
-    if flat.shape[0] <= _FUSED_KERNEL_MAX_ROWS and flat.device.type == "cpu":  # the fused kernel is CPU's
+    if (
+        flat.shape[0] <= _FUSED_KERNEL_MAX_ROWS and flat.device.type == "cpu"
+    ):  # the fused kernel is CPU's
         out = torch._weight_int8pack_mm(flat.contiguous(), weight, scale.to(compute_dtype))
     else:
         out = F.linear(flat, weight.to(compute_dtype)) * scale.to(compute_dtype)
@@ -99,7 +109,9 @@ class Int8Embedding(nn.Module):
         return rows * self.scale[ids].to(self.output_dtype)[..., None]
 
 
-def quantize_int8_(model: nn.Module, dtype: torch.dtype | None = None, include_embeddings: bool = True) -> nn.Module:
+def quantize_int8_(
+    model: nn.Module, dtype: torch.dtype | None = None, include_embeddings: bool = True
+) -> nn.Module:
     """Replace every nn.Linear (and the tied embedding / LM head) with its int8 version, in place.
 
     `dtype` is the float type the model computes in (default: that of its parameters now). The
@@ -113,7 +125,9 @@ def quantize_int8_(model: nn.Module, dtype: torch.dtype | None = None, include_e
         weight, scale = quantize_rows(embedding.weight.detach())
         model.set_input_embeddings(Int8Embedding(weight, scale, dtype))
         if tied and model.get_output_embeddings() is not None:
-            model.set_output_embeddings(Int8Linear(weight, scale, None))  # the same int8 matrix, stored once
+            model.set_output_embeddings(
+                Int8Linear(weight, scale, None)
+            )  # the same int8 matrix, stored once
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
