@@ -78,7 +78,6 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 _DROPPED_KEYS = {
     "model_type",
     "transformers_version",
-    "_commit_hash",
     "num_labels",
     "attn_implementation",
     "_attn_implementation_internal",
@@ -102,6 +101,8 @@ class BloomConfig(PretrainedConfigAPI):
         object.__setattr__(self, "_extra_keys", [])
         name_or_path = kwargs.pop("name_or_path", kwargs.pop("_name_or_path", ""))
         object.__setattr__(self, "_name_or_path", str(name_or_path))
+        # The hub revision a loaded config came from (pipelines read it); never written.
+        object.__setattr__(self, "_commit_hash", kwargs.pop("_commit_hash", None))
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
