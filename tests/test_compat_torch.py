@@ -134,8 +134,8 @@ def test_from_pretrained_none_with_config_and_state_dict(load_pair, arch):
     ours = ours_cls(arch).from_pretrained(None, config=config, state_dict=theirs.state_dict())
     input_ids, mask = make_inputs(128, "left")
     with torch.no_grad():
-        assert_close(ours(input_ids, attention_mask=mask).logits,
-                     theirs(input_ids, attention_mask=mask).logits, FP32_TOL, name=arch)  # fmt: skip
+        expected = theirs(input_ids, attention_mask=mask).logits
+        assert_close(ours(input_ids, attention_mask=mask).logits, expected, FP32_TOL, name=arch)
     with pytest.raises(ValueError, match="needs config= and state_dict="):
         ours_cls(arch).from_pretrained(None, config=config)
 

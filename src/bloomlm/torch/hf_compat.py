@@ -95,7 +95,7 @@ class PreTrainedModelAPI:
         hook = getattr(self, "_require_grads_hook", None)
         if hook is None:
             raise ValueError(
-                "disable_input_require_grads() needs enable_input_require_grads() to be called first"
+                "disable_input_require_grads() needs enable_input_require_grads() first"
             )
         hook.remove()
         del self._require_grads_hook
