@@ -169,3 +169,21 @@ def test_a_tied_head_is_listed_once_and_loads_either_way(load_pair, tmp_path):
     assert model.lm_head.weight is model.transformer.word_embeddings.weight
     untied = load_pair("untied", "BloomForCausalLM")[0]
     assert "lm_head.weight" in untied.state_dict()
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_a_negative_eos_id_never_stops_as_in_transformers(load_pair, num_beams):
+    ours, theirs = load_pair("pow2", "BloomForCausalLM")
+    input_ids, mask = make_inputs(128, "left")
+    kwargs = dict(attention_mask=mask, max_new_tokens=5, num_beams=num_beams, pad_token_id=0)
+    for eos in (-1, [-1, 2]):
+        with torch.no_grad():
+            mine = ours.generate(input_ids, eos_token_id=eos, **kwargs)
+            assert torch.equal(mine, theirs.generate(input_ids, eos_token_id=eos, **kwargs))
+        assert mine.shape == (3, 12)
+    flax_model = bloomlm.FlaxBloomForCausalLM.from_pretrained(ours.name_or_path)
+    flax_out = flax_model.generate(
+        input_ids.numpy(), mask.numpy(), max_new_tokens=5, eos_token_id=-1, pad_token_id=0
+    )
+    if num_beams == 1:
+        assert (flax_out.sequences == mine.numpy()).all()

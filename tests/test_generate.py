@@ -695,7 +695,8 @@ def test_static_cache_hook_is_used_and_reordered():
         (dict(bad_words_ids=[[3], [4, 99]]), "outside the vocabulary"),
         (dict(sequence_bias={(1,): 2}), "sequence_bias"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(eos_token_id=-1), "eos_token_id"),
+        (dict(eos_token_id=-1, min_length=3), "eos_token_id"),  # -1 alone: "never stops"
+        (dict(eos_token_id=1.5), "eos_token_id"),
         (dict(num_beam_groups=2, num_beams=2, diversity_penalty=1.0), "num_beam_groups"),
         (dict(penalty_alpha=0.6, top_k=4), "contrastive"),
         (dict(foo=1), "foo"),
