@@ -9,6 +9,7 @@ config: no registry, no nested configs, no hub upload. Framework-free, like `con
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from typing import Any
@@ -87,6 +88,12 @@ _BASE_CONFIG_DICT: dict[str, Any] = {
 }
 
 
+@functools.lru_cache(maxsize=4)
+def _class_defaults(config_class: type) -> dict[str, Any]:
+    """`config_class().to_dict()`, made once (read-only: callers must not change it)."""
+    return config_class().to_dict()
+
+
 def _parse_like(old: Any, text: str, key: str) -> Any:
     """`text` as the type of the value it replaces (transformers' update_from_string rules)."""
     if isinstance(old, bool):
@@ -135,7 +142,7 @@ class PretrainedConfigAPI:
     def to_diff_dict(self) -> dict[str, Any]:
         """The values that differ from `PretrainedConfig()`'s or from this class's defaults:
         what transformers writes to config.json."""
-        class_defaults = type(self)().to_dict()
+        class_defaults = _class_defaults(type(self))
         return {
             key: value
             for key, value in self.to_dict().items()

@@ -97,6 +97,7 @@ def warp_for_sampling(scores: jax.Array, temperature, top_k, top_p) -> jax.Array
 # `eos` is an int32 array of end-of-sequence ids ([-1] when there is none), `pad` an int32 scalar.
 
 
+# Over 40 lines: the loop state is spelled out field by field, each with its meaning.
 def sample_loop(
     tokens_to_logits: Callable,
     input_ids: jax.Array,
@@ -222,6 +223,7 @@ def _beam_start(spec: _Beams, input_ids: jax.Array, logits: jax.Array, cache: An
     )
 
 
+# Over 40 lines: one beam step in its named stages (rank, pool, continue, step the model).
 def _beam_step(spec: _Beams, tokens_to_logits: Callable, s: dict) -> dict:
     """One token for every live beam: rank 2K candidates per prompt, pool the finished ones, go on
     with the K best that are not eos."""
@@ -337,21 +339,7 @@ def generate(
     input_ids = checks.check_input_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = input_ids.shape
     attention_mask = checks.check_attention_mask(attention_mask, batch, prompt_length, None)
-    max_length = (
-        config.max_length
-        if config.max_new_tokens is None
-        else prompt_length + config.max_new_tokens
-    )
-    if max_length <= prompt_length:
-        raise ValueError(
-            f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
-            "raise max_length or set max_new_tokens"
-        )
-    if config.min_length > max_length:
-        raise ValueError(
-            f"min_length ({config.min_length}) is larger than max_length ({max_length}); no "
-            "sequence can meet both"
-        )
+    max_length = _checked_max_length(config, prompt_length)
     run = _jitted_generate(module_key(model.module))
     key = jax.random.PRNGKey(0) if prng_key is None else prng_key
     params = model.params if params is None else params
@@ -366,6 +354,24 @@ def generate(
         return FlaxBeamSearchOutput(sequences=sequences, scores=scores)
     output_class = FlaxSampleOutput if sampling else FlaxGreedySearchOutput
     return output_class(sequences=sequences)
+
+
+def _checked_max_length(config: GenerationConfig, prompt_length: int) -> int:
+    """The total length to generate to: `max_new_tokens` after the prompt, else `max_length`."""
+    max_length = config.max_length
+    if config.max_new_tokens is not None:
+        max_length = prompt_length + config.max_new_tokens
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
+            "raise max_length or set max_new_tokens"
+        )
+    if config.min_length > max_length:
+        raise ValueError(
+            f"min_length ({config.min_length}) is larger than max_length ({max_length}); no "
+            "sequence can meet both"
+        )
+    return max_length
 
 
 def _traced_settings(config: GenerationConfig) -> dict[str, jax.Array]:
@@ -420,6 +426,7 @@ def _resolve_config(
     return config
 
 
+# Over 40 lines: the compiled function, holding the model step and both loops' entry points.
 @functools.lru_cache(maxsize=16)
 def _jitted_generate(key: tuple):
     """One jitted generate per `module_key` (its module shared with the jitted forward); it

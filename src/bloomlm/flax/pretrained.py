@@ -31,8 +31,8 @@ from bloomlm.checkpoint_names import BASE_PREFIX, FLAX_WEIGHT_FILES, PYTORCH_WEI
 from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
 from bloomlm.errors import CheckpointError
 from bloomlm.flax import checks, files, weights
-from bloomlm.flax.hf_compat import FlaxPreTrainedModelAPI
 from bloomlm.flax import model as modules
+from bloomlm.flax.hf_compat import FlaxPreTrainedModelAPI
 from bloomlm.flax.model import make_cache  # noqa: F401 (re-exported: it lived here before)
 from bloomlm.generation import GenerationConfigMixin, attach_generation_config
 
