@@ -201,21 +201,9 @@ def _tree_bytes(tree: Any) -> int:
 
 def flax_state_dict(source: str | os.PathLike) -> dict[str, Any]:
     """PyTorch tensors (transformers' names) from a folder holding only Flax msgpack weights."""
-    import numpy as np
-    import torch
+    from bloomlm.torch.from_flax import flax_state_dict as read
 
-    from bloomlm.flax import files, weights
-
-    config = BloomConfig.from_pretrained(source)
-    arrays = weights.flax_to_torch(files.read_msgpack(source), config)
-    tensors = {}
-    for name, array in arrays.items():
-        if array.dtype.name == "bfloat16":  # NumPy has no bfloat16; go through float32
-            as_float32 = np.asarray(array, dtype=np.float32)
-            tensors[name] = torch.from_numpy(as_float32).to(torch.bfloat16)
-        else:
-            tensors[name] = torch.from_numpy(np.array(array))  # a writable copy, as torch wants
-    return tensors
+    return read(source)
 
 
 def _copy_tokenizer(source: Path, staging: Path) -> None:

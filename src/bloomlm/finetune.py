@@ -161,6 +161,11 @@ class Records(list):
         self.lines = lines
 
 
+def _shown(path: str | os.PathLike) -> str:
+    """A data file's name in messages ("-" is stdin)."""
+    return "stdin" if os.fspath(path) == "-" else os.fspath(path)
+
+
 def _line(rows: list[dict[str, Any]], index: int) -> str:
     """Where row `index` is, for messages: "line 7" (or "row 7" for rows not read from a file)."""
     lines = getattr(rows, "lines", None)
@@ -628,7 +633,7 @@ def _label_maps(
     if resumed:
         id2label = {int(k): v for k, v in base_config.id2label.items()}
         return id2label, {v: k for k, v in id2label.items()}
-    path = config.train_file
+    path = _shown(config.train_file)
     if config.labels:
         names = [str(label) for label in config.labels]
     elif config.task == "seq-cls":
@@ -651,11 +656,11 @@ def _make_features(
     """(training features, evaluation features or None)."""
     make_features = _FEATURES[config.task]
     label2id = label_maps[1] if label_maps else None
-    train = make_features(train_rows, config, tokenizer, label2id, config.train_file)
+    train = make_features(train_rows, config, tokenizer, label2id, _shown(config.train_file))
     if not config.eval_file:
         return train, None
     eval_rows = read_records(config.eval_file)
-    return train, make_features(eval_rows, config, tokenizer, label2id, config.eval_file)
+    return train, make_features(eval_rows, config, tokenizer, label2id, _shown(config.eval_file))
 
 
 def _load_model(

@@ -291,7 +291,7 @@ class BloomPreTrainedModel(nn.Module):
         wanted = [CONFIG_NAME, *(weight_files or checkpoint_names.PYTORCH_WEIGHT_FILES)]
         folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
         if from_flax and state_dict is None:  # transformers' keyword: the folder's Flax weights
-            from bloomlm.convert import flax_state_dict
+            from bloomlm.torch.from_flax import flax_state_dict
 
             state_dict = flax_state_dict(folder)
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
