@@ -350,7 +350,7 @@ def test_save_steps_then_ctrl_c_then_resume_equals_one_uninterrupted_run(
         assert process.wait(timeout=120) == 130, rest
     assert "interrupted; run the same command with --resume" in rest
     state = json.loads((tmp_path / "cut" / "training_state" / "trainer_state.json").read_text())
-    assert 0 < state["step"] < 240 and state["step"] % 3 == 0
+    assert state["batch"] > 0 and state["step"] % 3 == 0  # saved within an epoch
 
     other = run(*common[:5], "eval.jsonl", *common[6:], "--out", "cut", "--resume", ok=False)
     assert_one_line_error(other, "which has --train 'train.jsonl'; got 'eval.jsonl'")
