@@ -28,9 +28,8 @@ import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from bloomlm import __version__
 from bloomlm.convert import BYTES_NAME as BYTES_NAME  # re-exported from its old home
@@ -206,8 +205,7 @@ def _given_options(argv: list[str]) -> set[str]:
 # -- input, output and progress --------------------------------------------------------------------
 
 
-@dataclass
-class _Line:
+class _Line(NamedTuple):
     text: str
     where: str  # "line 3 of FILE" for messages; "" for a command-line argument
 
@@ -396,29 +394,31 @@ def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
 # -- generate --------------------------------------------------------------------------------------
 
 
-@dataclass
+# Plain classes rather than dataclasses here: importing `dataclasses` (and `inspect`) would cost
+# `bloomlm --help` a fifth of its time.
+
+
 class _Request:
     """One prompt and how to continue it: the decoding flags given, overridden by its JSONL line."""
 
-    prompt: str
-    given: dict[str, Any]  # generate() keywords set by a flag or the request
-    seed: int | None = None
-    stop: tuple[str, ...] = ()
-    ignore_eos: bool = False
+    def __init__(
+        self, prompt: str, given: dict[str, Any], seed: int | None, stop: tuple, ignore_eos: bool
+    ) -> None:
+        self.prompt = prompt
+        self.given = given  # generate() keywords set by a flag or the request
+        self.seed, self.stop, self.ignore_eos = seed, stop, ignore_eos
 
     def group(self) -> str:
         """Requests with the same group run in one batch."""
         return json.dumps([self.given, self.seed, self.stop, self.ignore_eos], sort_keys=True)
 
 
-@dataclass
 class _Stats:
     """What --verbose reports."""
 
-    tokens: int = 0
-    seconds: float = 0.0
-    first_token_at: float | None = None
-    loaded_in: float = 0.0
+    def __init__(self, loaded_in: float) -> None:
+        self.tokens, self.seconds, self.loaded_in = 0, 0.0, loaded_in
+        self.first_token_at: float | None = None
 
     def report(self) -> str:
         rate = self.tokens / self.seconds if self.seconds else 0.0
@@ -466,15 +466,12 @@ def _folder_settings(name: str) -> dict[str, Any]:
     return {k: v for k, v in read_json_object(path).items() if k not in skip}
 
 
-@dataclass
 class _Generator:
     """What every generate path needs: the model, its tokenizer, its folder's generation
     settings, and the counts --verbose reports."""
 
-    model: Any
-    tokenizer: Any
-    folder: dict[str, Any]
-    stats: _Stats
+    def __init__(self, model: Any, tokenizer: Any, folder: dict[str, Any], stats: _Stats) -> None:
+        self.model, self.tokenizer, self.folder, self.stats = model, tokenizer, folder, stats
 
     def keywords(self, request: _Request) -> dict[str, Any]:
         """generate() keywords for `request`."""
