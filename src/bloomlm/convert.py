@@ -2,7 +2,8 @@
 
 `convert_checkpoint` rewrites a model folder in another weight format (safetensors, PyTorch .bin,
 Flax msgpack), dtype or shard size, tokenizer and generation config included; the new folder is
-built in a staging folder beside it and renamed into place, so a failure leaves nothing behind.
+built aside and committed in one step (`bloomlm.files.folder_save`), so a failure or a crash
+leaves no folder, never a partial one.
 `parameter_count`, `model_summary` and `memory_estimate` answer "how big is this model" from its
 config alone.
 
@@ -13,7 +14,6 @@ that need them, so the command line starts fast.
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -50,7 +50,7 @@ def convert_checkpoint(
     is the first of the config's `architectures` that bloomlm has, else BloomForCausalLM. `on_step`
     is called after the weights and after the tokenizer are written (2 steps, for a progress bar).
     """
-    from bloomlm.files import staging_dir  # its tempfile import costs `bloomlm --help` time
+    from bloomlm import files
     from bloomlm.hub import resolve_model_dir
 
     resolved = resolve_model_dir(source, ["config.json"])
@@ -59,25 +59,23 @@ def convert_checkpoint(
     config = BloomConfig.from_pretrained(resolved)
     names = config.architectures or []
     architecture = next((a for a in names if a in HEAD_CLASSES), "BloomForCausalLM")
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(destination.parent, destination.name)
-    try:
+    # One commit for the whole folder; `require_empty` checks again under the lock, so of two
+    # converts to one folder the second fails instead of replacing the first one's result.
+    with files.folder_save(destination, files.owns_everything, require_empty=True) as staging:
         _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size)
         if on_step is not None:
             on_step()
         _copy_tokenizer(resolved, staging)
         if on_step is not None:
             on_step()
-        if destination.exists():
-            destination.rmdir()  # empty, checked above
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return architecture
 
 
 def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        from bloomlm import files
+
+        files.clean_leftovers(destination)  # of a convert into it that was interrupted
         raise FileExistsError(
             f"{destination} already exists; convert writes a new folder and never overwrites one"
         )
@@ -149,7 +147,9 @@ def _copy_tokenizer(source: Path, staging: Path) -> None:
         BloomTokenizerFast.from_pretrained(source).save_pretrained(staging)
     generation = source / "generation_config.json"
     if generation.is_file() and not (staging / generation.name).exists():
-        shutil.copy2(generation, staging / generation.name)
+        from bloomlm import files
+
+        files.write_bytes(staging / generation.name, generation.read_bytes())
 
 
 # -- info ------------------------------------------------------------------------------------------
