@@ -76,11 +76,10 @@ def fork_save(
     AssertionError)."""
     read_end, write_end = os.pipe()
     with warnings.catch_warnings():
-        warnings.simplefilter(
-            "ignore"
-        )  # jax warns that fork and threads mix; the child never uses it
-        start = time.perf_counter()
+        # jax warns that fork and threads mix; the child never uses it
+        warnings.simplefilter("ignore")
         pid = os.fork()
+    start = time.perf_counter()  # after the fork's own cost (tens of ms for a big process)
     if pid == 0:  # the child: never returns
         os.close(read_end)
         code = 0
@@ -446,6 +445,7 @@ class TrialResult:
     killed: bool
     loaded_as: str  # "old" / "new" / "none", or "FAILED: ..." for a broken promise
     leftovers_cleaned: bool
+    seconds: float = 0.0  # from the fork to the child's end
 
 
 def run_trial(
@@ -465,10 +465,11 @@ def run_trial(
         outcome = fork_save(lambda: writer.save(folder), crash_at=crash_at, kill_after=kill_after)
         files._use_exchange = True
         if outcome.error is not None:
-            return TrialResult(writer.name, how, False, f"FAILED: {outcome.error}", False)
+            failed = f"FAILED: {outcome.error}"
+            return TrialResult(writer.name, how, False, failed, False, outcome.seconds)
         loaded = _loads_as(writer, folder)
         cleaned = _resave_cleans_up(writer, folder, trial, loaded)
-        return TrialResult(writer.name, how, outcome.killed, loaded, cleaned)
+        return TrialResult(writer.name, how, outcome.killed, loaded, cleaned, outcome.seconds)
     finally:
         files._use_exchange = True
         shutil.rmtree(trial, ignore_errors=True)
@@ -501,43 +502,49 @@ def _resave_cleans_up(
 
 def point_trials(writer: Writer, root: pathlib.Path) -> list[TrialResult]:
     """A trial stopped at each crash point of `writer`'s save, in order."""
-    labels = _labels(writer, root)
     return [
         run_trial(writer, root, crash_at=i, how=f"point {i} {label}")
-        for i, label in enumerate(labels, start=1)
+        for i, label in enumerate(save_labels(writer, root), start=1)
     ]
 
 
 def random_trials(
-    writer: Writer, root: pathlib.Path, count: int, rng: random.Random
+    writer: Writer, root: pathlib.Path, count: int, rng: random.Random, timings: int = 3
 ) -> list[TrialResult]:
-    """`count` trials killed after a random delay in [0, 1.5 x the save's duration]."""
-    _, seconds = _timed(writer, root)
+    """`count` trials killed after a random delay in [0, T], T the lower quartile of the save's
+    lifetime in a fork (`timings` timed saves, then every trial the kill came too late for): a
+    save's duration varies a lot on a busy machine, and most kills should land while it runs."""
+    lifetimes = [_lifetime(writer, root) for _ in range(timings)]
     results = []
     for _ in range(count):
-        delay = rng.uniform(0.0, 1.5 * seconds)
-        results.append(
-            run_trial(writer, root, kill_after=delay, how=f"random {delay * 1e3:.2f} ms")
-        )
+        delay = rng.uniform(0.0, sorted(lifetimes)[len(lifetimes) // 4])
+        result = run_trial(writer, root, kill_after=delay, how=f"random {delay * 1e3:.2f} ms")
+        if not result.killed:
+            lifetimes.append(result.seconds)
+        results.append(result)
     return results
 
 
-def _labels(writer: Writer, root: pathlib.Path) -> list[str]:
-    return _timed(writer, root)[0]
-
-
-def _timed(writer: Writer, root: pathlib.Path) -> tuple[list[str], float]:
-    """The crash labels and duration of one complete save (the fork's own cost included in the
-    duration, as the random delays run from the fork)."""
+def save_labels(writer: Writer, root: pathlib.Path) -> list[str]:
+    """The crash point labels of one complete save over the old state, run here."""
     trial = root / f"labels-{os.urandom(4).hex()}"
     try:
         writer.prepare(trial / "ckpt")
-        labels, _ = crash_labels(lambda: writer.save(trial / "ckpt"))
-        shutil.rmtree(trial)
+        return crash_labels(lambda: writer.save(trial / "ckpt"))[0]
+    finally:
+        files._use_exchange = True
+        shutil.rmtree(trial, ignore_errors=True)
+
+
+def _lifetime(writer: Writer, root: pathlib.Path) -> float:
+    """Seconds one complete save takes in a forked child, from the fork to its exit (the random
+    delays run from the fork too)."""
+    trial = root / f"timing-{os.urandom(4).hex()}"
+    try:
         writer.prepare(trial / "ckpt")
         outcome = fork_save(lambda: writer.save(trial / "ckpt"))
         assert outcome.error is None, outcome.error
-        return labels, outcome.seconds
+        return outcome.seconds
     finally:
         files._use_exchange = True
         shutil.rmtree(trial, ignore_errors=True)

@@ -97,13 +97,14 @@ def test_killed_at_every_crash_point_the_folder_is_old_or_new(ckpts, scratch, na
 @pytest.mark.parametrize("name", POINT_WRITERS)
 def test_killed_at_random_times_the_folder_is_old_or_new(ckpts, scratch, name):
     writer = kill_trials.WRITERS[name](ckpts)
-    results = kill_trials.random_trials(writer, scratch, RANDOM_KILLS, random.Random(name))
+    rng = random.Random(name)
+    results = kill_trials.random_trials(writer, scratch, RANDOM_KILLS, rng, timings=1)
     assert not _broken(results), _broken(results)
 
 
 def test_two_rename_fallback_is_undone_by_the_next_load(ckpts, tmp_path):
     writer = kill_trials.WRITERS["torch-safetensors-sharded-2renames"](ckpts)
-    labels, _ = kill_trials._timed(writer, tmp_path)
+    labels = kill_trials.save_labels(writer, tmp_path)
     folder = tmp_path / "trial" / "ckpt"
     writer.prepare(folder)
     between = labels.index("renamed folder aside") + 1
@@ -112,6 +113,22 @@ def test_two_rename_fallback_is_undone_by_the_next_load(ckpts, tmp_path):
     assert outcome.killed and not folder.exists()  # stopped between the two renames
     assert writer.loads_as(folder) == "old"  # the load put the old folder back
     assert folder.is_dir() and kill_trials.leftovers(folder.parent) == []
+
+
+def test_an_error_between_the_two_renames_puts_the_old_folder_back(ckpts, tmp_path):
+    writer = kill_trials.WRITERS["torch-safetensors-sharded-2renames"](ckpts)
+    labels = kill_trials.save_labels(writer, tmp_path)
+    folder = tmp_path / "trial" / "ckpt"
+    writer.prepare(folder)
+    before = _snapshot(folder.parent)
+    files.set_crash_plan(files.CrashPlan(labels.index("renamed folder aside") + 1, "enospc"))
+    try:
+        with pytest.raises(OSError, match="no space left on device"):
+            writer.save(folder)
+    finally:
+        files.set_crash_plan(None)
+        files._use_exchange = True
+    assert _snapshot(folder.parent) == before
 
 
 # -- full disk -----------------------------------------------------------------------------------
@@ -134,7 +151,7 @@ def test_disk_full_at_any_write_says_so_and_changes_nothing(ckpts, scratch, name
     """ENOSPC injected at every step before the commit (the write calls, their fsyncs, the
     journal): an OSError saying "no space left on device", and the folder exactly as it was."""
     writer = kill_trials.WRITERS[name](ckpts)
-    labels, _ = kill_trials._timed(writer, scratch)
+    labels = kill_trials.save_labels(writer, scratch)
     files._use_exchange = True
     commit = next(i for i, label in enumerate(labels) if label in ("exchanged", "renamed"))
     for point in range(1, commit + 1):

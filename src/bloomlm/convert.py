@@ -156,11 +156,16 @@ def _copy_tokenizer(source: Path, staging: Path) -> None:
 
 
 def parameter_count(config: BloomConfig) -> int:
-    """Parameters of BloomForCausalLM(config), counted on the meta device (no weights in memory)."""
+    """Parameters of BloomForCausalLM(config), counted on the meta device (no weights in memory).
+
+    ValueError naming the field first when the config's size is absurd (`check_model_size`): a
+    huge n_layer must not hang `bloomlm info` building modules."""
     import torch
 
+    from bloomlm.config import check_model_size
     from bloomlm.torch.model import BloomForCausalLM
 
+    check_model_size(config)
     with torch.device("meta"):
         return BloomForCausalLM(config).num_parameters()
 
