@@ -368,6 +368,16 @@ def test_without_a_sibling_files_are_replaced_one_by_one(ckpts, tmp_path, monkey
     assert kill_trials.leftovers(tmp_path) == []
 
 
+def test_saving_into_the_working_folder_twice(ckpts, tmp_path, monkeypatch):
+    """The swap replaces the folder this process works in; it then works in the new one."""
+    (tmp_path / "ckpt").mkdir()
+    monkeypatch.chdir(tmp_path / "ckpt")
+    ckpts.model_new.save_pretrained(".")
+    ckpts.tokenizer_new.save_pretrained(".")
+    assert os.path.samefile(os.getcwd(), tmp_path / "ckpt")
+    assert {"model.safetensors", "tokenizer.json"} <= set(os.listdir(tmp_path / "ckpt"))
+
+
 def test_nested_saves_commit_once(ckpts, tmp_path):
     """A model and tokenizer saved into a save in progress write there directly: one commit."""
     folder = tmp_path / "ckpt"

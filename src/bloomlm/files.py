@@ -28,8 +28,13 @@ entry (the tokenizer's files when a model saves, a user's own files) is kept as 
 5. The staging name now holds the old folder: it is removed, the journal emptied and the lock file
    deleted (a waiting writer notices and locks the next lock file, so deleting it is safe).
 
+The folder is a new directory after a save: a process working inside it is moved into the new one
+(this process; `save_pretrained(".")` works), files another program opened there keep their data
+(hard links share it), but a file another program creates in the folder while a save runs is not
+carried over.
+
 An error before the commit (a full disk says "no space left on device") removes the staging folder:
-the folder is as it was. Fallbacks, where step 4 is not available:
+the folder is as it was. Fallbacks:
 - No RENAME_EXCHANGE (not Linux/glibc, or a file system without it): two renames, the folder to
   `.<name>.bloomlm-old-<hex>` (journalled first), then staging to the folder. The second rename is
   the commit point. A crash between the two leaves no folder; the next save, and the next load
@@ -39,6 +44,8 @@ the folder is as it was. Fallbacks, where step 4 is not available:
   folder is made inside the folder (`.bloomlm-staging-<hex>`, journal in `.bloomlm-lock` there) and
   its entries are renamed into place one by one: each file is replaced atomically, the save as a
   whole is not. A warning says so.
+- No file locks (Windows has no fcntl; some network file systems refuse flock, with a warning):
+  each save still commits in one step, but two writers of one folder are not kept apart.
 
 Loading. Loaders decorated with `consistent_load` read the folder by path and compare its identity
 (device, inode, ctime, mtime) before and after: a commit in between changes it, and the load is done
@@ -385,6 +392,7 @@ class _FolderSave:
     def commit(self) -> None:
         staging = self.staging
         _sync_tree(staging)
+        cwd = _working_folder_inside(self.target) if self.beside else None
         try:
             if not self.beside:
                 self._replace_one_by_one(staging)
@@ -402,6 +410,8 @@ class _FolderSave:
         except BaseException:
             self.recover()
             raise
+        if cwd is not None:  # this process worked in the old folder: move it into the new one
+            os.chdir(cwd if os.path.isdir(cwd) else self.target)
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)  # the old folder, or an emptied staging
             crash_point("removed old")
@@ -431,6 +441,17 @@ class _FolderSave:
                 if not _is_bloomlm_artefact(entry.name):
                     _remove(Path(entry.path))
         staging.rmdir()
+
+
+def _working_folder_inside(target: Path) -> str | None:
+    """This process's working folder when it is `target` or lies inside it (it would be left in
+    the old folder, which is then deleted: `save_pretrained(".")` twice would fail)."""
+    try:
+        cwd = os.getcwd()
+    except OSError:
+        return None
+    inside = cwd == str(target) or cwd.startswith(str(target) + os.sep)
+    return cwd if inside else None
 
 
 def _link_entries(source: Path, destination: Path, owns: Callable[[str], bool]) -> None:
@@ -561,6 +582,13 @@ class _Journal:
                         f"finish, or raise {_LOCK_TIMEOUT_ENV}"
                     ) from None
                 time.sleep(0.02)
+            except OSError as err:
+                if err.errno not in (errno.ENOLCK, errno.ENOTSUP, errno.ENOSYS, errno.EINVAL):
+                    raise
+                # Some network file systems have no locks: the save still commits in one step,
+                # but two writers are not kept apart.
+                logger.warning("%s: file locks are not supported here (%s)", self.path, err)
+                return
 
     def _is_current(self, descriptor: int) -> bool:
         try:

@@ -20,8 +20,9 @@ and after each epoch. `finetune()` runs four stages, each a function of its own:
 
 The output folder is a normal model folder (config, weights, tokenizer files) holding the best
 epoch's model, plus `training_state/` (the latest epoch's weights, optimizer, scheduler and
-counters) that `resume=True` continues from. Each is saved as one commit (`bloomlm.files.folder_save`),
-so a crash leaves the previous best model and the previous state, never half of one.
+counters) that `resume=True` continues from. Each is saved as one commit
+(`bloomlm.files.folder_save`), so a crash leaves the previous best model and the previous state,
+never half of one.
 
 Inference with the trained heads lives in `bloomlm.tasks`, the metrics in `bloomlm.metrics`; their
 names stay importable from here too.
@@ -783,7 +784,7 @@ def end_epoch(run: TrainingRun, epoch: int, train_loss: float) -> dict[str, floa
 
 
 def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters) as one commit."""
+    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters), one commit."""
     with files.folder_save(out / STATE_DIR, files.owns_everything) as staging:
         model.save_pretrained(staging)
         optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}

@@ -253,8 +253,8 @@ class FlaxBloomPreTrainedModel:
         """Write `config.json` and `flax_model.msgpack` (or shards + index) as transformers' Flax does.
 
         The tree is always transformers' (scanned layers are unstacked), so transformers can read it.
-        One commit (`bloomlm.files.folder_save`): the folder holds the old model until every new file
-        is written and synced, then the new one; files the model does not write are kept.
+        One commit (`bloomlm.files.folder_save`): the folder holds the old model until every new
+        file is written and synced, then the new one; files the model does not write are kept.
         """
         from bloomlm.files import parse_size
 
