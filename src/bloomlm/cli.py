@@ -22,7 +22,9 @@ import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import re
 import sys
 import time
@@ -340,7 +342,7 @@ def _from_pretrained(model_class: Any, name: str, kwargs: dict[str, Any]) -> Any
     from bloomlm.errors import CheckpointNotFoundError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _held_log_records() as records:
             warnings.simplefilter("always")
             model, info = model_class.from_pretrained(name, output_loading_info=True, **kwargs)
     except CheckpointNotFoundError:
@@ -351,7 +353,30 @@ def _from_pretrained(model_class: Any, name: str, kwargs: dict[str, Any]) -> Any
         raise CommandError(_untrained_message(name, model_class.__name__, missing))
     for warning in caught:  # the folder is usable: pass on what the library warned about
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for record in records:
+        logging.getLogger(record.name).handle(record)
     return model
+
+
+@contextlib.contextmanager
+def _held_log_records() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what bloomlm logs while loading (transformers' "newly initialised" warning), so
+    a refusal prints alone; the caller passes the records on when the folder is usable."""
+    records: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    library_logger = logging.getLogger("bloomlm")
+    handler, propagate = Hold(), library_logger.propagate
+    library_logger.addHandler(handler)
+    library_logger.propagate = False
+    try:
+        yield records
+    finally:
+        library_logger.removeHandler(handler)
+        library_logger.propagate = propagate
 
 
 def _untrained_message(name: str, class_name: str, missing: list[str]) -> str:
