@@ -145,6 +145,12 @@ def _print_json(value: Any) -> None:
 
 # -- generate --------------------------------------------------------------------------------------
 
+# `--compile auto` compiles the decode step only for runs of at least this many decode steps
+# (batches x --max-new-tokens): below it, compiling costs more time than it saves (README,
+# "Compiled decoding").
+COMPILE_MIN_STEPS = 4096
+DEFAULT_MODEL_LEN = 2048  # the usable length when neither --max-model-len nor the config says
+
 
 def _generate_options(args: argparse.Namespace, pad_token_id: int | None) -> dict[str, Any]:
     """`generate()` keywords from the decoding options (sampling ones only when temperature > 0)."""
@@ -160,24 +166,49 @@ def _generate_options(args: argparse.Namespace, pad_token_id: int | None) -> dic
     return options
 
 
+def _engine_options(args: argparse.Namespace, model: Any, prompts: int) -> dict[str, Any]:
+    """`generate()`'s engine keywords: the usable length (a longer request fails at once) and
+    whether to compile the decode step (`--compile auto`: when the run is long enough to pay)."""
+    usable = args.max_model_len or getattr(model.config, "seq_length", None) or DEFAULT_MODEL_LEN
+    steps = -(-prompts // args.batch_size) * args.max_new_tokens
+    compile = {"on": True, "off": False}.get(args.compile, steps >= COMPILE_MIN_STEPS)
+    return {"max_model_len": usable, "compile": compile}
+
+
+def _generators(args: argparse.Namespace, device: Any, count: int) -> Any:
+    """With --seed, one generator per prompt, each seeded alike: a prompt's sampled text is then
+    the same whatever the batch it runs in (None without --seed: torch's global generator)."""
+    if args.seed is None:
+        return None
+    import torch
+
+    return [torch.Generator(device=device).manual_seed(args.seed) for _ in range(count)]
+
+
 def _generate(args: argparse.Namespace) -> int:
+    import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
+
+    prompts = _read_lines(args, args.prompt)
+    _check_positive(args, "max_new_tokens", "num_beams", "batch_size")
+    if args.max_model_len is not None:
+        _check_positive(args, "max_model_len")
+    if args.temperature < 0:
+        raise CommandError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     import torch
 
     from bloomlm import TextStreamer
 
-    prompts = _read_lines(args, args.prompt)
-    _check_positive(args, "max_new_tokens", "num_beams", "batch_size")
-    if args.temperature < 0:
-        raise CommandError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
     if args.seed is not None:
         torch.manual_seed(args.seed)
     model, tokenizer = _load("BloomForCausalLM", args)
     options = _generate_options(args, tokenizer.pad_token_id)
+    options |= _engine_options(args, model, len(prompts))
     if len(prompts) == 1 and args.num_beams == 1 and not args.jsonl:
         # One prompt: stream, printing each word as soon as it is final.
         inputs = tokenizer(prompts, return_tensors="pt").to(model.device)
         streamer = TextStreamer(tokenizer, skip_prompt=args.only_new, skip_special_tokens=True)
-        model.generate(**inputs, streamer=streamer, **options)
+        generator = _generators(args, model.device, 1)
+        model.generate(**inputs, streamer=streamer, generator=generator, **options)
         return 0
     _generate_batches(args, model, tokenizer, prompts, options)
     return 0
@@ -190,7 +221,8 @@ def _generate_batches(
     first = True
     for batch in _progress(batches, len(batches), "generating"):
         inputs = tokenizer(batch, padding=True, return_tensors="pt").to(model.device)
-        sequences = model.generate(**inputs, **options)
+        generator = _generators(args, model.device, len(batch))
+        sequences = model.generate(**inputs, generator=generator, **options)
         new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
         continuations = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
         for prompt, continuation in zip(batch, continuations):
@@ -393,7 +425,26 @@ def _add_generate(commands: Any) -> None:
     sampling.add_argument("--repetition-penalty", type=float, default=1.2)
     sampling.add_argument("--num-beams", type=int, default=1)
     sampling.add_argument(
-        "--seed", type=int, help="fix the random seed, so sampling repeats exactly"
+        "--seed",
+        type=int,
+        help="fix the random seed, so sampling repeats exactly (each prompt draws from its own "
+        "generator: the same text whatever --batch-size)",
+    )
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="N",
+        help="most tokens per sequence, prompt included; a longer request is an error at once "
+        f"(default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
+    )
+    engine.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the decode step (torch.compile); auto: only for runs of at least "
+        f"{COMPILE_MIN_STEPS} decode steps (batches x max-new-tokens), where it pays "
+        "(default: auto)",
     )
     output = parser.add_argument_group("output")
     output.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")

@@ -306,17 +306,28 @@ class CacheWrite:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this layer's new keys and values (n, H, T, D); return the keys and values the
         queries attend to (n, H, read, D)."""
-        keys, values = self.keys[layer, self.rows], self.values[layer, self.rows]
         T = key.shape[2]
         if self.starts is None:
-            keys[:, :, self.start : self.start + T] = key
-            values[:, :, self.start : self.start + T] = value
+            columns = slice(self.start, self.start + T)
+            self.keys[layer, self.rows, :, columns] = key
+            self.values[layer, self.rows, :, columns] = value
             if self.start == 0 and self.read == T:  # nothing cached before: the call's own keys
                 return key, value
         else:
-            index = torch.arange(key.shape[0], device=key.device)
-            keys[index, :, self.starts] = key[:, :, 0]
-            values[index, :, self.starts] = value[:, :, 0]
+            # One index_put_ on the whole buffer (not on a view of it): the compiled step then
+            # writes in place instead of copying the layer's cache around the write.
+            n, H = key.shape[:2]
+            rows = torch.arange(n, device=key.device) + (self.rows.start or 0)
+            heads = torch.arange(H, device=key.device)
+            index = (
+                rows.new_full((n, 1), layer),
+                rows[:, None],
+                heads[None, :],
+                self.starts[:, None],
+            )
+            self.keys.index_put_(index, key[:, :, 0])
+            self.values.index_put_(index, value[:, :, 0])
+        keys, values = self.keys[layer, self.rows], self.values[layer, self.rows]
         keys, values = keys[:, :, : self.read], values[:, :, : self.read]
         if keys.requires_grad:
             # autograd saves what attention reads; the next layer's write into the same buffer

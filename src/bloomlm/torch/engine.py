@@ -217,6 +217,7 @@ class Decoder:
             cache.grow(bucket(cache.used + 1, cache.limit))
         if cache.rows > self.rows:  # padding rows: their outputs are dropped
             ids = torch.cat([ids, ids.new_zeros(cache.rows - self.rows, 1)])
+        ids = ids.contiguous()  # one layout: the compiled code is specialised to strides
         args = (ids, cache.positions, cache.valid, cache.keys, cache.values, self.slopes)
         logits = self.compiled(*args)
         if logits is None:
@@ -242,15 +243,16 @@ class Decoder:
 # --------------------------------------------------------------------------------------------------
 
 # One torch.compile'd `static_step` per (model class, mode); dynamo keeps a graph per shape and
-# per model under it. Which shapes each model has compiled, and models whose compilation failed.
+# per model under it. Models whose compilation failed decode eagerly from then on.
 _COMPILED_FUNCTIONS: dict[tuple[type, str], Any] = {}
-_WARM_SHAPES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _FAILED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_MAX_SHAPES = 64  # dynamo's recompile limit (8 by default) would fall back to eager silently
+_MAX_GRAPHS = 64  # dynamo's recompile limit (8 by default) would fall back to eager silently
 
 
 class _CompiledStep:
-    """A model's compiled `static_step` in one mode; times the first call of each shape."""
+    """A model's compiled `static_step` in one mode. A call that compiles (a new shape, or a
+    changed model) is timed and logged; one that fails to compile returns None after one
+    warning, and the model decodes eagerly from then on."""
 
     def __init__(self, model: Any, mode: str):
         self.model, self.mode = model, mode
@@ -272,16 +274,16 @@ class _CompiledStep:
         return cls(model, compile)
 
     def __call__(self, *args: torch.Tensor) -> torch.Tensor | None:
-        shape = (self.mode, args[0].shape[0], args[3].shape[3])  # (mode, rows, capacity)
-        warm = _WARM_SHAPES.setdefault(self.model, set())
-        if shape in warm:
-            return self.function(self.model, *args)
-        start = time.perf_counter()
+        stats = torch._dynamo.utils.counters["stats"]
+        graphs, start = stats["unique_graphs"], time.perf_counter()
         try:
-            with torch._dynamo.config.patch(recompile_limit=_MAX_SHAPES):
+            with torch._dynamo.config.patch(recompile_limit=_MAX_GRAPHS):
                 logits = self.function(self.model, *args)
         except Exception as error:  # no compiler, an op inductor cannot lower, ...
-            reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0][:300]}"
+            inner = error.__cause__ or getattr(error, "inner_exception", None)
+            while inner is not None and inner is not error:  # the compiler's error, not dynamo's
+                error, inner = inner, inner.__cause__ or getattr(inner, "inner_exception", None)
+            reason = f"{type(error).__name__}: {(str(error).strip() or '?').splitlines()[0][:300]}"
             _FAILED[self.model] = reason
             warnings.warn(
                 f"the compiled decode step is unavailable ({reason}); decoding runs eagerly",
@@ -289,12 +291,12 @@ class _CompiledStep:
                 stacklevel=4,
             )
             return None
-        seconds = time.perf_counter() - start
-        self.seconds += seconds
-        warm.add(shape)
-        logger.info(
-            "compiled the decode step (%s, %d rows x %d columns) in %.1f s", *shape, seconds
-        )
+        if stats["unique_graphs"] > graphs:  # this call compiled a graph
+            seconds = time.perf_counter() - start
+            self.seconds += seconds
+            rows, capacity = args[0].shape[0], args[3].shape[3]
+            logger.info("compiled the decode step (%s, %d rows x %d columns) in %.1f s",
+                        self.mode, rows, capacity, seconds)  # fmt: skip
         return logits
 
 
