@@ -270,3 +270,15 @@ def test_gradients_equal_transformers_with_padding(pair, mode):
     for name, ref_grad in grads[1].items():
         diff = (grads[0][name] - ref_grad).abs().max().item()
         assert diff <= 1e-4 * max(1.0, ref_grad.abs().max().item()), (name, diff)
+
+
+def test_from_pretrained_stores_the_engine_options(model, tmp_path):
+    model.save_pretrained(tmp_path)
+    loaded = BloomForCausalLM.from_pretrained(tmp_path, attn_implementation="eager", compile=True)
+    assert loaded.config._attn_implementation == "eager" and loaded.compile_decoding is True
+    assert BloomForCausalLM.from_pretrained(tmp_path).compile_decoding is False
+    assert "_attn_implementation" not in (tmp_path / "config.json").read_text()
+    with pytest.raises(ValueError, match="attn_implementation must be 'eager' or 'sdpa'"):
+        BloomForCausalLM.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+    with pytest.raises(ValueError, match="compile must be"):
+        BloomForCausalLM.from_pretrained(tmp_path, compile=1)

@@ -405,6 +405,25 @@ def _text_inputs(parser: argparse.ArgumentParser, name: str, noun: str, help: st
     parser.add_argument("--file", help=f"read {noun} from this file, one per line")
 
 
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine")
+    engine.add_argument(
+        "--max-model-len",
+        type=int,
+        metavar="N",
+        help="most tokens per sequence, prompt included; a longer request is an error at once "
+        f"(default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
+    )
+    engine.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the decode step (torch.compile); auto: only for runs of at least "
+        f"{COMPILE_MIN_STEPS} decode steps (batches x max-new-tokens), where it pays "
+        "(default: auto)",
+    )
+
+
 def _add_generate(commands: Any) -> None:
     parser = commands.add_parser(
         "generate",
@@ -430,22 +449,7 @@ def _add_generate(commands: Any) -> None:
         help="fix the random seed, so sampling repeats exactly (each prompt draws from its own "
         "generator: the same text whatever --batch-size)",
     )
-    engine = parser.add_argument_group("engine")
-    engine.add_argument(
-        "--max-model-len",
-        type=int,
-        metavar="N",
-        help="most tokens per sequence, prompt included; a longer request is an error at once "
-        f"(default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
-    )
-    engine.add_argument(
-        "--compile",
-        choices=("auto", "on", "off"),
-        default="auto",
-        help="compile the decode step (torch.compile); auto: only for runs of at least "
-        f"{COMPILE_MIN_STEPS} decode steps (batches x max-new-tokens), where it pays "
-        "(default: auto)",
-    )
+    _engine_arguments(parser)
     output = parser.add_argument_group("output")
     output.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     output.add_argument(
