@@ -6,7 +6,7 @@ and no file-format knowledge here (those live in `bloomlm.tasks`, `bloomlm.conve
     bloomlm classify "I love this"              label + probability (bloomlm-tiny-sentiment)
     bloomlm tag --model DIR "text"              token -> label table
     bloomlm answer --model DIR --question Q --context C
-    bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--max-shard-size]
+    bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--quantize] [--max-shard-size]
     bloomlm info [PATH] [--batch B --length L]  shapes, parameters, bytes, memory estimate
     bloomlm finetune {seq-cls,token-cls,qa,causal-lm} --train F --eval F --out DIR
 
@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from bloomlm import __version__
+from bloomlm.checkpoint_names import QUANTIZE_MODES
 from bloomlm.config import BloomConfig
 from bloomlm.convert import BYTES_NAME as BYTES_NAME  # re-exported from its old home
 from bloomlm.convert import (
@@ -105,9 +106,10 @@ def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
 
     model_class = getattr(bloomlm, model_class_name)
     kwargs: dict[str, Any] = {}
-    if args.dtype == "int8":
-        kwargs["quantize"] = "int8"
-    elif args.dtype is not None:
+    quantize = _quantize_arg(args)
+    if quantize is not None:
+        kwargs["quantize"] = quantize
+    if args.dtype not in (None, "int8"):
         kwargs["torch_dtype"] = args.dtype
     elif args.device and not args.device.startswith("cpu"):
         kwargs["torch_dtype"] = "auto"  # on an accelerator, the checkpoint's own (half) precision
@@ -122,6 +124,19 @@ def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
     bar.update(1)
     bar.close()
     return model, tokenizer
+
+
+def _quantize_arg(args: argparse.Namespace) -> str | None:
+    """`--quantize`, or the deprecated `--dtype int8` (its alias, with a warning on stderr)."""
+    if getattr(args, "dtype", None) != "int8":
+        return args.quantize
+    if args.quantize not in (None, "int8"):
+        raise CommandError(f"--dtype int8 and --quantize {args.quantize} disagree; use --quantize")
+    print(
+        f"bloomlm {args.command}: warning: --dtype int8 is deprecated, use --quantize int8",
+        file=sys.stderr,
+    )
+    return "int8"
 
 
 def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
@@ -280,10 +295,12 @@ def _convert(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             on_step=lambda: bar.update(1),
+            quantize=args.quantize,
         )
     finally:
         bar.close()
-    print(f"wrote {args.to} weights ({architecture}) to {Path(args.dst)}")
+    what = f"{args.quantize} quantized" if args.quantize else args.to
+    print(f"wrote {what} weights ({architecture}) to {Path(args.dst)}")
     return 0
 
 
@@ -363,7 +380,18 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
         "--dtype",
         choices=DTYPES,
         help="weights dtype; auto = the checkpoint's (default: float32 on CPU, auto on other "
-        "devices); int8 = weight-only int8 quantization",
+        "devices); int8 = deprecated alias of --quantize int8",
+    )
+    _quantize_option(group)
+
+
+def _quantize_option(group: Any) -> None:
+    """`--quantize`, the same on every command that loads or writes a model."""
+    group.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="int8 = int8 weights and activations (fbgemm on x86 CPUs; weight-only elsewhere), "
+        "int8-weight-only, fp16 = float16 weights with float32 compute",
     )
 
 
@@ -475,6 +503,7 @@ def _add_convert(commands: Any) -> None:
         default="auto",
         help="cast floating weights (default: keep)",
     )
+    _quantize_option(parser)
     parser.add_argument(
         "--max-shard-size", default="5GB", help="split weights into files of at most this size"
     )

@@ -1,8 +1,9 @@
 """Model-folder tools behind `bloomlm convert` and `bloomlm info`.
 
 `convert_checkpoint` rewrites a model folder in another weight format (safetensors, PyTorch .bin,
-Flax msgpack), dtype or shard size, tokenizer and generation config included; the new folder is
-built in a staging folder beside it and renamed into place, so a failure leaves nothing behind.
+Flax msgpack), dtype or shard size, or quantized (`model.int8.safetensors`, loaded later without
+quantizing again), tokenizer and generation config included; the new folder is built in a staging
+folder beside it and renamed into place, so a failure leaves nothing behind.
 `parameter_count`, `model_summary` and `memory_estimate` answer "how big is this model" from its
 config alone.
 
@@ -18,6 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bloomlm.checkpoint_names import QUANTIZE_MODES
 from bloomlm.config import BloomConfig
 
 FORMATS = ("safetensors", "bin", "flax")
@@ -43,26 +45,30 @@ def convert_checkpoint(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     on_step: Callable[[], None] | None = None,
+    quantize: str | None = None,
 ) -> str:
     """Write the model in `source` (a folder or name) to the new folder `out`; the class name used.
 
     `to` is one of FORMATS, `dtype` one of CONVERT_DTYPES ("auto" keeps the checkpoint's). The class
     is the first of the config's `architectures` that bloomlm has, else BloomForCausalLM. `on_step`
     is called after the weights and after the tokenizer are written (2 steps, for a progress bar).
+    `quantize` (one of QUANTIZE_MODES) writes the quantized checkpoint `from_pretrained(...,
+    quantize=...)` would build (`model.int8.safetensors` / `model.fp16.safetensors`, safetensors
+    only); `dtype` is then the dtype of what stays float (biases, LayerNorms) and of the compute.
     """
     from bloomlm.files import staging_dir  # its tempfile import costs `bloomlm --help` time
     from bloomlm.hub import resolve_model_dir
 
     resolved = resolve_model_dir(source, ["config.json"])
     destination = Path(out)
-    _check_convert_options(destination, to, dtype)
+    _check_convert_options(destination, to, dtype, quantize)
     config = BloomConfig.from_pretrained(resolved)
     names = config.architectures or []
     architecture = next((a for a in names if a in HEAD_CLASSES), "BloomForCausalLM")
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(destination.parent, destination.name)
     try:
-        _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size)
+        _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size, quantize)
         if on_step is not None:
             on_step()
         _copy_tokenizer(resolved, staging)
@@ -76,16 +82,21 @@ def convert_checkpoint(
     return architecture
 
 
-def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
+def _check_convert_options(destination: Path, to: str, dtype: str, quantize: str | None) -> None:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         raise FileExistsError(
             f"{destination} already exists; convert writes a new folder and never overwrites one"
         )
     if dtype == "int8":
         raise ValueError(
-            "--dtype int8 is for loading (quantize='int8'); "
-            "convert writes float32, float16 or bfloat16"
+            "dtype int8 is not a dtype convert writes (float32, float16, bfloat16); "
+            "for int8 weights use quantize='int8' (--quantize int8)"
         )
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        allowed = ", ".join(QUANTIZE_MODES)
+        raise ValueError(f"quantize must be one of {allowed}; got {quantize!r}")
+    if quantize is not None and to != "safetensors":
+        raise ValueError(f"quantized weights are written as safetensors only; got to={to!r}")
     if dtype not in CONVERT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(CONVERT_DTYPES)}; got {dtype!r}")
     if to not in FORMATS:
@@ -99,7 +110,13 @@ def _has_torch_weights(folder: Path) -> bool:
 
 
 def _convert_weights(
-    source: Path, staging: Path, architecture: str, to: str, dtype: str, max_shard_size: int | str
+    source: Path,
+    staging: Path,
+    architecture: str,
+    to: str,
+    dtype: str,
+    max_shard_size: int | str,
+    quantize: str | None = None,
 ) -> None:
     import bloomlm
 
@@ -114,6 +131,9 @@ def _convert_weights(
         return
     torch_class = getattr(bloomlm, architecture)
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if quantize is not None:
+        # Both int8 modes write the same tensors; the weight-only one skips fbgemm's packing.
+        kwargs["quantize"] = "int8-weight-only" if quantize.startswith("int8") else quantize
     if not has_torch:
         kwargs["state_dict"] = flax_state_dict(source)
         if dtype == "auto":
