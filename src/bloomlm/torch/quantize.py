@@ -235,9 +235,19 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", weight_scale)
         self.packed_buffers = ("weight", "weight_scale")
         self.bits = activation_bits() if bits is None else bits
+
+    @property
+    def bits(self) -> int:
+        """Activation bits: 8, or 7 where fbgemm's kernel would overflow (`activation_bits`)."""
+        return self._bits
+
+    @bits.setter
+    def bits(self, bits: int) -> None:
+        if bits not in (7, 8):
+            raise ValueError(f"activation bits must be 7 or 8, got {bits!r}")
         # Rows enter in [-1, 1]; this scale maps them onto 1..2**bits - 1 around the zero point.
-        levels = 2 ** (self.bits - 1) - 1
-        self._input_scale, self._zero_point = 1.0 / levels, levels + 1
+        levels = 2 ** (bits - 1) - 1
+        self._bits, self._input_scale, self._zero_point = bits, 1.0 / levels, levels + 1
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
