@@ -33,15 +33,15 @@ VARIANTS = {
     "bf16": {"torch_dtype": torch.bfloat16},
     "fp16": {"quantize": "fp16"},
     "int8": {"quantize": "int8"},
-    "int8, 7-bit activations": {"quantize": "int8", "bits": 7},
-    "int8, 8-bit activations": {"quantize": "int8", "bits": 8},
+    "int8 (7-bit activations)": {"quantize": "int8", "bits": 7},
+    "int8 (8-bit activations)": {"quantize": "int8", "bits": 8},
     "int8-weight-only": {"quantize": "int8-weight-only"},
 }
 KEEP_FLOAT = {  # --sensitivity: int8 with this part taken from the fp32 model
-    "int8, LM head fp32": lambda m: m.lm_head,
-    "int8, embedding fp32": lambda m: m.transformer.word_embeddings,
-    "int8, first block fp32": lambda m: m.transformer.h[0],
-    "int8, last block fp32": lambda m: m.transformer.h[-1],
+    "int8 (LM head fp32)": lambda m: m.lm_head,
+    "int8 (embedding fp32)": lambda m: m.transformer.word_embeddings,
+    "int8 (first block fp32)": lambda m: m.transformer.h[0],
+    "int8 (last block fp32)": lambda m: m.transformer.h[-1],
 }
 
 
@@ -122,6 +122,7 @@ def main() -> None:
     parser.add_argument("model")
     parser.add_argument("--text", action="store_true", help="real text prompts and perplexity")
     parser.add_argument("--sensitivity", action="store_true", help="int8 with one part in fp32")
+    parser.add_argument("--variants", help="comma-separated subset of the rows (default: all)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.manual_seed(0)
@@ -135,13 +136,19 @@ def main() -> None:
     ])  # fmt: skip
     held_out = held_out_ids(args.model) if args.text else None
     fp32 = compare(reference, reference, sequences)
-    forced = os.environ.get("FBGEMM_ENABLE_INSTRUCTIONS")
+    forced = "".join(
+        f"{name}={os.environ[name]} "
+        for name in ("FBGEMM_ENABLE_INSTRUCTIONS", "ATEN_CPU_CAPABILITY")
+        if name in os.environ
+    )  # what a CPU without VNNI (or AVX512) would run, forced on this one
     lines = [
         f"# Quality against fp32: `{args.model}`",
         "",
-        f"Command: `{'FBGEMM_ENABLE_INSTRUCTIONS=' + forced + ' ' if forced else ''}python "
+        f"Command: `{forced}python "
         f"benchmarks/quality.py {args.model}{' --text' if args.text else ''}"
-        f"{' --sensitivity' if args.sensitivity else ''}`; {platform.machine()}, torch "
+        f"{' --sensitivity' if args.sensitivity else ''}"
+        f"{f' --variants {chr(34)}{args.variants}{chr(34)}' if args.variants else ''}`; "
+        f"{platform.machine()}, torch "
         f"{torch.__version__}, {torch.backends.cpu.get_cpu_capability()}, int8 activations "
         f"{activation_bits()}-bit by default here. {PROMPTS} prompts x {PROMPT_LENGTH} tokens, "
         f"fp32 greedy continuation of {NEW_TOKENS} tokens each.",
@@ -158,6 +165,8 @@ def main() -> None:
         f"| {fp32['continuation_ppl']:.3f} |" + (f" {reference_ppl:.2f} |" if args.text else "")
     )
     names = list(VARIANTS) + (list(KEEP_FLOAT) if args.sensitivity else [])
+    if args.variants:
+        names = [name for name in names if name in args.variants.split(",")]
     for name in names:
         model = load_variant(args.model, name, reference)
         result = compare(model, reference, sequences)

@@ -309,9 +309,9 @@ print(int(status.split()[0]) // 1024)
 
 
 def test_quantized_and_bf16_loads_peak_below_float32(tmp_path):
-    # Layers dominate this shape (100M weights, 400 MB in float32, 100 MB in int8): an int8 load that
-    # kept float copies, or mapped the whole file at once, would peak near the float32 load. The
-    # margin leaves room for the allocator's run-to-run noise (up to ~130 MB seen here).
+    # Layers dominate this shape (100M weights, 400 MB in float32, 100 MB in int8): an int8 load
+    # that kept float copies, or mapped the whole file at once, would peak near the float32 load.
+    # The margin leaves room for the allocator's run-to-run noise (up to ~130 MB seen here).
     torch.manual_seed(0)
     model = BloomForCausalLM(BloomConfig(vocab_size=4096, hidden_size=1024, n_layer=8, n_head=8))
     model.save_pretrained(tmp_path)

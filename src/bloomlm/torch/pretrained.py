@@ -391,7 +391,7 @@ class BloomPreTrainedModel(nn.Module):
                 k
                 for k in missing
                 if not (k.endswith(".weight_scale") and k.removesuffix("_scale") in missing)
-            ],  # fmt: skip
+            ],
             "unexpected_keys": unexpected,
             "mismatched_keys": mismatched,
             "error_msgs": [],

@@ -268,7 +268,7 @@ class Int8Linear(_QuantizedLinear):
         if flat.dtype != torch.float32:
             flat = flat.float()
         # One scale per row: the row's absolute maximum (1e-30 keeps an all-zero row at zero).
-        absmax = torch.linalg.vector_norm(flat, float("inf"), dim=1, keepdim=True).clamp_(1e-30)
+        absmax = flat.abs().amax(dim=1, keepdim=True).clamp_(min=1e-30)  # abs+amax: 1 us < norm
         out = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
             flat / absmax, self._input_scale, self._zero_point, self._packed
         )
@@ -512,7 +512,7 @@ class PackOnArrival:
                     self._slots[f"{name}.{buffer}"] = module
 
     def take(self, key: str, tensor: torch.Tensor) -> bool:
-        """Put `tensor` into its layer and pack the layer once complete; False if not a slot here."""
+        """Put `tensor` into its layer, packed once complete; False if it is no slot here."""
         module = self._slots.pop(key, None)
         if module is None:
             return False
