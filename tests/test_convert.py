@@ -52,7 +52,9 @@ def test_convert_checkpoint_keeps_the_head_and_its_outputs(tagger, tmp_path):
 @pytest.mark.parametrize(
     ("options", "error", "fragment"),
     [
-        ({"dtype": "int8"}, ValueError, "int8 is for loading"),
+        ({"dtype": "int8"}, ValueError, "use quantize='int8'"),
+        ({"quantize": "int4"}, ValueError, "quantize must be one of int8, int8-weight-only"),
+        ({"quantize": "int8", "to": "bin"}, ValueError, "safetensors only"),
         ({"dtype": "float64"}, ValueError, "dtype must be one of auto, float32"),
         ({"to": "onnx"}, ValueError, "to must be one of safetensors, bin, flax"),
     ],

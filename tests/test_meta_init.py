@@ -19,7 +19,7 @@ from torch import nn
 
 from bloomlm import BloomConfig
 from bloomlm.torch.model import BloomForCausalLM
-from bloomlm.torch.quantize import Int8Embedding, Int8Linear, quantize_int8_
+from bloomlm.torch.quantize import Int8Embedding, Int8WeightOnlyLinear, quantize_
 
 TINY = dict(vocab_size=64, hidden_size=16, n_layer=2, n_head=4)
 
@@ -109,12 +109,12 @@ def test_cold_load_does_not_import_the_compiler_stack():
 
 
 def test_int8_tie_is_the_models_own_tie_weights():
-    """quantize_int8_ patches no method on the instance; the class's tie_weights ties int8 pairs."""
+    """quantize_ patches no method on the instance; the class's tie_weights ties int8 pairs."""
     model = BloomForCausalLM(BloomConfig(**TINY))
-    quantize_int8_(model)
-    assert "tie_weights" not in vars(model), "quantize_int8_ patched tie_weights on the instance"
+    quantize_(model, "int8-weight-only")
+    assert "tie_weights" not in vars(model), "quantize_ patched tie_weights on the instance"
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-    assert isinstance(embedding, Int8Embedding) and isinstance(head, Int8Linear)
-    head.weight, head.scale = head.weight.clone(), head.scale.clone()  # untie, as a load would
+    assert isinstance(embedding, Int8Embedding) and isinstance(head, Int8WeightOnlyLinear)
+    head.weight, head.weight_scale = head.weight.clone(), head.weight_scale.clone()  # untie
     model.tie_weights()
-    assert head.weight is embedding.weight and head.scale is embedding.scale
+    assert head.weight is embedding.weight and head.weight_scale is embedding.weight_scale

@@ -32,6 +32,7 @@ from bloomlm import files
 # The file names live in bloomlm.checkpoint_names (the Flax side uses them); importable here too.
 from bloomlm.checkpoint_names import (  # noqa: F401 (re-exported)
     FLAX_WEIGHTS_NAME,
+    QUANTIZED_WEIGHTS_NAMES,
     SAFE_WEIGHTS_INDEX_NAME,
     SAFE_WEIGHTS_NAME,
     TF_WEIGHTS_NAME,
@@ -53,8 +54,12 @@ def save_state_dict(
     *,
     safe_serialization: bool = True,
     max_shard_size: int | str = "5GB",
+    weights_name: str | None = None,
 ) -> list[Path]:
     """Write `state_dict` into `folder` as transformers 4.37 `save_pretrained` does; return the files written.
+
+    `weights_name` replaces the file name (a quantized save: `model.int8.safetensors`, its shards
+    and index named after it as transformers names model.safetensors'); safetensors only.
 
     Shards are filled in key order and a new one starts when the next tensor would pass `max_shard_size`
     (a tensor larger than that gets a shard of its own). Tied duplicates should be removed by the caller;
@@ -67,9 +72,12 @@ def save_state_dict(
     if target.exists() and not target.is_dir():
         raise ValueError(f"cannot save weights into {target}: it is a file, a folder is needed")
     tensors = _standalone_tensors(state_dict)
-    weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    if weights_name is not None and not safe_serialization:
+        raise ValueError(f"{weights_name} is written as safetensors only (safe_serialization=True)")
+    default_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
+    weights_name = weights_name or default_name
     shards = _split_into_shards(tensors, parse_size(max_shard_size), weights_name)
-    index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
+    index_name = weights_name + ".index.json"
     names = [*shards, index_name] if len(shards) > 1 else list(shards)
     with files.folder_save(target, is_weight_file_name) as staging:
         for name, shard in shards.items():
@@ -152,20 +160,24 @@ def _write_weight_file(
 def is_weight_file_name(name: str) -> bool:
     """Whether `name` is a PyTorch weight file of a transformers folder (single file, index or
     shard, safetensors or .bin): the files a weights save replaces."""
-    shard = any(is_shard_file_name(name, weights) for weights in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME))
-    return name in WEIGHT_FILE_CANDIDATES or shard
+    singles = (SAFE_WEIGHTS_NAME, WEIGHTS_NAME, *QUANTIZED_WEIGHTS_NAMES.values())
+    shard = any(is_shard_file_name(name, weights) for weights in singles)
+    return name in singles or name in [single + ".index.json" for single in singles] or shard
 
 
 # -- finding -----------------------------------------------------------------------------------------------
 
 
-def find_weight_files(folder: str | os.PathLike, use_safetensors: bool | None = None) -> list[Path]:
+def find_weight_files(
+    folder: str | os.PathLike, use_safetensors: bool | None = None, weights_name: str | None = None
+) -> list[Path]:
     """The weight files to read from `folder`: one file, or the shards its index lists.
 
     Search order is transformers': model.safetensors, its index, pytorch_model.bin, its index.
-    `use_safetensors=True` accepts only safetensors, `False` only `.bin`.
+    `use_safetensors=True` accepts only safetensors, `False` only `.bin`. `weights_name` looks for
+    that file and its index instead (a quantized checkpoint: `model.int8.safetensors`).
     """
-    files, _ = _locate_weights(Path(folder), use_safetensors)
+    files, _ = _locate_weights(Path(folder), use_safetensors, weights_name)
     return files
 
 
@@ -190,14 +202,16 @@ def read_index(index_path: str | os.PathLike) -> dict[str, str]:
     return weight_map
 
 
-def _candidate_names(use_safetensors: bool | None) -> tuple[str, ...]:
+def _candidate_names(use_safetensors: bool | None, weights_name: str | None) -> tuple[str, ...]:
+    if weights_name is not None:
+        return () if use_safetensors is False else (weights_name, weights_name + ".index.json")
     if use_safetensors is None:
         return WEIGHT_FILE_CANDIDATES
     return WEIGHT_FILE_CANDIDATES[:2] if use_safetensors else WEIGHT_FILE_CANDIDATES[2:]
 
 
 def _locate_weights(
-    folder: Path, use_safetensors: bool | None
+    folder: Path, use_safetensors: bool | None, weights_name: str | None = None
 ) -> tuple[list[Path], dict[str, str] | None]:
     """(files to read, weight_map if sharded) for the first candidate present."""
     if not folder.is_dir():
@@ -207,7 +221,11 @@ def _locate_weights(
         raise CheckpointNotFoundError(
             f"{folder} is {kind}; looked for {', '.join(WEIGHT_FILE_CANDIDATES)}"
         )
-    candidates = _candidate_names(use_safetensors)
+    candidates = _candidate_names(use_safetensors, weights_name)
+    if not candidates:
+        raise CheckpointNotFoundError(
+            f"{weights_name} in {folder} is safetensors, but use_safetensors=False was asked for"
+        )
     for name in candidates:
         path = folder / name
         if path.is_file():
@@ -257,6 +275,11 @@ def _nothing_found_message(
         message += (
             f"; only TensorFlow weights found ({TF_WEIGHTS_NAME}), which bloomlm does not read"
         )
+    elif any((folder / name).is_file() for name in QUANTIZED_WEIGHTS_NAMES.values()):
+        message += (
+            "; only quantized weights found (model.int8/fp16.safetensors), but config.json has no "
+            "'quantization' entry naming their format: restore the config bloomlm saved with them"
+        )
     elif use_safetensors is not None and any(
         (folder / n).is_file() for n in WEIGHT_FILE_CANDIDATES
     ):
@@ -272,9 +295,10 @@ def load_state_dict(
     *,
     use_safetensors: bool | None = None,
     device: str | torch.device = "cpu",
+    weights_name: str | None = None,
 ) -> dict[str, torch.Tensor]:
     """All tensors of the checkpoint in `folder` (one file or every shard), by parameter name."""
-    files, weight_map = _locate_weights(Path(folder), use_safetensors)
+    files, weight_map = _locate_weights(Path(folder), use_safetensors, weights_name)
     state_dict: dict[str, torch.Tensor] = {}
     for path in files:
         state_dict.update(load_state_dict_file(path, device=device))
@@ -303,7 +327,10 @@ def load_state_dict_file(
 
 
 def iter_state_dict(
-    folder: str | os.PathLike, *, use_safetensors: bool | None = None
+    folder: str | os.PathLike,
+    *,
+    use_safetensors: bool | None = None,
+    weights_name: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | StreamedTensor]]:
     """The checkpoint's tensors one at a time, for loaders that transform each as it arrives (quantizing,
     casting), so memory never holds the float checkpoint.
@@ -314,7 +341,7 @@ def iter_state_dict(
     reused buffer (no stream of large allocations to fragment the heap either). `.bin` entries come as
     tensors. `row_blocks` walks either kind. A StreamedTensor is valid until the next item is taken.
     """
-    files, weight_map = _locate_weights(Path(folder), use_safetensors)
+    files, weight_map = _locate_weights(Path(folder), use_safetensors, weights_name)
     seen: set[str] = set()
     for path in files:
         if path.suffix != ".safetensors":

@@ -7,6 +7,10 @@ Weight files, as transformers 4.37 names them (a shard index is `<file>.index.js
     model.safetensors   pytorch_model.bin   (PyTorch; read in that order, single file before index)
     flax_model.msgpack                      (Flax)
     tf_model.h5                             (TensorFlow; never read, only named in error messages)
+    model.int8.safetensors                  (bloomlm's quantized saves: int8 weights + scales;
+    model.fp16.safetensors                   float16 weights; config.json's `quantization` entry
+                                             names the format. transformers finds no weights there
+                                             and says so, instead of misreading them)
 
 Prefix: a head model (`BloomForCausalLM`, ...) keeps the base model under `transformer`, so its
 parameters are `transformer.h.0...` (PyTorch) or `transformer/h/0/...` (Flax), beside the head's own
@@ -35,6 +39,15 @@ PYTORCH_WEIGHT_FILES = (
     WEIGHTS_INDEX_NAME,
 )
 FLAX_WEIGHT_FILES = (FLAX_WEIGHTS_NAME, FLAX_WEIGHTS_INDEX_NAME)
+
+# The `quantize=` modes (`--quantize` on the command line), and the weight format each saves: both
+# int8 modes store the same int8 weights and scales, and differ only in the kernel that runs them.
+QUANTIZE_MODES = ("int8", "int8-weight-only", "fp16")
+QUANTIZED_FORMATS = {"int8": "int8", "int8-weight-only": "int8", "fp16": "fp16"}
+QUANTIZED_WEIGHTS_NAMES = {"int8": "model.int8.safetensors", "fp16": "model.fp16.safetensors"}
+QUANTIZED_WEIGHT_FILES = tuple(
+    name for single in QUANTIZED_WEIGHTS_NAMES.values() for name in (single, single + ".index.json")
+)
 
 BASE_PREFIX = "transformer"
 # The heads' own modules: their weights sit beside `transformer`, never under it.

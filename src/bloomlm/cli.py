@@ -7,7 +7,7 @@ and no file-format knowledge here (those live in `bloomlm.tasks`, `bloomlm.conve
     bloomlm classify "I love this"              label + probability (bloomlm-tiny-sentiment)
     bloomlm tag --model DIR "text"              word -> label table
     bloomlm answer --model DIR --question Q --context C
-    bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--max-shard-size]
+    bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--quantize] [--max-shard-size]
     bloomlm info [PATH] [--batch B --length L]  shapes, parameters, bytes, memory estimate
     bloomlm finetune {seq-cls,token-cls,qa,causal-lm} --train F --eval F --out DIR
 
@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, NoReturn
 
 from bloomlm import __version__
+from bloomlm.checkpoint_names import QUANTIZE_MODES
 from bloomlm.convert import BYTES_NAME as BYTES_NAME  # re-exported from its old home
 from bloomlm.convert import (
     BYTES_PER_DTYPE,
@@ -308,9 +309,10 @@ def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: A
     import bloomlm
 
     kwargs: dict[str, Any] = {}
-    if args.dtype == "int8":
-        kwargs["quantize"] = "int8"
-    elif args.dtype is not None:
+    quantize = _quantize_arg(args)
+    if quantize is not None:
+        kwargs["quantize"] = quantize
+    if args.dtype not in (None, "int8"):
         kwargs["torch_dtype"] = args.dtype
     elif args.device and not args.device.startswith("cpu"):
         kwargs["torch_dtype"] = "auto"  # on an accelerator, the checkpoint's own (half) precision
@@ -406,6 +408,19 @@ def _refuse_flax_only(name: str) -> None:
             f"convert them once with `bloomlm convert {name} {name}-pytorch`, then pass "
             f"--model {name}-pytorch"
         )
+
+
+def _quantize_arg(args: argparse.Namespace) -> str | None:
+    """`--quantize`, or the deprecated `--dtype int8` (its alias, with a warning on stderr)."""
+    if getattr(args, "dtype", None) != "int8":
+        return args.quantize
+    if args.quantize not in (None, "int8"):
+        raise CommandError(f"--dtype int8 and --quantize {args.quantize} disagree; use --quantize")
+    print(
+        f"bloomlm {args.command}: warning: --dtype int8 is deprecated, use --quantize int8",
+        file=sys.stderr,
+    )
+    return "int8"
 
 
 def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
@@ -1006,10 +1021,12 @@ def _convert(args: argparse.Namespace) -> int:
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
             on_progress=bar.set,
+            quantize=args.quantize,
         )
     finally:
         bar.close()
-    print(f"wrote {args.to} weights ({architecture}) to {Path(args.dst)}")
+    what = f"{args.quantize} quantized" if args.quantize else args.to
+    print(f"wrote {what} weights ({architecture}) to {Path(args.dst)}")
     return 0
 
 
@@ -1128,7 +1145,7 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
         "--dtype",
         choices=DTYPES,
         help="weights dtype; auto = the checkpoint's (when not given: float32 on CPU, auto on "
-        "other devices); int8 = weight-only int8 quantization",
+        "other devices); int8 = deprecated alias of --quantize int8",
     )
     _checked(
         group.add_argument(
@@ -1138,6 +1155,17 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
             f"{SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, else one per core)",
         ),
         _at_least(1),
+    )
+    _quantize_option(group)
+
+
+def _quantize_option(group: Any) -> None:
+    """`--quantize`, the same on every command that loads or writes a model."""
+    group.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="int8 = int8 weights and activations (fbgemm on x86 CPUs; weight-only elsewhere), "
+        "int8-weight-only, fp16 = float16 weights with float32 compute",
     )
 
 
@@ -1412,6 +1440,7 @@ def _add_convert(commands: Any) -> None:
         default="auto",
         help="cast floating weights (auto keeps the checkpoint's)",
     )
+    _quantize_option(parser)
     _checked(
         parser.add_argument(
             "--max-shard-size", default="5GB", help="split weights into files of at most this size"

@@ -1,8 +1,8 @@
 """Model-folder tools behind `bloomlm convert` and `bloomlm info`.
 
 `convert_checkpoint` rewrites a model folder in another weight format (safetensors, PyTorch .bin,
-Flax msgpack), dtype or shard size, tokenizer and generation config included; the new folder is
-built aside and committed in one step (`bloomlm.files.folder_save`), so a failure or a crash
+Flax msgpack), dtype or shard size, or quantized (`model.int8.safetensors`, loaded later without
+quantizing again), tokenizer and generation config included; the new folder is built aside and committed in one step (`bloomlm.files.folder_save`), so a failure or a crash
 leaves no folder, never a partial one.
 `parameter_count`, `model_summary` and `memory_estimate` answer "how big is this model" from its
 config alone.
@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bloomlm.checkpoint_names import FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
+from bloomlm.checkpoint_names import FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES, QUANTIZE_MODES
 from bloomlm.config import BloomConfig
 
 FORMATS = ("safetensors", "bin", "flax")
@@ -47,6 +47,7 @@ def convert_checkpoint(
     max_shard_size: int | str = "5GB",
     on_step: Callable[[], None] | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    quantize: str | None = None,
 ) -> str:
     """Write the model in `source` (a folder or name) to the new folder `out`; the class name used.
 
@@ -55,19 +56,24 @@ def convert_checkpoint(
     `architectures` that bloomlm has, else BloomForCausalLM. `on_step` is called after the weights
     and after the tokenizer are written (2 steps); `on_progress(bytes written, bytes expected)`
     while the weights are written (a few times a second, and once at the end).
+    `quantize` (one of QUANTIZE_MODES) writes the quantized checkpoint `from_pretrained(...,
+    quantize=...)` would build (`model.int8.safetensors` / `model.fp16.safetensors`, safetensors
+    only); `dtype` is then the dtype of what stays float (biases, LayerNorms) and of the compute.
     """
     from bloomlm import files
     from bloomlm.hub import resolve_model_dir
 
     resolved = resolve_model_dir(source, ["config.json"])
     destination = Path(out)
-    _check_convert_options(destination, to, dtype)
+    _check_convert_options(destination, to, dtype, quantize)
     architecture = architecture_of(BloomConfig.from_pretrained(resolved))
     # One commit for the whole folder; `require_empty` checks again under the lock, so of two
     # converts to one folder the second fails instead of replacing the first one's result.
     with files.folder_save(destination, files.owns_everything, require_empty=True) as staging:
         with _watch_bytes(staging, on_progress) as expect:
-            _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size, expect)
+            _convert_weights(
+                resolved, staging, architecture, to, dtype, max_shard_size, expect, quantize
+            )
         if on_step is not None:
             on_step()
         _copy_tokenizer(resolved, staging)
@@ -76,7 +82,7 @@ def convert_checkpoint(
     return architecture
 
 
-def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
+def _check_convert_options(destination: Path, to: str, dtype: str, quantize: str | None) -> None:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
         from bloomlm import files
 
@@ -86,9 +92,14 @@ def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
         )
     if dtype == "int8":
         raise ValueError(
-            "--dtype int8 is for loading (quantize='int8'); "
-            "convert writes float32, float16 or bfloat16"
+            "dtype int8 is not a dtype convert writes (float32, float16, bfloat16); "
+            "for int8 weights use quantize='int8' (--quantize int8)"
         )
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        allowed = ", ".join(QUANTIZE_MODES)
+        raise ValueError(f"quantize must be one of {allowed}; got {quantize!r}")
+    if quantize is not None and to != "safetensors":
+        raise ValueError(f"quantized weights are written as safetensors only; got to={to!r}")
     if dtype not in CONVERT_DTYPES:
         raise ValueError(f"dtype must be one of {', '.join(CONVERT_DTYPES)}; got {dtype!r}")
     if to not in FORMATS:
@@ -163,6 +174,7 @@ def _convert_weights(
     dtype: str,
     max_shard_size: int | str,
     expect: Callable[[int], None],
+    quantize: str | None = None,
 ) -> None:
     import bloomlm
 
@@ -180,6 +192,9 @@ def _convert_weights(
         return
     torch_class = getattr(bloomlm, architecture)
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
+    if quantize is not None:
+        # Both int8 modes write the same tensors; the weight-only one skips fbgemm's packing.
+        kwargs["quantize"] = "int8-weight-only" if quantize.startswith("int8") else quantize
     if not has_torch:
         kwargs["state_dict"] = flax_state_dict(source)
         if dtype == "auto":

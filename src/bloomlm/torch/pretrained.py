@@ -26,8 +26,8 @@ from bloomlm.generation import GENERATION_CONFIG_NAME, attach_generation_config
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 from bloomlm.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from bloomlm.torch import checks
+from bloomlm.torch import quantize as quantization
 from bloomlm.torch.hf_compat import PreTrainedModelAPI
-from bloomlm.torch.quantize import Int8Linear, quantize_int8_, quantize_rows, tie_int8_
 
 # How the heads' parameter names start for the base model's weights ("transformer.").
 BASE_PREFIX = checkpoint_names.BASE_PREFIX + "."
@@ -92,12 +92,12 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
 
     def tie_weights(self) -> None:
         """With `config.tie_word_embeddings`, the LM head uses the input embedding's matrix; after
-        `quantize_int8_` that is the one int8 matrix and its per-row scales (`tie_int8_`)."""
+        quantization that is the one quantized matrix and its per-row scales (`tie_quantized_`)."""
         head = self.get_output_embeddings()
         if head is None or not self.config.tie_word_embeddings:
             return
-        if isinstance(head, Int8Linear):
-            tie_int8_(self)
+        if isinstance(head, quantization.QUANTIZED_LINEARS):
+            quantization.tie_quantized_(self)
         else:
             head.weight = self.get_input_embeddings().weight
 
@@ -119,6 +119,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         old = self.get_input_embeddings()
         if new_num_tokens is None and pad_to_multiple_of is None:
             return old
+        if isinstance(old, quantization.QuantizedEmbedding):
+            raise ValueError("resize_token_embeddings needs a float model; quantize after resizing")
         new_num_tokens = old.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of is not None:
             new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
@@ -253,7 +255,17 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         One commit (`bloomlm.files.folder_save`): the folder holds the old model until everything
         new is written and synced, then the new one; the files a model does not write (a
         tokenizer's, your own) are kept.
+
+        A quantized model writes `model.int8.safetensors` / `model.fp16.safetensors` and a
+        `quantization` entry in config.json instead: transformers finds no weights it knows there
+        (and says so), bloomlm loads them as they are.
         """
+        quantized = quantization.quantized_format(self)
+        if quantized and not safe_serialization:
+            raise ValueError(
+                f"a quantized model is saved as safetensors only ({_quantized_name(quantized)}); "
+                "drop safe_serialization=False"
+            )
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
@@ -265,7 +277,15 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             # The tied head is the embedding matrix: store it once, as transformers does.
             for key in self._tied_weights_keys:
                 state_dict.pop(key, None)
-        config = BloomConfig.from_dict(self.config.to_dict())
+                state_dict.pop(key.removesuffix("weight") + "weight_scale", None)
+        config_dict = self.config.to_dict()
+        config_dict.pop("quantization", None)
+        if quantized:
+            config_dict["quantization"] = {
+                "format": quantized,
+                "weights": _quantized_name(quantized),
+            }
+        config = BloomConfig.from_dict(config_dict)
         config.architectures = [type(self).__name__]
         config.torch_dtype = str(self.dtype).removeprefix("torch.")
         generation_config = getattr(self, "_generation_config", None)
@@ -279,9 +299,12 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         with files.folder_save(folder, owns) as staging:
             config.save_pretrained(staging)
             checkpoint.save_state_dict(
-                state_dict, staging, safe_serialization=safe_serialization,
+                state_dict,
+                staging,
+                safe_serialization=safe_serialization,
                 max_shard_size=max_shard_size,
-            )  # fmt: skip
+                weights_name=_quantized_name(quantized) if quantized else None,
+            )
             if generation_config is not None:
                 generation_config.save_pretrained(staging)
 
@@ -309,8 +332,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         state_dict = kwargs.pop("state_dict", None)
         quantize = kwargs.pop("quantize", None)
         from_flax = kwargs.pop("from_flax", False)
-        if quantize not in (None, "int8"):
-            raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        quantization.check_quantize(quantize)
         engine = _engine_options(kwargs)  # compile=, attn_implementation=
         device = _device_from_map(kwargs.get("device_map"))
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
@@ -318,7 +340,10 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             kwargs.pop(key, None)
 
         weight_files = checkpoint_names.FLAX_WEIGHT_FILES if from_flax else ()
-        wanted = [CONFIG_NAME, *(weight_files or checkpoint_names.PYTORCH_WEIGHT_FILES)]
+        torch_weight_files = (
+            checkpoint_names.PYTORCH_WEIGHT_FILES + checkpoint_names.QUANTIZED_WEIGHT_FILES
+        )
+        wanted = [CONFIG_NAME, *(weight_files or torch_weight_files)]
         folder = None  # transformers' from_pretrained(None, config=..., state_dict=...): no files
         if pretrained_model_name_or_path is not None:
             folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
@@ -330,19 +355,23 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             state_dict = flax_state_dict(folder)
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         dtype = _resolve_dtype(torch_dtype, config)
+        saved = _saved_quantization(config, folder)
+        mode = _load_mode(quantize, saved, device)
 
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
-        if quantize:
-            quantize_int8_(
-                model, dtype
-            )  # int8 slots on meta; each float weight is quantized as it is read
-        converting = bool(quantize) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
-        tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, stream=converting)
+        if mode:  # quantized slots on meta: each float weight is quantized as it is read
+            quantization.quantize_(model, mode, dtype, pack=False)
+        converting = bool(mode) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
+        weights_name = _quantized_name(saved) if saved else None
+        tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, converting, weights_name)
+        pack = bool(mode) and (device is None or device.type == "cpu")  # fbgemm's layout: CPU only
         source = str(pretrained_model_name_or_path)
-        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes, source=source)
-        if quantize:
-            tie_int8_(model)
+        info = model._assign_checkpoint(
+            tensors, dtype, ignore_mismatched_sizes, pack, source=source
+        )
+        if pack:
+            quantization.pack_quantized_(model)
         if device is not None:
             model.to(device)
         model.eval()
@@ -356,19 +385,28 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         tensors: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         ignore_mismatched_sizes: bool,
+        pack: bool = False,
         *,
         source: str = "the given state_dict",
     ) -> dict[str, list]:
         """Move checkpoint tensors into this meta-device model; initialise a missing task head
         (a missing trunk weight is an error, see `bloomlm.load_report`) and report as transformers.
 
-        An int8 slot (a quantized model) takes the float tensor quantized on arrival; with streamed
-        `tensors` (checkpoint.iter_state_dict) that happens block by block, so memory never holds a whole
-        float weight, and a dtype conversion likewise never holds the float checkpoint.
+        An int8 slot (a quantized model) takes a float tensor quantized on arrival, and an int8 one
+        (a quantized checkpoint) as it is; with streamed `tensors` (checkpoint.iter_state_dict)
+        that happens block by block, so memory never holds a whole float weight, and a dtype
+        conversion likewise never holds the float checkpoint. With `pack`, each quantized layer is
+        packed for fbgemm as soon as its weights are in (quantize.PackOnArrival).
         """
         expected = dict(nn.Module.state_dict(self, keep_vars=True))  # the tied head included
+        quantized_slots = {
+            f"{name}.{buffer}"
+            for name, _ in quantization.quantized_modules(self)
+            for buffer in ("weight", "weight_scale")
+        }
         is_head = self.base_model is not self
         assigned: dict[str, torch.Tensor] = {}
+        packer, packed = quantization.PackOnArrival(self) if pack else None, set()
         unexpected, mismatched = [], []
         for ckpt_key, tensor in tensors:
             key = checkpoint_names.fit_base_prefix(ckpt_key, is_head)
@@ -380,20 +418,28 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
                     raise _shape_error(ckpt_key, key, *shapes)
                 mismatched.append((ckpt_key, *shapes))
             else:
-                assigned.update(_converted(key, tensor, expected[key].dtype, dtype))
+                slot_dtype = expected[key].dtype
+                target = slot_dtype if key in quantized_slots else dtype
+                for name, value in _converted(ckpt_key, key, tensor, slot_dtype, target).items():
+                    if packer is not None and packer.take(name, value):
+                        packed.add(name)
+                    else:
+                        assigned[name] = value
         self.load_state_dict(assigned, strict=False, assign=True)
         tied = self._tied_keys(expected)
         mismatched_keys = [checkpoint_names.fit_base_prefix(m[0], is_head) for m in mismatched]
         # Re-initialised for their shape, not missing (transformers lists them apart).
-        resized = {*mismatched_keys, *(k.removesuffix("weight") + "scale" for k in mismatched_keys)}
-        skipped = tied | resized
+        resized = {*mismatched_keys, *(k + "_scale" for k in mismatched_keys)}
+        skipped = tied | resized | packed
         missing = [k for k in expected if k not in assigned and k not in skipped]
         missing_keys = [
-            k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)
+            k
+            for k in missing
+            if not (k.endswith(".weight_scale") and k.removesuffix("_scale") in missing)
         ]
         name = type(self).__name__
         load_report.check_needed_weights(missing_keys, name, source)  # before any allocation
-        self._materialise([k for k in missing if not k.endswith(".scale")], dtype)
+        self._materialise([k for k in missing if not k.endswith(".weight_scale")], dtype)
         self._materialise(mismatched_keys, dtype)
         self.tie_weights()
         is_saved_class = name in (self.config.architectures or [])
@@ -412,11 +458,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         if not self.config.tie_word_embeddings:
             return set()
         tied = set(self._tied_weights_keys)
-        return tied | {
-            k.removesuffix("weight") + "scale"
-            for k in tied
-            if k.removesuffix("weight") + "scale" in expected
-        }
+        return tied | {k + "_scale" for k in tied if k + "_scale" in expected}
 
     def _materialise(self, names: list[str], dtype: torch.dtype) -> None:
         """Give each still-`meta` parameter real memory and transformers' initial values."""
@@ -432,8 +474,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
                 tensor.fill_(1.0)
             else:
                 tensor.normal_(mean=0.0, std=std)
-            if old.dtype == torch.int8:  # a quantized layer: initialise in float, then quantize
-                module.weight, module.scale = quantize_rows(tensor)
+            if isinstance(module, _QUANTIZED) and param_name == "weight":
+                quantization.materialise_(module, tensor)  # initialised in float, then quantized
             else:
                 setattr(module, param_name, nn.Parameter(tensor, requires_grad=old.requires_grad))
 
@@ -520,28 +562,38 @@ def _checkpoint_tensors(
     state_dict: dict[str, torch.Tensor] | None,
     use_safetensors: bool | None,
     stream: bool,
+    weights_name: str | None = None,
 ) -> Iterable[tuple[str, torch.Tensor | checkpoint.StreamedTensor]]:
-    """(name, tensor) pairs to load: the caller's `state_dict`, else the folder's checkpoint.
-    When the loader converts (quantizes or casts), `stream` reads it tensor by tensor, so the
-    stored float tensors are never all in memory beside the result."""
+    """(name, tensor) pairs to load: the caller's `state_dict`, else the folder's checkpoint
+    (`weights_name`: a quantized one). When the loader converts (quantizes or casts), `stream`
+    reads it tensor by tensor, so the stored float tensors are never all in memory beside the
+    result."""
     if state_dict is not None:
         return state_dict.items()
+    names = {"use_safetensors": use_safetensors, "weights_name": weights_name}
     if stream:
-        return checkpoint.iter_state_dict(folder, use_safetensors=use_safetensors)
-    return checkpoint.load_state_dict(folder, use_safetensors=use_safetensors).items()
+        return checkpoint.iter_state_dict(folder, **names)
+    return checkpoint.load_state_dict(folder, **names).items()
 
 
 def _converted(
+    ckpt_key: str,
     key: str,
     tensor: torch.Tensor | checkpoint.StreamedTensor,
     slot_dtype: torch.dtype,
     dtype: torch.dtype,
 ) -> dict[str, torch.Tensor]:
-    """{model name: tensor} for one checkpoint tensor bound for a slot of `slot_dtype`: quantized
-    (weight and scale) into an int8 slot, else floats cast to `dtype`; streamed ones by blocks."""
+    """{model name: tensor} for one checkpoint tensor bound for a slot of `slot_dtype`: a float
+    tensor quantized (weight and scale) into an int8 slot, else floats cast to `dtype`; streamed
+    ones by blocks. An int8 tensor fits an int8 slot only."""
     if slot_dtype == torch.int8 and tensor.is_floating_point():
         weight, scale = _quantize_blocks(tensor)
-        return {key: weight, key.removesuffix("weight") + "scale": scale}
+        return {key: weight, key + "_scale": scale}
+    if tensor.dtype == torch.int8 and slot_dtype != torch.int8:
+        raise CheckpointError(
+            f"checkpoint weight {ckpt_key} is int8 (a quantized checkpoint) but {key} is a "
+            f"{slot_dtype} slot; load int8 checkpoints with quantize='int8' or 'int8-weight-only'"
+        )
     target = dtype if tensor.is_floating_point() else tensor.dtype
     if isinstance(tensor, checkpoint.StreamedTensor):
         return {key: _read_blocks(tensor, target)}
@@ -564,9 +616,8 @@ def _quantize_blocks(
     quantized = torch.empty(tensor.shape, dtype=torch.int8)
     scale = torch.empty(tensor.shape[0], dtype=torch.float32)
     for start, block in checkpoint.row_blocks(tensor):
-        quantized[start : start + len(block)], scale[start : start + len(block)] = quantize_rows(
-            block
-        )
+        rows = slice(start, start + len(block))
+        quantized[rows], scale[rows] = quantization.quantize_rows(block)
     return quantized, scale
 
 
@@ -629,3 +680,39 @@ def _resolve_dtype(torch_dtype: Any, config: BloomConfig) -> torch.dtype:
     raise ValueError(
         f"torch_dtype must be a floating torch.dtype, a dtype name or 'auto', got {torch_dtype!r}"
     )
+
+
+_QUANTIZED = (*quantization.QUANTIZED_LINEARS, quantization.QuantizedEmbedding)
+
+
+def _quantized_name(saved_format: str) -> str:
+    return checkpoint_names.QUANTIZED_WEIGHTS_NAMES[saved_format]
+
+
+def _saved_quantization(config: BloomConfig, folder: Path) -> str | None:
+    """The weight format of a quantized checkpoint ("int8", "fp16") from config.json's
+    `quantization` entry (written by save_pretrained); None for a float checkpoint."""
+    entry = getattr(config, "quantization", None)
+    if entry is None:
+        return None
+    saved = entry.get("format") if isinstance(entry, dict) else None
+    if saved not in checkpoint_names.QUANTIZED_WEIGHTS_NAMES:
+        allowed = sorted(checkpoint_names.QUANTIZED_WEIGHTS_NAMES)
+        raise CheckpointError(
+            f"{folder / CONFIG_NAME} has a 'quantization' entry {entry!r} that bloomlm did not "
+            f"write; its 'format' must be one of {allowed}"
+        )
+    return saved
+
+
+def _load_mode(quantize: str | None, saved: str | None, device: torch.device | None) -> str | None:
+    """The quantize mode to build: the caller's, else the saved checkpoint's; on a device or a
+    CPU where fbgemm cannot run "int8", its weight-only kernel."""
+    if saved == "int8" and quantize is not None and quantization.SAVED_FORMATS[quantize] != "int8":
+        raise ValueError(
+            f"this checkpoint holds int8 weights ({_quantized_name(saved)}), which cannot be "
+            f"loaded as quantize={quantize!r}; use quantize='int8' or 'int8-weight-only', or "
+            "quantize the float checkpoint it came from"
+        )
+    mode = quantize or (quantization.DEFAULT_MODE[saved] if saved else None)
+    return quantization.kernel_mode(mode, device) if mode else None
