@@ -549,7 +549,7 @@ def test_processor_chain_order_matches_transformers(theirs):
             ids, scores.clone()
         )  # NaN where decay meets a banned eos, as in transformers
         torch.testing.assert_close(
-            gen._run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True
+            gen.run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True
         )
 
 
