@@ -7,8 +7,10 @@ Each is checked against the transformers 4.37 processor it replaces; `build_logi
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Sequence
 from functools import partial
+from typing import Any
 
 import torch
 
@@ -26,12 +28,14 @@ NEG_INF = -float("inf")
 def apply_sequence_bias(
     input_ids: torch.Tensor, scores: torch.Tensor, sequence_bias: dict
 ) -> torch.Tensor:
-    """Add `bias` to the last token of each `sequence` whose prefix ends the row (one-token sequences: always)."""
+    """Add `bias` to the last token of each `sequence` whose prefix ends the row (one-token
+    sequences: always)."""
     vocab_size = scores.shape[-1]
     outside = sorted({t for seq in sequence_bias for t in seq if t >= vocab_size})
     if outside:
         raise ValueError(
-            f"`bad_words_ids`/`sequence_bias` name token ids {outside} outside the vocabulary (size {vocab_size})"
+            f"`bad_words_ids`/`sequence_bias` name token ids {outside} outside the vocabulary "
+            f"(size {vocab_size})"
         )
     bias = torch.zeros_like(scores)
     length_1_bias = torch.zeros(vocab_size, dtype=torch.float, device=scores.device)
@@ -52,7 +56,8 @@ def apply_sequence_bias(
 
 
 def bad_words_bias(bad_words_ids: list[list[int]], eos_token_ids: list[int] | None) -> dict:
-    """`bad_words_ids` as a sequence bias of -inf; a lone eos token is never banned (transformers' rule)."""
+    """`bad_words_ids` as a sequence bias of -inf; a lone eos token is never banned
+    (transformers' rule)."""
     eos_token_ids = eos_token_ids or []
     kept = [seq for seq in bad_words_ids if all(seq != [eos] for eos in eos_token_ids)]
     return {tuple(seq): NEG_INF for seq in kept}
@@ -61,7 +66,8 @@ def bad_words_bias(bad_words_ids: list[list[int]], eos_token_ids: list[int] | No
 def apply_repetition_penalty(
     input_ids: torch.Tensor, scores: torch.Tensor, penalty: float
 ) -> torch.Tensor:
-    """CTRL's penalty on every token already in the row: negative logits times `penalty`, positive ones divided."""
+    """CTRL's penalty on every token already in the row: negative logits times `penalty`,
+    positive ones divided."""
     seen = torch.gather(scores, 1, input_ids)
     seen = torch.where(seen < 0, seen * penalty, seen / penalty)
     return scores.scatter(1, input_ids, seen)
@@ -70,7 +76,8 @@ def apply_repetition_penalty(
 def ban_repeated_ngrams(
     input_ids: torch.Tensor, scores: torch.Tensor, ngram_size: int
 ) -> torch.Tensor:
-    """Forbid any token that would complete an n-gram already present in the row (prompt included)."""
+    """Forbid any token that would complete an n-gram already present in the row (prompt
+    included)."""
     length = input_ids.shape[1]
     if length < ngram_size:
         return scores
@@ -111,7 +118,45 @@ def boost_eos_exponentially(
     return scores
 
 
-# -- warpers (sampling only) -------------------------------------------------------------------------
+def hamming_diversity(
+    scores: torch.Tensor, current_tokens: torch.Tensor, group_start: int, num_beams: int,
+    penalty: float,
+) -> torch.Tensor:  # fmt: skip
+    """Group beam search's diversity: scores [B * group_size, V] of one group lose `penalty` per
+    time a token was chosen this step by the earlier groups' beams (`current_tokens` [B *
+    num_beams], rows before `group_start` in each prompt)."""
+    if group_start == 0:
+        return scores
+    batch_size, vocab_size = current_tokens.shape[0] // num_beams, scores.shape[-1]
+    group_size = scores.shape[0] // batch_size
+    scores = scores.clone()
+    for b in range(batch_size):
+        earlier = current_tokens[b * num_beams : b * num_beams + group_start]
+        frequency = torch.bincount(earlier, minlength=vocab_size).to(scores.device)
+        scores[b * group_size : (b + 1) * group_size] -= penalty * frequency
+    return scores
+
+
+def allow_prefix_tokens(
+    input_ids: torch.Tensor, scores: torch.Tensor, allowed_tokens: Callable, num_beams: int
+) -> torch.Tensor:
+    """`prefix_allowed_tokens_fn`: only the tokens `allowed_tokens(batch_id, row_ids)` names stay
+    possible in each row (rows come in runs of `num_beams` per prompt)."""
+    mask = torch.full_like(scores, NEG_INF)
+    length = input_ids.shape[-1]
+    for batch_id, beams in enumerate(input_ids.view(-1, num_beams, length)):
+        for beam_id, row in enumerate(beams):
+            allowed = allowed_tokens(batch_id, row)
+            if len(allowed) == 0:
+                raise ValueError(
+                    f"`prefix_allowed_tokens_fn` returned no tokens for batch id {batch_id}: the "
+                    "constraint cannot be met; return at least one token id"
+                )
+            mask[batch_id * num_beams + beam_id, allowed] = 0
+    return scores + mask
+
+
+# -- warpers (sampling only) ---------------------------------------------------------------------
 
 
 def apply_temperature(scores: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -126,7 +171,8 @@ def top_k_filter(scores: torch.Tensor, top_k: int, min_tokens_to_keep: int = 1) 
 
 
 def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Nucleus filtering: keep the smallest set of most likely tokens whose probability reaches `top_p`."""
+    """Nucleus filtering: keep the smallest set of most likely tokens whose probability
+    reaches `top_p`."""
     sorted_logits, sorted_indices = torch.sort(scores, descending=False)
     cumulative_probs = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     sorted_to_remove = cumulative_probs <= (1 - top_p)
@@ -136,7 +182,8 @@ def top_p_filter(scores: torch.Tensor, top_p: float, min_tokens_to_keep: int = 1
 
 
 def typical_filter(scores: torch.Tensor, mass: float, min_tokens_to_keep: int = 1) -> torch.Tensor:
-    """Locally typical sampling: keep the tokens whose surprisal is closest to the entropy, up to `mass`."""
+    """Locally typical sampling: keep the tokens whose surprisal is closest to the entropy, up
+    to `mass`."""
     log_probs = torch.nn.functional.log_softmax(scores, dim=-1)
     entropy = -(log_probs * torch.exp(log_probs)).nansum(-1, keepdim=True)
     shifted = torch.abs((-log_probs) - entropy)
@@ -192,12 +239,37 @@ def _when(
     return lambda input_ids, scores: fn(scores) if condition(input_ids) else scores
 
 
+@dataclasses.dataclass
+class GroupStep:
+    """Group beam search's position within a step, which the diversity penalty reads: the group
+    being scored and the tokens every row has chosen so far this step (the loop sets both)."""
+
+    current_tokens: torch.Tensor | None = None
+    group: int = 0
+
+
+@dataclasses.dataclass
+class ChainExtras:
+    """What some processors need besides the config: `prefix_allowed_tokens_fn`, the group beam
+    search's `GroupStep` (diversity penalty), and the classifier-free guidance processor."""
+
+    prefix_allowed_tokens_fn: Callable | None = None
+    group_step: GroupStep | None = None
+    guidance: LogitsFn | None = None
+
+
 def build_logits_processors(
-    config: GenerationConfig, prompt_length: int, custom: Sequence[LogitsFn] = ()
+    config: GenerationConfig,
+    prompt_length: int,
+    custom: Sequence[LogitsFn] = (),
+    extras: ChainExtras | None = None,
 ) -> list[LogitsFn]:
     """The processors transformers' `_get_logits_processor` builds for `config`, in its order."""
+    extras = extras or ChainExtras()
     eos = eos_list(config.eos_token_id)
-    chain = _token_processors(config, eos) + _length_processors(config, prompt_length, eos)
+    chain = [extras.guidance] if extras.guidance is not None else []
+    chain += _token_processors(config, eos, extras.group_step)
+    chain += _length_processors(config, prompt_length, eos, extras.prefix_allowed_tokens_fn)
     if config.remove_invalid_values is True:
         chain.append(lambda ids, scores: remove_inf_nan(scores))
     chain += _late_processors(config, prompt_length)
@@ -207,11 +279,22 @@ def build_logits_processors(
     return chain
 
 
-def _token_processors(config: GenerationConfig, eos: list[int] | None) -> list[LogitsFn]:
-    """Sequence bias, repetition penalty, repeated n-grams, bad words."""
+def _token_processors(
+    config: GenerationConfig, eos: list[int] | None, group_step: GroupStep | None
+) -> list[LogitsFn]:
+    """Sequence bias, diversity, repetition penalty, repeated n-grams, bad words."""
     chain: list[LogitsFn] = []
     if config.sequence_bias is not None:
         chain.append(partial(apply_sequence_bias, sequence_bias=config.sequence_bias))
+    if group_step is not None and config.diversity_penalty:
+        group_size = config.num_beams // config.num_beam_groups
+
+        def diversity(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            start = group_step.group * group_size
+            return hamming_diversity(scores, group_step.current_tokens, start, config.num_beams,
+                                     config.diversity_penalty)  # fmt: skip
+
+        chain.append(diversity)
     if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
         chain.append(partial(apply_repetition_penalty, penalty=config.repetition_penalty))
     if config.no_repeat_ngram_size:
@@ -223,9 +306,10 @@ def _token_processors(config: GenerationConfig, eos: list[int] | None) -> list[L
 
 
 def _length_processors(
-    config: GenerationConfig, prompt_length: int, eos: list[int] | None
+    config: GenerationConfig, prompt_length: int, eos: list[int] | None, prefix_fn: Callable | None
 ) -> list[LogitsFn]:
-    """Minimum lengths (eos banned until reached), forced first and last tokens."""
+    """Minimum lengths (eos banned until reached), allowed prefixes, forced first and last
+    tokens."""
     chain: list[LogitsFn] = []
     if config.min_length and eos is not None:
         ban_eos = partial(ban_tokens, token_ids=eos)
@@ -235,6 +319,9 @@ def _length_processors(
         chain.append(
             _when(lambda ids: ids.shape[-1] < min_total, partial(ban_tokens, token_ids=eos))
         )
+    if prefix_fn is not None:
+        beams = config.num_beams // config.num_beam_groups
+        chain.append(partial(allow_prefix_tokens, allowed_tokens=prefix_fn, num_beams=beams))
     if config.forced_bos_token_id is not None:
         bos = [config.forced_bos_token_id]
         chain.append(_when(lambda ids: ids.shape[-1] == 1, partial(force_tokens, token_ids=bos)))
@@ -261,12 +348,39 @@ def _late_processors(config: GenerationConfig, prompt_length: int) -> list[Logit
         chain.append(boost)
     if config.suppress_tokens is not None:
         chain.append(lambda ids, scores: ban_tokens(scores, config.suppress_tokens))
+    forced = forced_decoder_map(config.forced_decoder_ids)
     if config.begin_suppress_tokens is not None:
         late_start = prompt_length == 1 and config.forced_bos_token_id is not None
         begin = prompt_length + 1 if late_start else prompt_length
+        if forced:  # generation starts after the last forced token
+            begin += config.forced_decoder_ids[-1][0]
         ban = partial(ban_tokens, token_ids=list(config.begin_suppress_tokens))
         chain.append(_when(lambda ids: ids.shape[1] == begin, ban))
+    if forced:  # the token forced at a given sequence length (prompt included, as transformers)
+        chain.append(
+            lambda ids, scores: (
+                force_tokens(scores, [forced[ids.shape[-1]]]) if ids.shape[-1] in forced else scores
+            )
+        )
     return chain
+
+
+def forced_decoder_map(forced_decoder_ids: Any) -> dict[int, int]:
+    """`forced_decoder_ids` [[length, token], ...] as {length: token}, checked."""
+    if forced_decoder_ids is None:
+        return {}
+    pairs_ok = isinstance(forced_decoder_ids, list | tuple) and all(
+        isinstance(pair, list | tuple) and len(pair) == 2 and all(
+            isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in pair
+        )
+        for pair in forced_decoder_ids
+    )  # fmt: skip
+    if not pairs_ok or not forced_decoder_ids:
+        raise ValueError(
+            "`forced_decoder_ids` must be a non-empty list of [index, token_id] pairs of ints "
+            f">= 0, got {forced_decoder_ids!r}"
+        )
+    return {int(index): int(token) for index, token in forced_decoder_ids}
 
 
 def build_logits_warpers(config: GenerationConfig) -> list[LogitsFn]:

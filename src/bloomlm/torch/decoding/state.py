@@ -1,5 +1,6 @@
 """What every decoding loop shares: the sequences so far, the recorder of per-step outputs, the
-stopping rule, the eos/pad ids, the output classes, and `Loop`, which bundles them with the decoder."""
+stopping rule, the eos/pad ids, the output classes, and `Loop`, which bundles them with the
+decoder."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import torch
 
 from bloomlm.generation import GenerationConfig
 from bloomlm.outputs import ModelOutput
-from bloomlm.torch.decoding.processors import LogitsFn, eos_list, run_chain
+from bloomlm.torch.decoding.inputs import PrefillInputs
+from bloomlm.torch.decoding.processors import GroupStep, LogitsFn, eos_list, run_chain
 from bloomlm.torch.engine import StepOutput
 
 
@@ -20,7 +22,8 @@ from bloomlm.torch.engine import StepOutput
 # iterate over their names.
 @dataclasses.dataclass(repr=False)
 class GenerateDecoderOnlyOutput(ModelOutput):
-    """Greedy and sampling output: sequences [N, L]; scores per step [N, V] (processed), when asked for."""
+    """Greedy, sampling, contrastive and assisted output: sequences [N, L]; scores per step
+    [N, V] (processed), when asked for."""
 
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None = None
@@ -31,7 +34,8 @@ class GenerateDecoderOnlyOutput(ModelOutput):
 
 @dataclasses.dataclass(repr=False)
 class GenerateBeamDecoderOnlyOutput(ModelOutput):
-    """Beam output: sequences [B * num_return_sequences, L], their scores, per-step beam scores [N, V]."""
+    """Beam output: sequences [B * num_return_sequences, L], their scores, per-step beam
+    scores [N, V]."""
 
     sequences: torch.Tensor
     sequences_scores: torch.Tensor | None = None
@@ -64,8 +68,10 @@ class Sequences:
         return self.ids[:, : self.length]
 
     def append(self, tokens: torch.Tensor) -> None:
-        self.ids[:, self.length] = tokens
-        self.length += 1
+        """One token per row ([N]), or several ([N, t], assisted decoding)."""
+        count = 1 if tokens.dim() == 1 else tokens.shape[1]
+        self.ids[:, self.length : self.length + count] = tokens.view(tokens.shape[0], count)
+        self.length += count
 
     def reorder(self, rows: torch.Tensor) -> None:
         """Row i becomes row rows[i] (the mask stays, as in transformers' beam search)."""
@@ -73,7 +79,8 @@ class Sequences:
 
 
 class Recorder:
-    """Collects per-step scores / attentions / hidden states when return_dict_in_generate asks for them."""
+    """Collects per-step scores / attentions / hidden states when return_dict_in_generate asks
+    for them."""
 
     def __init__(self, config: GenerationConfig):
         on = bool(config.return_dict_in_generate)
@@ -145,16 +152,31 @@ class Loop:
     stop: StoppingCriteria
     record: Recorder
     generators: list[torch.Generator] | None
+    prefill_inputs: PrefillInputs = dataclasses.field(default_factory=PrefillInputs)
+    group_step: GroupStep | None = None  # group beam search's position, for the diversity penalty
+
+    @property
+    def output_flags(self) -> dict[str, bool]:
+        return dict(output_attentions=self.record.attentions is not None,
+                    output_hidden_states=self.record.hidden_states is not None)  # fmt: skip
 
     def feed(self) -> StepOutput:
         """Run the model on the tokens it has not seen (the whole sequence without a cache)."""
         config, seqs = self.config, self.seqs
-        outputs = dict(output_attentions=self.record.attentions is not None,
-                       output_hidden_states=self.record.hidden_states is not None)  # fmt: skip
         if config.use_cache and seqs.length > seqs.prompt_length:
-            return self.decoder.step(seqs.ids[:, seqs.length - 1 : seqs.length], **outputs)
+            step_ids = seqs.ids[:, seqs.length - 1 : seqs.length]
+            return self.decoder.step(step_ids, **self.output_flags)
+        return self.prefill(**self.output_flags)
+
+    def prefill(self, **flags: Any) -> StepOutput:
+        """A pass over the whole sequence from an empty cache (ids, or the embeddings the
+        caller or the model's prepare_inputs_for_generation gives)."""
+        seqs = self.seqs
+        embeds, mask = self.prefill_inputs(seqs.current, seqs.mask[:, : seqs.length])
+        if embeds is not None:
+            flags["inputs_embeds"] = embeds
         self.decoder.crop(0)
-        return self.decoder.prefill(seqs.current, seqs.mask[:, : seqs.length], **outputs)
+        return self.decoder.prefill(seqs.current, mask, **flags)
 
     def filter(self, scores: torch.Tensor) -> torch.Tensor:
         """The logits processors, then (when sampling) the warpers, on scores [N, V]."""
@@ -175,7 +197,8 @@ def as_generation_config(config: Any) -> GenerationConfig:
 
 
 def model_generation_config(model: Any) -> GenerationConfig:
-    """`model.generation_config` when the model has one, else the generation settings of `model.config`."""
+    """`model.generation_config` when the model has one, else the generation settings of
+    `model.config`."""
     config = getattr(model, "generation_config", None)
     if config is None:
         return GenerationConfig.from_model_config(model.config)
