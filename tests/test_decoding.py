@@ -710,3 +710,31 @@ def test_the_loops_drive_the_decoder_through_the_protocol():
     assert out.tolist() == [[5, 6, 7, 8, 5, 6, 7, 0, 1, 2]]
     assert calls[:3] == [("crop", 0), ("prefill", 9, 4), ("crop", 7)]
     assert all(c[0] != "step" or c[2] == c[1] for c in calls)  # every fed token is verified
+
+
+class _Recording:
+    """A streamer that keeps what it is given."""
+
+    def __init__(self):
+        self.tokens, self.ended = [], False
+
+    def put(self, value):
+        self.tokens += value.reshape(-1).tolist()
+
+    def end(self):
+        self.ended = True
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(penalty_alpha=0.6, top_k=4), dict(prompt_lookup_num_tokens=2), dict(assistant=True)],
+    ids=["contrastive", "prompt-lookup", "assisted"],
+)
+def test_a_streamer_sees_every_token_once(model, assistants, kwargs):
+    ids, _ = _prompts()
+    if kwargs.pop("assistant", False):
+        kwargs["assistant_model"] = assistants[1]
+    streamer = _Recording()
+    out = generate(model, ids[:1], streamer=streamer, max_new_tokens=9, eos_token_id=None,
+                   pad_token_id=PAD, **kwargs)  # fmt: skip
+    assert streamer.tokens == out[0].tolist() and streamer.ended
