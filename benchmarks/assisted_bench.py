@@ -20,8 +20,9 @@ For each epsilon and each prompt (Python-documentation text, the draft's domain)
 schedule: 5 drafts, "heuristic"), then with `prompt_lookup_num_tokens=5`, in bloomlm and in
 transformers; the assisted ids are checked equal to plain greedy search's. Timed rounds are
 interleaved (every system's round r, then r + 1) and the median kept. One thread by default: on a
-shared 2-core machine a 2-thread OpenMP team waits on the other jobs and times swing tenfold. Acceptance = drafted tokens
-the target kept / drafted tokens, counted on bloomlm's run by wrapping the target's decoder.
+shared 2-core machine a 2-thread OpenMP team waits on the other jobs and times swing tenfold.
+Acceptance = drafted tokens the target kept / drafted tokens, counted on bloomlm's run by wrapping
+the target's decoder.
 """
 
 from __future__ import annotations
