@@ -733,6 +733,12 @@ def test_a_model_making_its_own_decoder_is_driven_through_the_protocol():
         (dict(negative_prompt_ids=torch.tensor([[1]])), "guidance_scale"),
         (dict(guidance_scale=2.0, negative_prompt_ids=torch.tensor([[1.5]])), "negative_prompt"),
         (dict(prefix_allowed_tokens_fn=lambda b, ids: []), "prefix_allowed_tokens_fn"),
+        (
+            dict(guidance_scale=1.5, num_beams=2, num_beam_groups=2, diversity_penalty=1.0),
+            "guidance_scale",
+        ),
+        (dict(prompt_lookup_num_tokens=2, do_sample=True, num_return_sequences=2), "one prompt"),
+        (dict(prompt_lookup_num_tokens=2, inputs_embeds=torch.zeros(1, 3, 4)), "inputs_embeds"),
         (dict(foo=1), "foo"),
         (dict(inputs_embeds=torch.zeros(1, 3)), "inputs_embeds"),
         (dict(assistant_model=object()), "assistant_model"),
