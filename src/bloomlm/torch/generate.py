@@ -30,6 +30,7 @@ ordinary tensor, never a copy made to leave `inference_mode`.
 Notation: B prompts, N rows decoded together (B * num_beams, or B * num_return_sequences when
 sampling, B * top_k in contrastive search), L tokens so far, V vocabulary.
 """
+
 from __future__ import annotations
 
 import copy

@@ -11,8 +11,8 @@ from the cache. Two drafters, as in transformers:
 - `AssistantDrafter`: a smaller model (`assistant_model=`) decoding greedily or by sampling on its
   own decoder, `num_assistant_tokens` at a time (its generation config's; the "heuristic" schedule
   adds 2 after a round where every drafted token was kept and removes 1, down to 1, otherwise);
-- `PromptLookupDrafter` (`prompt_lookup_num_tokens`): the tokens that followed the last earlier
-  occurrence... precisely, the first earlier occurrence of the sequence's last 2 (else 1) tokens.
+- `PromptLookupDrafter` (`prompt_lookup_num_tokens`): the tokens that followed the first earlier
+  occurrence of the sequence's last 2 tokens (else of its last token), copied from the sequence.
 
 transformers' details are kept because they decide the ids: the assistant re-reads the last two
 tokens each round, a drafted eos at the end of a fully accepted draft is not followed by a model
