@@ -1,6 +1,7 @@
 """The benchmark script's quick mode runs end to end, so the script cannot rot (no timing is asserted)."""
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,17 @@ def test_benchmark_quick_mode(tmp_path):
     for row in table:
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert "—" not in cells, f"a task failed: {row}\n{out.stderr[-3000:]}"
+
+
+def test_assisted_bench_runs_and_checks_ids(tmp_path):
+    """benchmarks/assisted_bench.py at its smallest: the table, the JSON, and acceptance counts;
+    it fails by itself when an assisted output differs from plain greedy search's."""
+    script = SCRIPT.parent / "assisted_bench.py"
+    cmd = [sys.executable, str(script), "--extra-layers", "2", "--epsilons", "0.3", "--new", "6",
+           "--rounds", "1", "--json", str(tmp_path / "a.json")]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads((tmp_path / "a.json").read_text())["rows"]
+    assert len(rows) == 4 * 6  # prompts x (2 libraries x 3 modes)
+    assisted = [r for r in rows if (r["library"], r["mode"]) == ("bloomlm", "assisted")]
+    assert all(0 <= r["kept"] <= r["drafted"] and r["target_passes"] >= 1 for r in assisted)

@@ -180,6 +180,32 @@ def test_crop_reorder_and_hidden_states_match_a_fresh_prefill(model):
     assert legacy[0][0].shape == (3 * model.config.n_head, model.config.head_dim, 9)
 
 
+def test_a_prefill_from_embeddings_equals_one_from_their_ids(model):
+    """prefill(inputs_embeds=) (soft prompts: PEFT prompt tuning, generate(inputs_embeds=)) reads
+    the embeddings in place of the ids, through both decoders."""
+    from bloomlm.torch.engine import ForwardDecoder
+
+    ids, mask = left_padded(ids_of(5, 3, seed=7))
+    embeds = model.transformer.word_embeddings(ids).detach()
+    soft = torch.randn(2, 2, model.config.hidden_size, generator=torch.Generator().manual_seed(1))
+    for source in (model, ForwardDecoder.wrap(model)):
+        by_ids = source.make_decoder(2, 12).prefill(ids, mask, num_logits=2, hidden=True)
+        decoder = source.make_decoder(2, 12)
+        by_embeds = decoder.prefill(None, mask, inputs_embeds=embeds, num_logits=2, hidden=True)
+        close(by_embeds.logits, by_ids.logits)
+        close(by_embeds.hidden, by_ids.hidden)
+        step = decoder.step(torch.tensor([[11], [12]]))  # steps read ids again
+        expected = source.make_decoder(2, 12).prefill(
+            torch.cat([ids, torch.tensor([[11], [12]])], 1), torch.cat([mask, torch.ones(2, 1)], 1)
+        )
+        close(step.logits, expected.logits)
+        with_soft = source.make_decoder(2, 14).prefill(
+            None, torch.cat([torch.ones(2, 2), mask], 1), inputs_embeds=torch.cat([soft, embeds], 1)
+        )
+        moved = (with_soft.logits - by_ids.logits[:, -1:]).abs().max()
+        assert moved > 1e-3  # the soft prompt counts
+
+
 def test_the_cache_grows_in_power_of_two_buckets_up_to_its_limit(model):
     row = ids_of(45, seed=5)[0]
     decoder = model.make_decoder(1, 40)

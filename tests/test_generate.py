@@ -549,7 +549,7 @@ def test_processor_chain_order_matches_transformers(theirs):
             ids, scores.clone()
         )  # NaN where decay meets a banned eos, as in transformers
         torch.testing.assert_close(
-            gen._run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True
+            gen.run_chain(ours_chain, ids, scores.clone()), expected, equal_nan=True
         )
 
 
@@ -715,10 +715,32 @@ def test_a_model_making_its_own_decoder_is_driven_through_the_protocol():
         (dict(repetition_penalty=0.0), "repetition_penalty"),
         (dict(eos_token_id=-1, min_length=3), "eos_token_id"),  # -1 alone: "never stops"
         (dict(eos_token_id=1.5), "eos_token_id"),
-        (dict(num_beam_groups=2, num_beams=2, diversity_penalty=1.0), "num_beam_groups"),
-        (dict(penalty_alpha=0.6, top_k=4), "contrastive"),
+        (dict(num_beam_groups=2, num_beams=3, diversity_penalty=1.0), "divisible"),
+        (dict(num_beam_groups=2, num_beams=4), "diversity_penalty"),
+        (dict(num_beam_groups=2, num_beams=4, diversity_penalty=1.0, do_sample=True), "do_sample"),
+        (dict(diversity_penalty=1.0), "group beam search"),
+        (dict(num_beams=2, diversity_penalty=1.0), "group beam search"),
+        (dict(force_words_ids=[[5]]), "num_beams > 1"),
+        (dict(force_words_ids=[5], num_beams=2), "force_words_ids"),
+        (dict(force_words_ids=[[[5, 6], [5]]], num_beams=2), "prefix"),
+        (dict(constraints=[], num_beams=2, do_sample=True), "do_sample"),
+        (dict(penalty_alpha=0.6, top_k=4, use_cache=False), "use_cache"),
+        (dict(prompt_lookup_num_tokens=0), "prompt_lookup_num_tokens"),
+        (dict(prompt_lookup_num_tokens=2, use_cache=False), "use_cache"),
+        (dict(prompt_lookup_num_tokens=2, num_beams=2), "greedy search and sampling"),
+        (dict(forced_decoder_ids=[[1]]), "forced_decoder_ids"),
+        (dict(encoder_repetition_penalty=1.2), "encoder"),
+        (dict(negative_prompt_ids=torch.tensor([[1]])), "guidance_scale"),
+        (dict(guidance_scale=2.0, negative_prompt_ids=torch.tensor([[1.5]])), "negative_prompt"),
+        (dict(prefix_allowed_tokens_fn=lambda b, ids: []), "prefix_allowed_tokens_fn"),
+        (
+            dict(guidance_scale=1.5, num_beams=2, num_beam_groups=2, diversity_penalty=1.0),
+            "guidance_scale",
+        ),
+        (dict(prompt_lookup_num_tokens=2, do_sample=True, num_return_sequences=2), "one prompt"),
+        (dict(prompt_lookup_num_tokens=2, inputs_embeds=torch.zeros(1, 3, 4)), "inputs_embeds"),
         (dict(foo=1), "foo"),
-        (dict(inputs_embeds=torch.zeros(1, 3, 4)), "inputs_embeds"),
+        (dict(inputs_embeds=torch.zeros(1, 3)), "inputs_embeds"),
         (dict(assistant_model=object()), "assistant_model"),
         (dict(synced_gpus=True), "synced_gpus"),
         (dict(attention_mask=torch.ones(1, 2)), "attention_mask"),

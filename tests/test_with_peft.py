@@ -3,18 +3,22 @@
 LoRA on the causal LM and the sequence classifier: the adapter trains (the loss falls, and step by
 step equals the same run on transformers' class), `merge_and_unload()` gives the adapted logits,
 the adapter saves and reloads. Prompt tuning: the virtual tokens reach the model (the loss equals
-transformers'). Tiny random checkpoints written by transformers, offline.
+transformers'), and `generate` sees them (the same text as transformers' model generates). Tiny
+random checkpoints written by transformers, offline.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import peft
 import pytest
 import torch
 
-from conftest import FP32_TOL, assert_close, make_inputs, ours_cls, ref_cls
+from conftest import FP32_TOL, PAD_ID, assert_close, make_inputs, ours_cls, ref_cls
 
 STEPS = 8
+TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
 
 
 def _lora(task_type: str) -> peft.LoraConfig:
@@ -88,3 +92,51 @@ def test_prompt_tuning_feeds_virtual_tokens_as_transformers(make_checkpoint):
         losses.append(_train(tuned, batch))
     torch.testing.assert_close(losses[0], losses[1], rtol=FP32_TOL, atol=FP32_TOL)
     assert losses[0][-1] < losses[0][0]
+
+
+def _prompt_tuned(cls: type, folder) -> peft.PeftModel:
+    model = cls.from_pretrained(folder)
+    torch.manual_seed(0)  # the virtual tokens' embeddings are drawn here, the same for both
+    config = peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    return peft.get_peft_model(model, config).eval()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(num_beams=3, num_return_sequences=2),
+        dict(do_sample=True, top_k=20),
+        dict(penalty_alpha=0.5, top_k=3),
+        dict(use_cache=False),
+    ],
+    ids=["greedy", "beams", "sampled", "contrastive", "no-cache"],
+)
+def test_prompt_tuning_generates_the_text_transformers_generates(make_checkpoint, kwargs):
+    """PEFT hands generate the virtual tokens through the model's prepare_inputs_for_generation
+    (inputs_embeds for the first pass, a wider mask): the same text as transformers' model under
+    the same adapter, and not the base model's text."""
+    from bloomlm import BloomTokenizerFast
+
+    tokenizer = BloomTokenizerFast.from_pretrained(TOKENIZER_DIR)
+    folder = make_checkpoint("pow2")
+    input_ids, mask = make_inputs(128, "left", batch=3, seq=6)
+    common = dict(input_ids=input_ids, attention_mask=mask, max_new_tokens=8, pad_token_id=PAD_ID)
+    texts = []
+    for cls in (ours_cls("BloomForCausalLM"), ref_cls("BloomForCausalLM")):
+        tuned = _prompt_tuned(cls, folder)
+        torch.manual_seed(1)
+        texts.append(tokenizer.batch_decode(tuned.generate(**common, **kwargs)))
+    assert texts[0] == texts[1]
+    base = ours_cls("BloomForCausalLM").from_pretrained(folder)
+    torch.manual_seed(1)
+    assert tokenizer.batch_decode(base.generate(**common, **kwargs)) != texts[0]
+
+
+def test_prefix_tuning_is_refused_with_the_reason(make_checkpoint):
+    model = ours_cls("BloomForCausalLM").from_pretrained(make_checkpoint("pow2"))
+    config = peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    tuned = peft.get_peft_model(model, config)
+    input_ids, mask = make_inputs(128, batch=1, seq=5)
+    with pytest.raises(ValueError, match="prefix tuning"):
+        tuned.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=3)

@@ -23,6 +23,8 @@ _EXPORTS = {
     "BloomForTokenClassification": "bloomlm.torch.model",
     "BloomForQuestionAnswering": "bloomlm.torch.model",
     "GenerationConfig": "bloomlm.generation",
+    "PhrasalConstraint": "bloomlm.constraints",
+    "DisjunctiveConstraint": "bloomlm.constraints",
     "TextStreamer": "bloomlm.streamers",
     "TextIteratorStreamer": "bloomlm.streamers",
     "FlaxBloomModel": "bloomlm.flax.pretrained",

@@ -177,6 +177,7 @@ class GenerationConfig:
         for check in (
             _check_lengths,
             _check_strategy,
+            _check_beam_modes,
             _check_sampling,
             _check_penalties,
             _check_token_ids,
@@ -325,6 +326,31 @@ def _check_strategy(config: GenerationConfig) -> None:
     )
 
 
+def _check_beam_modes(config: GenerationConfig) -> None:
+    """transformers' rules for constrained and group (diverse) beam search."""
+    if config.num_beams == 1:
+        return
+    if config.constraints is not None:
+        for name, off in (("do_sample", False), ("num_beam_groups", 1)):
+            _require(
+                getattr(config, name) == off,
+                f"`constraints` (constrained beam search) cannot be combined with `{name}`="
+                f"{getattr(config, name)!r}; use {off!r}",
+            )
+    if config.diversity_penalty != 0.0 or config.num_beam_groups != 1:
+        prefix = "group beam search (`num_beam_groups` > 1 or `diversity_penalty` != 0) needs"
+        _require(not config.do_sample, f"{prefix} do_sample=False")
+        _require(
+            _is_int(config.num_beam_groups) and config.num_beams % config.num_beam_groups == 0,
+            f"{prefix} `num_beams` ({config.num_beams}) divisible by `num_beam_groups` "
+            f"({config.num_beam_groups})",
+        )
+        _require(
+            config.diversity_penalty != 0.0,
+            f"{prefix} `diversity_penalty` > 0, else the groups are identical",
+        )
+
+
 def _check_sampling(config: GenerationConfig) -> None:
     if not config.do_sample:
         return
@@ -399,7 +425,10 @@ def _check_penalties(config: GenerationConfig) -> None:
 
 
 def _check_token_ids(config: GenerationConfig) -> None:
-    for name in ("pad_token_id", "bos_token_id", "forced_bos_token_id", "decoder_start_token_id"):
+    # transformers accepts any int as pad_token_id (it fills finished rows, -1 included)
+    pad = config.pad_token_id
+    _require(pad is None or _is_int(pad), f"`pad_token_id` must be an int or None, got {pad!r}")
+    for name in ("bos_token_id", "forced_bos_token_id", "decoder_start_token_id"):
         value = getattr(config, name)
         _require(
             value is None or (_is_int(value) and value >= 0),
@@ -447,6 +476,7 @@ def _warn_ignored_flags(config: GenerationConfig, is_init: bool) -> None:
             "num_beam_groups": 1,
             "diversity_penalty": 0.0,
             "length_penalty": 1.0,
+            "constraints": None,
         }
         ignored += [
             (name, "num_beams > 1") for name, d in defaults.items() if getattr(config, name) != d

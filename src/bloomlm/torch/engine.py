@@ -5,6 +5,7 @@ batching, assisted decoding, contrastive search) drives a model through this pro
 
     decoder = model.make_decoder(rows, capacity, compile=False)
     out = decoder.prefill(ids [N, T], mask [N, T], num_logits=1, hidden=False)  # left-padded
+    out = decoder.prefill(None, mask, inputs_embeds=[N, T, C])  # embeddings instead (soft prompts)
     out = decoder.step(ids [N, T], num_logits=1, hidden=False)  # every row advances T tokens
     out.logits   # [N, k, V]: the last k = num_logits positions only (the LM head sees no more)
     out.hidden   # [N, k, C]: the last hidden state (after ln_f), when hidden=True
@@ -143,11 +144,13 @@ class Decoder:
         hidden: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        """Append T tokens to every row: ids [N, T], `mask` [N, T] marks left padding (default:
-        none). Every row must be at the same length (a fresh decoder, or after `crop`)."""
+        """Append T tokens to every row: ids [N, T] (or their `inputs_embeds` [N, T, C], e.g. a
+        soft prompt's), `mask` [N, T] marks left padding (default: none). Every row must be at the
+        same length (a fresh decoder, or after `crop`)."""
         flags = (num_logits, hidden, output_attentions, output_hidden_states)
-        return self._run(slice(0, self.rows), ids, mask, *flags)
+        return self._run(slice(0, self.rows), ids, mask, *flags, inputs_embeds)
 
     @torch.no_grad()
     def step(
@@ -209,14 +212,17 @@ class Decoder:
         """BLOOM's tuple layout of the used columns, as transformers returns its cache."""
         return self.cache.to_legacy(slice(0, self.rows))
 
-    def _run(self, rows, ids, mask, num_logits, hidden, output_attentions, output_hidden_states):
+    def _run(self, rows, ids, mask, num_logits, hidden, output_attentions, output_hidden_states,
+             inputs_embeds=None):  # fmt: skip
         if mask is None:
-            mask = torch.ones_like(ids, dtype=torch.bool)
+            shape = (ids if inputs_embeds is None else inputs_embeds).shape[:2]
+            mask = torch.ones(shape, dtype=torch.bool, device=self.cache.valid.device)
         write = self.cache.open(rows, mask)
         valid = self.cache.valid[rows, : write.read]
         return self.model.decode(ids, write, valid, num_logits=num_logits, hidden=hidden,
                                  output_attentions=output_attentions,
-                                 output_hidden_states=output_hidden_states)  # fmt: skip
+                                 output_hidden_states=output_hidden_states,
+                                 inputs_embeds=inputs_embeds)  # fmt: skip
 
     def _compiled_step(self, ids: torch.Tensor) -> torch.Tensor | None:
         """Logits [N, V] from the compiled step, or None when it could not be compiled."""
@@ -340,14 +346,16 @@ class ForwardDecoder:
         hidden: bool = False,
         output_attentions: bool = False,
         output_hidden_states: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:
-        T = ids.shape[1]
+        T = (ids if inputs_embeds is None else inputs_embeds).shape[1]
         self.mask[:, self.length : self.length + T] = 1 if mask is None else mask
         self.length += T
         extra = {"output_attentions": True} if output_attentions else {}
         if output_hidden_states or hidden:
             extra["output_hidden_states"] = True
-        out = self.model(input_ids=ids, past_key_values=self.past,
+        inputs = {"input_ids": ids} if inputs_embeds is None else {"inputs_embeds": inputs_embeds}
+        out = self.model(**inputs, past_key_values=self.past,
                          attention_mask=self.mask[:, : self.length], use_cache=True,
                          return_dict=True, **extra)  # fmt: skip
         self.past = out.past_key_values

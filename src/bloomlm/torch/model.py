@@ -318,11 +318,14 @@ class BloomModel(BloomPreTrainedModel):
     def decode(
         self, input_ids: torch.Tensor, valid: torch.Tensor, write: CacheWrite,
         output_attentions: bool = False, output_hidden_states: bool = False,
-        slopes: torch.Tensor | None = None,
+        slopes: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, tuple | None, tuple | None]:  # fmt: skip
         """The engine's cached pass, unchecked (its callers checked the ids once): `input_ids`
-        [n, T] written through `write`, `valid` [n, S] the key columns; returns `run_blocks`'."""
-        states = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        [n, T] (or their `inputs_embeds` [n, T, C]) written through `write`, `valid` [n, S] the
+        key columns; returns `run_blocks`'."""
+        if inputs_embeds is None:
+            inputs_embeds = self.word_embeddings(input_ids)
+        states = self.word_embeddings_layernorm(inputs_embeds)
         inputs = self._attention_inputs(states, valid, write, output_attentions, None, slopes)
         return self.run_blocks(states, inputs, None, output_attentions, output_hidden_states)
 
@@ -403,7 +406,7 @@ class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
         )
 
     def generate(self, *args, **kwargs):
-        """Greedy, sampling and beam search with transformers' arguments (`torch/generate.py`)."""
+        """Every decoding strategy of transformers 4.37's `generate` (`torch/generate.py`)."""
         from bloomlm.torch.generate import generate
 
         return generate(self, *args, **kwargs)
@@ -421,13 +424,14 @@ class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
     def decode(
         self, input_ids: torch.Tensor, write: CacheWrite, valid: torch.Tensor, *,
         num_logits: int = 1, hidden: bool = False, output_attentions: bool = False,
-        output_hidden_states: bool = False,
+        output_hidden_states: bool = False, inputs_embeds: torch.Tensor | None = None,
     ) -> StepOutput:  # fmt: skip
         """`BloomModel.decode`, then logits of the last `num_logits` positions only: the LM head
         never sees the rest of a prompt."""
         last, all_hidden, attentions = self.transformer.decode(
-            input_ids, valid, write, output_attentions, output_hidden_states
-        )
+            input_ids, valid, write, output_attentions, output_hidden_states,
+            inputs_embeds=inputs_embeds,
+        )  # fmt: skip
         last = last[:, -num_logits:]
         return StepOutput(self.lm_head(last), last if hidden else None, attentions, all_hidden)
 
