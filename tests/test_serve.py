@@ -54,11 +54,27 @@ class Server:
 
     def __init__(self, log: pathlib.Path, *options: str):
         self.log = log
-        command = [sys.executable, "-m", "bloomlm", "serve", "--port", "0",
-                   "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", *options]  # fmt: skip
+        command = [
+            sys.executable,
+            "-m",
+            "bloomlm",
+            "serve",
+            "--port",
+            "0",
+            "--max-model-len",
+            str(MAX_MODEL_LEN),
+            "--log-level",
+            "warning",
+            *options,
+        ]
         with open(log, "wb") as out:
-            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                            env=SERVER_ENV, stdin=subprocess.DEVNULL)  # fmt: skip
+            self.process = subprocess.Popen(
+                command,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=SERVER_ENV,
+                stdin=subprocess.DEVNULL,
+            )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             found = re.search(r"on http://127\.0\.0\.1:(\d+)", log.read_text())
@@ -95,16 +111,16 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory) -> Iterator[Server]:
     log = tmp_path_factory.mktemp("serve") / "server.log"
-    running = Server(log, "--api-key", API_KEY, "--kv-cache-memory", "256MiB",
-                     "--max-waiting", "200")  # fmt: skip
+    running = Server(
+        log, "--api-key", API_KEY, "--kv-cache-memory", "256MiB", "--max-waiting", "200"
+    )
     yield running
     assert running.stop() == 0, running.output()
 
 
 @pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0,
-                         timeout=60)  # fmt: skip
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0, timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -120,8 +136,9 @@ def generate_alone(tiny, prompt: str, max_new_tokens: int, **kwargs) -> str:
     return tokenizer.decode(out, skip_special_tokens=True)
 
 
-def post(url: str, path: str, body: bytes | str | dict, headers: dict | None = None,
-         timeout: float = 60) -> tuple[int, dict, dict]:  # fmt: skip
+def post(
+    url: str, path: str, body: bytes | str | dict, headers: dict | None = None, timeout: float = 60
+) -> tuple[int, dict, dict]:
     """Raw HTTP POST: (status, JSON body, headers)."""
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=timeout)
@@ -174,8 +191,7 @@ def wait_idle(url: str, seconds: float = 10.0) -> dict:
 
 def test_completions_with_the_openai_client_match_generate(server, client, tiny):
     prompt = "Once upon a time"
-    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20,
-                                         temperature=0)  # fmt: skip
+    response = client.completions.create(model=MODEL, prompt=prompt, max_tokens=20, temperature=0)
     choice = response.choices[0]
     assert choice.text == generate_alone(tiny, prompt, 20, do_sample=False)
     assert response.usage.prompt_tokens == len(tiny[1](prompt)["input_ids"])
@@ -185,21 +201,42 @@ def test_completions_with_the_openai_client_match_generate(server, client, tiny)
     )
     assert response.model == MODEL and response.object == "text_completion"
     # seeded sampling: what generate draws with a generator seeded alike
-    sampled = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12,
-                                        temperature=0.7, top_p=0.9, seed=11,
-                                        extra_body={"top_k": 30, "ignore_eos": True})  # fmt: skip
-    expected = generate_alone(tiny, prompt, 12, do_sample=True, temperature=0.7, top_p=0.9,
-                              top_k=30, suppress_tokens=[2],
-                              generator=[torch.Generator().manual_seed(11)])  # fmt: skip
+    sampled = client.completions.create(
+        model=MODEL,
+        prompt=prompt,
+        max_tokens=12,
+        temperature=0.7,
+        top_p=0.9,
+        seed=11,
+        extra_body={"top_k": 30, "ignore_eos": True},
+    )
+    expected = generate_alone(
+        tiny,
+        prompt,
+        12,
+        do_sample=True,
+        temperature=0.7,
+        top_p=0.9,
+        top_k=30,
+        suppress_tokens=[2],
+        generator=[torch.Generator().manual_seed(11)],
+    )
     assert sampled.choices[0].text == expected
     assert sampled.usage.completion_tokens == 12
 
 
 def test_prompt_lists_n_echo_stop_and_logprobs(client, tiny):
     prompts = ["Once upon a time", "A list is"]
-    response = client.completions.create(model=MODEL, prompt=prompts, max_tokens=6, n=2,
-                                         temperature=0.9, seed=5, echo=True,
-                                         logprobs=2)  # fmt: skip
+    response = client.completions.create(
+        model=MODEL,
+        prompt=prompts,
+        max_tokens=6,
+        n=2,
+        temperature=0.9,
+        seed=5,
+        echo=True,
+        logprobs=2,
+    )
     assert [c.index for c in response.choices] == [0, 1, 2, 3]
     for choice in response.choices:
         prompt = prompts[choice.index // 2]
@@ -212,18 +249,19 @@ def test_prompt_lists_n_echo_stop_and_logprobs(client, tiny):
     assert response.usage.completion_tokens == 4 * 6
     full = generate_alone(tiny, prompts[0], 30, do_sample=False)
     stop = full[8:11]
-    stopped = client.completions.create(model=MODEL, prompt=prompts[0], max_tokens=30,
-                                        temperature=0, stop=[stop])  # fmt: skip
+    stopped = client.completions.create(
+        model=MODEL, prompt=prompts[0], max_tokens=30, temperature=0, stop=[stop]
+    )
     assert stopped.choices[0].text == full[: full.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
 
 
 def test_streaming_completions_and_chat_with_the_openai_client(client):
-    kwargs = dict(model=MODEL, prompt="The weather is", max_tokens=15, temperature=0.8,
-                  seed=3)  # fmt: skip
+    kwargs = dict(model=MODEL, prompt="The weather is", max_tokens=15, temperature=0.8, seed=3)
     whole = client.completions.create(**kwargs)
-    stream = client.completions.create(**kwargs, stream=True,
-                                       stream_options={"include_usage": True})  # fmt: skip
+    stream = client.completions.create(
+        **kwargs, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     token_chunks = [c for c in chunks if c.choices]
     assert "".join(c.choices[0].text for c in token_chunks) == whole.choices[0].text
@@ -231,14 +269,17 @@ def test_streaming_completions_and_chat_with_the_openai_client(client):
     assert token_chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
     assert chunks[-1].usage.completion_tokens == whole.usage.completion_tokens
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
-    reply = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
-                                           temperature=0, logprobs=True,
-                                           top_logprobs=2)  # fmt: skip
+    reply = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0, logprobs=True, top_logprobs=2
+    )
     assert reply.object == "chat.completion"
     assert reply.choices[0].message.role == "assistant"
     assert len(reply.choices[0].logprobs.content) == reply.usage.completion_tokens
-    parts = list(client.chat.completions.create(model=MODEL, messages=messages, max_tokens=10,
-                                                temperature=0, stream=True))  # fmt: skip
+    parts = list(
+        client.chat.completions.create(
+            model=MODEL, messages=messages, max_tokens=10, temperature=0, stream=True
+        )
+    )
     assert parts[0].choices[0].delta.role == "assistant"
     text = "".join(p.choices[0].delta.content or "" for p in parts)
     assert text == reply.choices[0].message.content
@@ -298,13 +339,13 @@ BAD_REQUESTS = [
         {"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
         400,
         "top_logprobs",
-    ),  # fmt: skip
+    ),
     (
         "/v1/chat/completions",
         {"messages": [{"role": "user", "content": "hi"}], "max_tokens": -1},
         400,
         "max_tokens",
-    ),  # fmt: skip
+    ),
 ]
 
 
@@ -318,8 +359,9 @@ def test_bad_requests_get_openai_error_bodies_naming_the_field(server, path, bod
 
 
 def test_api_key_unknown_paths_and_the_open_endpoints(server):
-    status, body, _ = post(server.url, "/v1/completions", {"prompt": "hi"},
-                           headers={"Authorization": "Bearer wrong"})  # fmt: skip
+    status, body, _ = post(
+        server.url, "/v1/completions", {"prompt": "hi"}, headers={"Authorization": "Bearer wrong"}
+    )
     assert status == 401 and body["error"]["code"] == "invalid_api_key"
     status, _ = get(server.url, "/v1/models")
     assert status == 401
@@ -346,9 +388,12 @@ def stream_once(url: str, body: dict, leave_after: int | None, results: list, in
     host, port = url.removeprefix("http://").split(":")
     connection = http.client.HTTPConnection(host, int(port), timeout=60)
     try:
-        connection.request("POST", "/v1/completions", body=json.dumps(body),
-                           headers={"Content-Type": "application/json",
-                                    "Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+        connection.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps(body),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"},
+        )
         response = connection.getresponse()
         assert response.status == 200, response.read()
         chunks, text, usage, done = 0, "", None, False
@@ -384,13 +429,24 @@ def run_load(url: str, seed: int) -> list[dict]:
     for i in range(100):
         prompt = " ".join(rng.choice(words) for _ in range(rng.randint(1, 60)))
         new_tokens = 32 if i in leaving else rng.randint(4, 32)  # leavers leave mid-stream
-        bodies.append({"prompt": prompt, "max_tokens": new_tokens, "temperature": 0.8,
-                       "seed": i, "stream": True, "ignore_eos": True,
-                       "stream_options": {"include_usage": True}})  # fmt: skip
+        bodies.append(
+            {
+                "prompt": prompt,
+                "max_tokens": new_tokens,
+                "temperature": 0.8,
+                "seed": i,
+                "stream": True,
+                "ignore_eos": True,
+                "stream_options": {"include_usage": True},
+            }
+        )
     results: list = [None] * 100
-    threads = [threading.Thread(target=stream_once,
-                                args=(url, body, 3 if i in leaving else None, results, i))
-               for i, body in enumerate(bodies)]  # fmt: skip
+    threads = [
+        threading.Thread(
+            target=stream_once, args=(url, body, 3 if i in leaving else None, results, i)
+        )
+        for i, body in enumerate(bodies)
+    ]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -431,8 +487,9 @@ def test_one_hundred_concurrent_clients_ten_percent_leaving(server):
 
 
 def test_a_full_queue_gets_429_and_sigterm_drains_and_exits_0(tmp_path):
-    small = Server(tmp_path / "small.log", "--max-batch", "1", "--max-waiting", "1",
-                   "--shutdown-timeout", "0")  # fmt: skip
+    small = Server(
+        tmp_path / "small.log", "--max-batch", "1", "--max-waiting", "1", "--shutdown-timeout", "0"
+    )
     try:
         long = {"prompt": "Once", "max_tokens": 200, "ignore_eos": True, "stream": True}
         results: list = [None] * 2
@@ -521,8 +578,12 @@ def test_an_engine_fault_fails_only_its_request_with_a_500(tiny, caplog):
         host, port = url.removeprefix("http://").split(":")
         connection = http.client.HTTPConnection(host, int(port), timeout=30)
         stream = {"prompt": "zebra", "max_tokens": 5, "stream": True}
-        connection.request("POST", "/v1/completions", body=json.dumps(stream),
-                           headers={"Authorization": f"Bearer {API_KEY}"})  # fmt: skip
+        connection.request(
+            "POST",
+            "/v1/completions",
+            body=json.dumps(stream),
+            headers={"Authorization": f"Bearer {API_KEY}"},
+        )
         events = connection.getresponse().read().decode().split("\n\n")
         connection.close()
         assert "injected fault" in events[0] and events[1] == "data: [DONE]"
@@ -544,13 +605,17 @@ def test_chat_uses_the_folders_chat_template_as_transformers_renders_it(tiny, tm
     )
     config_path.write_text(json.dumps(config))
     tokenizer = bloomlm.AutoTokenizer.from_pretrained(str(folder))
-    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi"},
-                {"role": "user", "content": "More"}]  # fmt: skip
+    messages = [
+        {"role": "user", "content": "Hello"},
+        {"role": "assistant", "content": "Hi"},
+        {"role": "user", "content": "More"},
+    ]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == "<s>[user] Hello</s>[assistant] Hi</s>[user] More</s>[assistant]"
     with in_process_server(tiny, -1, tokenizer) as url:
-        status, body, _ = post(url, "/v1/chat/completions",
-                               {"messages": messages, "max_tokens": 8, "temperature": 0})  # fmt: skip
+        status, body, _ = post(
+            url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "temperature": 0}
+        )
     assert status == 200, body
     ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
     assert body["usage"]["prompt_tokens"] == len(ids)
@@ -596,17 +661,30 @@ def test_the_playground_streams_what_the_api_returns(server, client, tmp_path):
 
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
-                 "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync",
-                 f"--user-data-dir={tmp_path / 'profile'}"):  # fmt: skip
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
     try:
         driver.set_page_load_timeout(30)
         driver.get(server.url + "/")
-        settings = {"max_tokens": "40", "temperature": "0.9", "top_p": "0.95", "top_k": "40",
-                    "seed": "1234", "api_key": API_KEY}  # fmt: skip
+        settings = {
+            "max_tokens": "40",
+            "temperature": "0.9",
+            "top_p": "0.95",
+            "top_k": "40",
+            "seed": "1234",
+            "api_key": API_KEY,
+        }
         for field, value in settings.items():
             element = driver.find_element(By.ID, field)
             element.clear()
@@ -629,9 +707,15 @@ def test_the_playground_streams_what_the_api_returns(server, client, tmp_path):
     finally:
         driver.quit()
     assert error == ""
-    expected = client.completions.create(model=MODEL, prompt="In the beginning", max_tokens=40,
-                                         temperature=0.9, top_p=0.95, seed=1234,
-                                         extra_body={"top_k": 40})  # fmt: skip
+    expected = client.completions.create(
+        model=MODEL,
+        prompt="In the beginning",
+        max_tokens=40,
+        temperature=0.9,
+        top_p=0.95,
+        seed=1234,
+        extra_body={"top_k": 40},
+    )
     assert shown == expected.choices[0].text
     assert tokens == expected.usage.completion_tokens
     assert updates >= tokens // 2  # streamed, not written once at the end

@@ -6,6 +6,8 @@ and seeded sampled ones its draws with the same generator, whatever else is in t
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -87,8 +89,9 @@ def test_extend_copy_row_and_grow_rows_keep_each_row_what_it_was(tiny):
     assert not torch.allclose(logits[1], expected[0])
     alone_row = model.make_decoder(1, 64)
     alone_row.fill(0, prompt)
-    torch.testing.assert_close(logits[1], alone_row.step_rows(torch.tensor([12]))[0], rtol=0,
-                               atol=1e-5)  # fmt: skip
+    torch.testing.assert_close(
+        logits[1], alone_row.step_rows(torch.tensor([12]))[0], rtol=0, atol=1e-5
+    )
     compiled_like = model.make_decoder(1, 8)
     compiled_like.compiled = object()  # grow_rows refuses a compiled decoder
     with pytest.raises(ValueError, match="compiled"):
@@ -124,22 +127,39 @@ def test_seeded_sampling_draws_what_generate_draws_with_the_same_generator(tiny)
     params = [
         SamplingParams(
             n=2, max_tokens=15, temperature=0.8, top_k=40, top_p=0.9, seed=7, ignore_eos=True
-        ),  # fmt: skip
+        ),
         SamplingParams(max_tokens=20, temperature=1.3, seed=3, ignore_eos=True),
         SamplingParams(max_tokens=9, temperature=0),
     ]
-    schedule = {0: [("a", ids_of(tokenizer, PROMPTS[0]), params[0])],
-                3: [("b", ids_of(tokenizer, PROMPTS[3]), params[1])],
-                5: [("c", ids_of(tokenizer, PROMPTS[1]), params[2])]}  # fmt: skip
+    schedule = {
+        0: [("a", ids_of(tokenizer, PROMPTS[0]), params[0])],
+        3: [("b", ids_of(tokenizer, PROMPTS[3]), params[1])],
+        5: [("c", ids_of(tokenizer, PROMPTS[1]), params[2])],
+    }
     finished = run(engine, schedule)
-    expected_a = alone(model, ids_of(tokenizer, PROMPTS[0]), max_new_tokens=15, do_sample=True,
-                       temperature=0.8, top_k=40, top_p=0.9, suppress_tokens=[2],
-                       num_return_sequences=2,
-                       generator=[torch.Generator().manual_seed(7)])  # fmt: skip
+    expected_a = alone(
+        model,
+        ids_of(tokenizer, PROMPTS[0]),
+        max_new_tokens=15,
+        do_sample=True,
+        temperature=0.8,
+        top_k=40,
+        top_p=0.9,
+        suppress_tokens=[2],
+        num_return_sequences=2,
+        generator=[torch.Generator().manual_seed(7)],
+    )
     assert [o.token_ids for o in finished["a"].outputs] == expected_a
-    expected_b = alone(model, ids_of(tokenizer, PROMPTS[3]), max_new_tokens=20, do_sample=True,
-                       temperature=1.3, top_k=0, suppress_tokens=[2],
-                       generator=[torch.Generator().manual_seed(3)])  # fmt: skip
+    expected_b = alone(
+        model,
+        ids_of(tokenizer, PROMPTS[3]),
+        max_new_tokens=20,
+        do_sample=True,
+        temperature=1.3,
+        top_k=0,
+        suppress_tokens=[2],
+        generator=[torch.Generator().manual_seed(3)],
+    )
     assert [o.token_ids for o in finished["b"].outputs] == expected_b
     other_seed = Engine(model, tokenizer, max_model_len=128)
     params_b = SamplingParams(max_tokens=20, temperature=1.3, seed=4, ignore_eos=True)
@@ -151,11 +171,19 @@ def test_chunked_prefill_and_repetition_settings_match_generate(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, max_model_len=128, prefill_chunk=4)
     ids = ids_of(tokenizer, PROMPTS[3])
-    params = SamplingParams(max_tokens=20, temperature=0, repetition_penalty=1.3,
-                            no_repeat_ngram_size=2, min_tokens=5)  # fmt: skip
+    params = SamplingParams(
+        max_tokens=20, temperature=0, repetition_penalty=1.3, no_repeat_ngram_size=2, min_tokens=5
+    )
     finished = run(engine, {0: [("r", ids, params)]})
-    expected = alone(model, ids, max_new_tokens=20, do_sample=False, repetition_penalty=1.3,
-                     no_repeat_ngram_size=2, min_new_tokens=5)  # fmt: skip
+    expected = alone(
+        model,
+        ids,
+        max_new_tokens=20,
+        do_sample=False,
+        repetition_penalty=1.3,
+        no_repeat_ngram_size=2,
+        min_new_tokens=5,
+    )
     assert finished["r"].outputs[0].token_ids == expected[0]
 
 
@@ -164,10 +192,17 @@ def test_openai_penalties_push_away_from_tokens_already_generated(tiny):
     llm = LLM(model, tokenizer, max_model_len=128)
     plain, penalised = llm.generate(
         ["A", "A"],
-        [SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
-         SamplingParams(max_tokens=20, temperature=0, ignore_eos=True, frequency_penalty=2.0,
-                        presence_penalty=1.0)],
-    )  # fmt: skip
+        [
+            SamplingParams(max_tokens=20, temperature=0, ignore_eos=True),
+            SamplingParams(
+                max_tokens=20,
+                temperature=0,
+                ignore_eos=True,
+                frequency_penalty=2.0,
+                presence_penalty=1.0,
+            ),
+        ],
+    )
     plain_ids, penalised_ids = plain.outputs[0].token_ids, penalised.outputs[0].token_ids
     assert len(set(plain_ids)) <= 2  # the tiny model repeats "A" forever
     assert len(set(penalised_ids)) > 10
@@ -227,10 +262,14 @@ def test_logprobs_are_the_model_log_softmax(tiny):
 def test_an_aborted_request_frees_its_rows_at_the_next_step(tiny):
     model, tokenizer = tiny
     engine = Engine(model, tokenizer, max_model_len=128)
-    engine.add_request("long", ids_of(tokenizer, PROMPTS[0]),
-                       SamplingParams(n=3, max_tokens=50, ignore_eos=True))  # fmt: skip
-    engine.add_request("other", ids_of(tokenizer, PROMPTS[2]),
-                       SamplingParams(max_tokens=50, temperature=0, ignore_eos=True))  # fmt: skip
+    engine.add_request(
+        "long", ids_of(tokenizer, PROMPTS[0]), SamplingParams(n=3, max_tokens=50, ignore_eos=True)
+    )
+    engine.add_request(
+        "other",
+        ids_of(tokenizer, PROMPTS[2]),
+        SamplingParams(max_tokens=50, temperature=0, ignore_eos=True),
+    )
     for _ in range(4):
         engine.step()
     assert len(engine.slots) == 4
@@ -242,8 +281,13 @@ def test_an_aborted_request_frees_its_rows_at_the_next_step(tiny):
     assert len(engine.slots) == 1 and engine.slots[0][0].id == "other"
     finished = run(engine, {})
     assert len(finished["other"].outputs[0].token_ids) == 50
-    expected = alone(model, ids_of(tokenizer, PROMPTS[2]), max_new_tokens=50, do_sample=False,
-                     suppress_tokens=[2])  # fmt: skip
+    expected = alone(
+        model,
+        ids_of(tokenizer, PROMPTS[2]),
+        max_new_tokens=50,
+        do_sample=False,
+        suppress_tokens=[2],
+    )
     assert finished["other"].outputs[0].token_ids == expected[0]  # unharmed by the move
 
 
@@ -280,8 +324,9 @@ def test_an_engine_fault_fails_only_the_requests_it_touched(tiny, monkeypatch):
 
     monkeypatch.setattr(engine.staging, "fill", failing_fill)
     params = SamplingParams(max_tokens=6, temperature=0)
-    finished = run(engine, {0: [("ok", ids_of(tokenizer, PROMPTS[0]), params),
-                                ("bad", [999, 5, 6], params)]})  # fmt: skip
+    finished = run(
+        engine, {0: [("ok", ids_of(tokenizer, PROMPTS[0]), params), ("bad", [999, 5, 6], params)]}
+    )
     assert finished["bad"].error == "RuntimeError: injected prefill fault"
     assert finished["bad"].outputs[0].finish_reason == "error"
     assert finished["ok"].error is None and len(finished["ok"].outputs[0].token_ids) == 6
@@ -295,8 +340,13 @@ def test_an_engine_fault_fails_only_the_requests_it_touched(tiny, monkeypatch):
         return step_rows(ids, rows)
 
     monkeypatch.setattr(engine.decoder, "step_rows", failing_once)
-    finished = run(engine, {0: [("x", ids_of(tokenizer, PROMPTS[1]), params)],
-                            1: [("y", ids_of(tokenizer, PROMPTS[2]), params)]})  # fmt: skip
+    finished = run(
+        engine,
+        {
+            0: [("x", ids_of(tokenizer, PROMPTS[1]), params)],
+            1: [("y", ids_of(tokenizer, PROMPTS[2]), params)],
+        },
+    )
     assert finished["x"].error == "RuntimeError: injected decode fault"
     assert finished["y"].error is None  # not in the failed step: untouched
     assert (
@@ -314,13 +364,20 @@ def test_an_engine_fault_fails_only_the_requests_it_touched(tiny, monkeypatch):
 def test_the_memory_plan_bounds_concurrent_sequences_by_the_budget(tiny):
     model, _ = tiny
     config = model.config  # 4 layers x 192 hidden x fp32: 6 KiB of keys and values per token
-    plan = plan_memory(config, torch.float32, torch.device("cpu"), 256,
-                       kv_cache_memory=parse_bytes("15MiB"))  # fmt: skip
+    plan = plan_memory(
+        config, torch.float32, torch.device("cpu"), 256, kv_cache_memory=parse_bytes("15MiB")
+    )
     assert plan.bytes_per_token == 2 * 4 * 192 * 4 and plan.bytes_per_sequence == 1536 * 1024
     assert plan.max_sequences == 9  # 10 rows of 1.5 MiB, one of them for prefills
     assert "up to 9 concurrent sequences" in plan.describe()
-    half = plan_memory(config, torch.float16, torch.device("cpu"), 256,
-                       kv_cache_memory=parse_bytes("15MiB"), max_batch=4)  # fmt: skip
+    half = plan_memory(
+        config,
+        torch.float16,
+        torch.device("cpu"),
+        256,
+        kv_cache_memory=parse_bytes("15MiB"),
+        max_batch=4,
+    )
     assert half.max_sequences == 4 and half.limited_by == "--max-batch"
     roomy = plan_memory(config, torch.float32, torch.device("cpu"), 2048)  # available memory
     assert roomy.max_sequences > 64
@@ -345,3 +402,54 @@ def test_llm_generate_keeps_the_prompts_order_and_takes_token_ids(tiny):
     with pytest.raises(ValueError, match="temperature must be >= 0.0"):
         SamplingParams(temperature=-1)
     assert not llm.engine.has_work()
+
+
+def test_generate_file_runs_on_the_engine_and_prints_what_generate_prints(
+    tiny, tmp_path, monkeypatch, capsys
+):
+    from bloomlm.cli import main
+    from bloomlm.generation import GenerationConfig
+    from bloomlm.serving import llm as llm_module
+
+    model, tokenizer = tiny
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]) + "\n")
+    used = []
+    original = llm_module.LLM.iter_generate
+
+    def spy(self, prompts, params):
+        used.append(params)
+        yield from original(self, prompts, params)
+
+    monkeypatch.setattr(llm_module.LLM, "iter_generate", spy)
+    argv = [
+        "generate",
+        "--file",
+        str(prompts),
+        "--jsonl",
+        "--max-new-tokens",
+        "9",
+        "--temperature",
+        "0",
+        "--batch-size",
+        "2",
+    ]
+    assert main(argv) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(used) == 1 and used[0][0].max_tokens == 9 and used[0][0].greedy
+    for prompt, line in zip(PROMPTS[:4], lines):
+        expected = alone(model, ids_of(tokenizer, prompt), max_new_tokens=9, do_sample=False)[0]
+        assert line == {
+            "prompt": prompt,
+            "generated": tokenizer.decode(expected, skip_special_tokens=True),
+        }
+    assert main([*argv, "--num-beams", "2"]) == 0  # beam search: model.generate, not the engine
+    assert len(used) == 1
+    beams = llm_module.params_from_generate(
+        {"num_beams": 2, "max_new_tokens": 3}, GenerationConfig(), None, ()
+    )
+    assert beams is None
+    typical = llm_module.params_from_generate(
+        {"max_new_tokens": 3}, GenerationConfig(typical_p=0.5), None, ()
+    )
+    assert typical is None

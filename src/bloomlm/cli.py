@@ -735,6 +735,8 @@ def _generate_batches(
 ) -> None:
     """Requests with the same settings in batches of --batch-size; results printed in input order
     as soon as every earlier one is."""
+    if _generate_continuously(args, generator, requests):
+        return
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.group(), []).append(index)
@@ -749,6 +751,36 @@ def _generate_batches(
             printed += 1
         bar.update()
     bar.close()
+
+
+def _generate_continuously(
+    args: argparse.Namespace, generator: _Generator, requests: list[_Request]
+) -> bool:
+    """Run the requests on the continuous-batching engine (bloomlm.serving.LLM), at most
+    --batch-size sequences at once, each prompt starting as soon as a row is free; results
+    printed in input order. False (nothing run) when one needs model.generate (beam search)."""
+    from bloomlm.serving.llm import LLM, params_from_generate
+
+    defaults = generator.model.generation_config
+    params = [params_from_generate(generator.keywords(r), defaults, r.seed, r.stop)
+              for r in requests]  # fmt: skip
+    if any(p is None for p in params):
+        return False
+    llm = LLM(generator.model, generator.tokenizer, max_sequences=args.batch_size,
+              max_model_len=generator.engine.get("max_model_len"))  # fmt: skip
+    results: dict[int, list[str]] = {}
+    printed, started = 0, time.perf_counter()
+    bar = _Progress(len(requests), "generating")
+    for index, output in llm.iter_generate([r.prompt for r in requests], params):
+        results[index] = [completion.text for completion in output.outputs]
+        generator.stats.tokens += sum(len(c.token_ids) for c in output.outputs)
+        while printed in results:
+            _print_result(args, bar, requests, printed, results.pop(printed))
+            printed += 1
+        bar.update()
+    bar.close()
+    generator.stats.seconds += time.perf_counter() - started
+    return True
 
 
 def _generate_batch(generator: _Generator, requests: list[_Request]) -> list[list[str]]:

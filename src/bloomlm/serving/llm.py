@@ -22,6 +22,58 @@ from bloomlm.serving.params import SamplingParams
 _PromptLike = str | Sequence[int]
 
 
+# generate() keywords the engine takes (the rest of a GenerationConfig must be at its default)
+_ENGINE_KEYWORDS = {
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "repetition_penalty", "no_repeat_ngram_size", "num_return_sequences", "num_beams",
+    "suppress_tokens",
+}  # fmt: skip
+_TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"}
+
+
+def params_from_generate(
+    keywords: dict[str, Any], defaults: Any, seed: int | None, stop: Sequence[str]
+) -> SamplingParams | None:
+    """The SamplingParams doing what `model.generate(**keywords)` does with the model's
+    generation config `defaults`, or None when only generate can (beam search, a setting the
+    engine lacks, max_length instead of max_new_tokens)."""
+    from bloomlm.generation import GenerationConfig
+
+    if set(keywords) - _ENGINE_KEYWORDS:
+        return None
+    plain = GenerationConfig().to_dict()
+    for name, value in defaults.to_dict().items():
+        if name in _ENGINE_KEYWORDS or name in _TOKEN_IDS or name.startswith("_"):
+            continue
+        if name in plain and name != "max_length" and value != plain[name]:
+            return None  # the folder sets something the engine does not do
+
+    def setting(name: str) -> Any:
+        return keywords[name] if name in keywords else getattr(defaults, name, None)
+
+    eos = defaults.eos_token_id
+    eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    suppress = setting("suppress_tokens")
+    if (setting("num_beams") or 1) > 1 or setting("max_new_tokens") is None:
+        return None
+    if suppress and sorted(suppress) != sorted(eos):
+        return None
+    sampling = bool(setting("do_sample"))
+    return SamplingParams(
+        n=setting("num_return_sequences") or 1,
+        max_tokens=setting("max_new_tokens"),
+        min_tokens=setting("min_new_tokens") or 0,
+        temperature=float(setting("temperature") or 1.0) if sampling else 0.0,
+        top_k=(setting("top_k") or 0) if sampling else 0,
+        top_p=float(setting("top_p") or 1.0) if sampling else 1.0,
+        repetition_penalty=float(setting("repetition_penalty") or 1.0),
+        no_repeat_ngram_size=setting("no_repeat_ngram_size") or 0,
+        stop=list(stop),
+        seed=seed,
+        ignore_eos=bool(suppress),
+    )
+
+
 class GenerationError(RuntimeError):
     """A request failed inside the engine (the message names the error)."""
 
@@ -107,4 +159,4 @@ class LLM:
                 self.engine.step()
 
 
-__all__ = ["LLM", "GenerationError"]
+__all__ = ["LLM", "GenerationError", "params_from_generate"]
