@@ -524,7 +524,7 @@ def test_a_full_queue_gets_429_and_sigterm_drains_and_exits_0(tmp_path):
 
 
 @contextlib.contextmanager
-def in_process_server(tiny, fail_token: int, tokenizer=None) -> Iterator[str]:
+def in_process_server(tiny, fail_token: int, tokenizer=None, api_key=API_KEY) -> Iterator[str]:
     import uvicorn
 
     from bloomlm.serving.engine import Engine
@@ -545,7 +545,7 @@ def in_process_server(tiny, fail_token: int, tokenizer=None) -> Iterator[str]:
     engine.staging.fill = failing_fill
     worker = EngineThread(engine)
     settings = ServerSettings(
-        MODEL, 128, engine.max_sequences, api_key=API_KEY, chat_template=tokenizer.chat_template
+        MODEL, 128, engine.max_sequences, api_key=api_key, chat_template=tokenizer.chat_template
     )  # as `bloomlm serve` does
     app = build_app(worker, tokenizer, settings, metrics)
     sock = bind("127.0.0.1", 0)
@@ -624,6 +624,34 @@ def test_chat_uses_the_folders_chat_template_as_transformers_renders_it(tiny, tm
     assert body["choices"][0]["message"]["content"] == tokenizer.decode(
         out, skip_special_tokens=True
     )
+
+
+def test_the_readmes_serving_examples_work_as_written(tiny, tmp_path):
+    readme = (pathlib.Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = readme.split("\n## Serving\n", 1)[1].split("\n## ", 1)[0]
+    blocks = re.findall(r"```(bash|python)\n(.*?)```", section, re.DOTALL)
+    assert [kind for kind, _ in blocks] == ["bash", "bash", "python", "python"]
+    assert "bloomlm serve" in blocks[0][1] and 'pip install "bloomlm[serve]"' in blocks[0][1]
+    with in_process_server(tiny, -1, api_key=None) as url:
+        address = url.removeprefix("http://")
+        curl = blocks[1][1].replace("127.0.0.1:8000", address)
+        done = subprocess.run(
+            ["bash", "-c", f"set -e\n{curl}"], capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert '"text_completion"' in done.stdout and "data: [DONE]" in done.stdout
+        for _, code in blocks[2:]:
+            script = tmp_path / "example.py"
+            script.write_text(code.replace("127.0.0.1:8000", address))
+            ran = subprocess.run(
+                [sys.executable, str(script)],
+                capture_output=True,
+                text=True,
+                env=SERVER_ENV,
+                timeout=120,
+            )
+            assert ran.returncode == 0, ran.stderr
+            assert ran.stdout.strip()
 
 
 # --------------------------------------------------------------------------------------------------
