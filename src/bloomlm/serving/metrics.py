@@ -1,7 +1,8 @@
 """The server's Prometheus metrics (`GET /metrics`), one registry per server.
 
 bloomlm_requests_total{status}                   requests by outcome: finished, abort (client gone
-                                                  or shutdown), error (engine), rejected (4xx, 429)
+                                                  or shutdown), error (engine), rejected (4xx: a bad
+                                                  body, a wrong key, a full queue)
 bloomlm_prompt_tokens_total                       prompt tokens prefilled
 bloomlm_generation_tokens_total                   tokens generated
 bloomlm_requests_running / _waiting               sequences in the batch / requests queued

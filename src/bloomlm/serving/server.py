@@ -228,7 +228,7 @@ def build_app(
             try:
                 return await handler(state, request)
             except APIError as error:
-                if error.status != 401:
+                if 400 <= error.status < 499:  # refused; 5xx and 499 are counted by the engine
                     metrics.rejected()
                 return error.response()
             except Exception:  # never a traceback in a response: the log has it
