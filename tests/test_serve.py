@@ -481,6 +481,26 @@ def test_one_hundred_concurrent_clients_ten_percent_leaving(server):
     assert time.monotonic() - started < 120
 
 
+def test_a_client_that_leaves_before_its_answer_is_aborted(server):
+    import socket
+
+    aborted = metric(server.url, 'bloomlm_requests_total{status="abort"}')
+    body = json.dumps({"prompt": "hi", "n": 64, "max_tokens": 250, "ignore_eos": True})
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        f"Authorization: Bearer {API_KEY}\r\nContent-Length: {len(body)}\r\n\r\n{body}"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(request.encode())
+        deadline = time.monotonic() + 10
+        while health(server.url)["running"] < 64 and time.monotonic() < deadline:
+            time.sleep(0.01)  # (the rows fill while the engine thread copies the prompt in)
+        assert health(server.url)["running"] == 64
+    state = wait_idle(server.url)  # 64 x 250 tokens would take seconds more
+    assert state["running"] == 0
+    assert metric(server.url, 'bloomlm_requests_total{status="abort"}') == aborted + 1
+
+
 # --------------------------------------------------------------------------------------------------
 # The queue limit and SIGTERM (a small server of their own)
 # --------------------------------------------------------------------------------------------------
@@ -698,6 +718,7 @@ def test_the_playground_streams_what_the_api_returns(server, client, tmp_path):
         "--disable-background-networking",
         "--disable-component-update",
         "--disable-sync",
+        "--disable-dev-shm-usage",
         f"--user-data-dir={tmp_path / 'profile'}",
     ):
         options.add_argument(flag)
