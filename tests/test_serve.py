@@ -309,6 +309,7 @@ def test_chat_renders_with_the_default_template(client, tiny):
 BAD_REQUESTS = [
     ("/v1/completions", b"{not json", 400, None),
     ("/v1/completions", b"[1, 2]", 400, None),
+    ("/v1/completions", b" " * (16 * 2**20 + 1), 413, None),
     ("/v1/completions", {"max_tokens": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": "", "max_tokens": 5}, 400, "prompt"),
     ("/v1/completions", {"prompt": [], "max_tokens": 5}, 400, "prompt"),

@@ -16,8 +16,9 @@
 Starlette and uvicorn (the `serve` extra). With `api_key`, /v1/* needs `Authorization: Bearer
 KEY` (401 otherwise); /, /health and /metrics are open. Errors are OpenAI's body, `{"error":
 {"message", "type", "param", "code"}}`, with the field named in `param`: 400 for a bad body, 404
-for an unknown model or path, 429 with Retry-After when the waiting queue is full, 503 while
-shutting down, 500 when the engine failed on the request (never a traceback). Streams are
+for an unknown model or path, 413 for a body over 16 MiB, 429 with Retry-After when the waiting
+queue is full, 503 while shutting down, 500 when the engine failed on the request (never a
+traceback). Streams are
 Server-Sent Events in OpenAI's chunk format, one chunk per generated token, ending with
 `data: [DONE]`; a failure after the stream started is an `{"error": ...}` event before it.
 
@@ -76,6 +77,7 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for /v1/completions
 MAX_CHAT_LOGPROBS = 20
 MAX_STOPS = 16
 RETRY_AFTER_SECONDS = 1
+MAX_BODY_BYTES = 16 * 2**20  # a larger body is refused (413) before it is read whole
 
 
 @dataclasses.dataclass
@@ -166,7 +168,14 @@ def _article(kind: str) -> str:
 
 
 async def _json_body(request: Request) -> _Body:
-    raw = await request.body()
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+        raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
+    raw = bytearray()
+    async for chunk in request.stream():
+        raw += chunk
+        if len(raw) > MAX_BODY_BYTES:
+            raise APIError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes")
     try:
         data = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
