@@ -10,6 +10,7 @@ and no file-format knowledge here (those live in `bloomlm.tasks`, `bloomlm.conve
     bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--quantize] [--max-shard-size]
     bloomlm info [PATH] [--batch B --length L]  shapes, parameters, bytes, memory estimate
     bloomlm finetune {seq-cls,token-cls,qa,causal-lm} --train F --eval F --out DIR
+    bloomlm serve [--model PATH] [--port 8000]  an OpenAI-compatible server (bloomlm.serving)
 
 Errors are one line on stderr and a non-zero exit: 2 for a bad command line (found when it is
 parsed, before any model loads; the message names the flag and points to the command's own
@@ -318,6 +319,8 @@ def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: A
         kwargs["torch_dtype"] = "auto"  # on an accelerator, the checkpoint's own (half) precision
     else:
         kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
+    if getattr(args, "quantize", None):  # serve --quantize: from_pretrained(quantize=...)
+        kwargs["quantize"] = args.quantize
     if args.device:
         kwargs["device_map"] = args.device
     bar = _Progress(2, f"loading {args.model}")
@@ -747,6 +750,8 @@ def _generate_batches(
 ) -> None:
     """Requests with the same settings in batches of --batch-size; results printed in input order
     as soon as every earlier one is."""
+    if _generate_continuously(args, generator, requests):
+        return
     groups: dict[str, list[int]] = {}
     for index, request in enumerate(requests):
         groups.setdefault(request.group(), []).append(index)
@@ -761,6 +766,36 @@ def _generate_batches(
             printed += 1
         bar.update()
     bar.close()
+
+
+def _generate_continuously(
+    args: argparse.Namespace, generator: _Generator, requests: list[_Request]
+) -> bool:
+    """Run the requests on the continuous-batching engine (bloomlm.serving.LLM), at most
+    --batch-size sequences at once, each prompt starting as soon as a row is free; results
+    printed in input order. False (nothing run) when one needs model.generate (beam search)."""
+    from bloomlm.serving.llm import LLM, params_from_generate
+
+    defaults = generator.model.generation_config
+    params = [params_from_generate(generator.keywords(r), defaults, r.seed, r.stop)
+              for r in requests]  # fmt: skip
+    if any(p is None for p in params):
+        return False
+    llm = LLM(generator.model, generator.tokenizer, max_sequences=args.batch_size,
+              max_model_len=generator.engine.get("max_model_len"))  # fmt: skip
+    results: dict[int, list[str]] = {}
+    printed, started = 0, time.perf_counter()
+    bar = _Progress(len(requests), "generating")
+    for index, output in llm.iter_generate([r.prompt for r in requests], params):
+        results[index] = [completion.text for completion in output.outputs]
+        generator.stats.tokens += sum(len(c.token_ids) for c in output.outputs)
+        while printed in results:
+            _print_result(args, bar, requests, printed, results.pop(printed))
+            printed += 1
+        bar.update()
+    bar.close()
+    generator.stats.seconds += time.perf_counter() - started
+    return True
 
 
 def _generate_batch(generator: _Generator, requests: list[_Request]) -> list[list[str]]:
@@ -1114,6 +1149,162 @@ def _check_finetune(args: argparse.Namespace) -> str | None:
     if args.train == args.eval == "-":
         return "only one of --train and --eval can read stdin ('-')"
     return None
+
+
+# -- serve -----------------------------------------------------------------------------------------
+
+SERVE_INSTALL = 'pip install "bloomlm[serve]"'
+QUANTIZE_MODES = ("int8", "int8-weight-only", "fp16")
+
+
+def _serve(args: argparse.Namespace) -> int:
+    """Load the model, print the memory plan and the address, serve until SIGTERM / Ctrl-C."""
+    try:
+        import jinja2  # noqa: F401
+        import prometheus_client  # noqa: F401
+        import starlette  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError as err:
+        print(f"bloomlm serve needs the serve extra ({err.name} is missing): {SERVE_INSTALL}",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    import copy
+
+    import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
+    from bloomlm.serving.engine import Engine
+    from bloomlm.serving.memory import parse_bytes
+    from bloomlm.serving.metrics import Metrics
+    from bloomlm.serving.server import ServerSettings, bind, build_app, run_server
+    from bloomlm.serving.worker import EngineThread
+
+    budget = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+    sock = bind(args.host, args.port)  # first: a taken port fails before the model loads
+    model, tokenizer = _load("BloomForCausalLM", args)
+    metrics = Metrics()
+    engine = Engine(model.eval(), copy.deepcopy(tokenizer), max_model_len=args.max_model_len,
+                    max_sequences=args.max_batch, kv_cache_memory=budget,
+                    max_waiting=args.max_waiting, prefill_chunk=args.prefill_chunk,
+                    observer=metrics)  # fmt: skip
+    settings = ServerSettings(
+        model_name=args.served_model_name or args.model,
+        max_model_len=engine.max_model_len,
+        max_sequences=engine.max_sequences,
+        api_key=args.api_key,
+        chat_template=tokenizer.chat_template,
+        shutdown_timeout=args.shutdown_timeout,
+    )
+    worker = EngineThread(engine)
+    app = build_app(worker, tokenizer, settings, metrics)
+    host, port = sock.getsockname()[:2]
+    shown = f"[{host}]" if ":" in host else host
+    print(f"bloomlm serve: {engine.plan.describe()}", flush=True)
+    print(f"bloomlm serve: {settings.model_name} on http://{shown}:{port} (playground: /, "
+          "API: /v1, metrics: /metrics); Ctrl-C to stop", flush=True)  # fmt: skip
+    run_server(app, worker, sock, shutdown_timeout=args.shutdown_timeout,
+               log_level=args.log_level, access_log=args.access_log)  # fmt: skip
+    print("bloomlm serve: stopped", flush=True)
+    return 0
+
+
+def _size_text_check(value: str) -> str | None:
+    from bloomlm.serving.memory import parse_bytes
+
+    try:
+        parse_bytes(value)
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+def _add_serve(commands: Any) -> None:
+    parser = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible HTTP server with continuous batching (needs bloomlm[serve])",
+        description="Serve a model over OpenAI's API (/v1/completions, /v1/chat/completions, "
+        "/v1/models), with /health, Prometheus /metrics and a playground page at /. Requests "
+        "share one continuously batched decode; how many run at once is bounded by the KV "
+        f"cache memory budget, printed at start. Needs the serve extra: {SERVE_INSTALL}",
+    )
+    _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZE_MODES,
+        help="quantize the weights as they load (from_pretrained(quantize=...))",
+    )
+    net = parser.add_argument_group("server")
+    net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    _checked(
+        net.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one"),
+        _at_least(0),
+    )
+    net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
+    net.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
+    _checked(
+        net.add_argument(
+            "--shutdown-timeout",
+            type=float,
+            default=30.0,
+            metavar="SECONDS",
+            help="on SIGTERM / Ctrl-C, how long running requests may finish before they are "
+            "aborted",
+        ),
+        _between(0),
+    )
+    net.add_argument(
+        "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
+    )
+    net.add_argument("--access-log", action="store_true", help="log every HTTP request")
+    engine = parser.add_argument_group("engine")
+    _checked(
+        engine.add_argument(
+            "--max-model-len",
+            type=int,
+            metavar="N",
+            help="most tokens per sequence, prompt included (default: the config's seq_length, "
+            f"else {DEFAULT_MODEL_LEN})",
+        ),
+        _at_least(2),
+    )
+    _checked(
+        engine.add_argument(
+            "--max-batch",
+            type=int,
+            metavar="N",
+            help="most sequences running at once (default: as many as the KV cache budget holds)",
+        ),
+        _at_least(1),
+    )
+    _checked(
+        engine.add_argument(
+            "--kv-cache-memory",
+            metavar="SIZE",
+            help="KV cache budget, like 2GiB or 512M (default: half the memory available after "
+            "loading)",
+        ),
+        _size_text_check,
+    )
+    _checked(
+        engine.add_argument(
+            "--max-waiting",
+            type=int,
+            default=256,
+            metavar="N",
+            help="most requests waiting to start; more get 429 with Retry-After",
+        ),
+        _at_least(0),
+    )
+    _checked(
+        engine.add_argument(
+            "--prefill-chunk",
+            type=int,
+            default=512,
+            metavar="TOKENS",
+            help="prompt tokens prefilled between two decode steps (long prompts take several)",
+        ),
+        _at_least(1),
+    )
+    _debug_option(parser)
+    parser.set_defaults(run=_serve, command_parser=parser)
 
 
 # -- the parser: one builder per subcommand, shared option groups first ----------------------------
@@ -1624,6 +1815,7 @@ def build_parser() -> argparse.ArgumentParser:
         _add_convert,
         _add_info,
         _add_finetune,
+        _add_serve,
     ):
         add(commands)
     return parser

@@ -233,6 +233,38 @@ class KVCache:
         self.valid[row] = False
         self.positions[row] = 0
 
+    def copy_row(self, source: int, target: int, *, cache: KVCache | None = None) -> None:
+        """Row `target` becomes a copy of row `source` of `cache` (default: this one): its used
+        columns, mask and length; other rows are untouched. Continuous batching copies a prompt
+        prefilled once into a row per continuation, and moves a running row down into a freed
+        one so the running rows stay contiguous."""
+        cache = self if cache is None else cache
+        if cache is self and source == target:
+            return
+        used = cache.lengths[source]
+        if used > self.capacity:
+            self.grow(bucket(used, self.limit))
+        self.keys[:, target, :, :used] = cache.keys[:, source, :, :used]
+        self.values[:, target, :, :used] = cache.values[:, source, :, :used]
+        self.valid[target] = False
+        self.valid[target, :used] = cache.valid[source, :used]
+        self.lengths[target] = used
+        self.positions[target] = used
+
+    def grow_rows(self, rows: int) -> None:
+        """Copy into buffers of `rows` rows (more than now): the new rows are empty. A server
+        grows its cache with its load instead of allocating its largest batch up front."""
+        if rows <= self.rows:
+            return
+        extra = rows - self.rows
+        for name in ("keys", "values"):
+            tensor = getattr(self, name)
+            more = tensor.new_zeros(tensor.shape[0], extra, *tensor.shape[2:])
+            setattr(self, name, torch.cat([tensor, more], dim=1))
+        self.valid = torch.cat([self.valid, self.valid.new_zeros(extra, self.capacity)])
+        self.positions = torch.cat([self.positions, self.positions.new_zeros(extra)])
+        self.lengths = self.lengths + [0] * extra
+
     def reorder(self, rows: torch.Tensor, *, masks: bool = True) -> None:
         """Row i becomes a copy of row rows[i] (beam search), in place (the buffers keep their
         storage). `masks=False` keeps each row's `valid` where it is, as transformers' beam search

@@ -11,6 +11,8 @@ batching, assisted decoding, contrastive search) drives a model through this pro
     out.hidden   # [N, k, C]: the last hidden state (after ln_f), when hidden=True
     decoder.crop(length); decoder.reorder(rows)           # drop rejected drafts; beams
     decoder.fill(row, ids [T]) -> StepOutput              # reset one row and prefill it alone
+    decoder.extend(row, ids [T]) -> StepOutput            # append to one row (chunked prefill)
+    decoder.copy_row(source, target); decoder.grow_rows(rows)  # continuous batching's rows
     decoder.step_rows(ids [n], rows=slice(0, n)) -> [n, V]  # one token per row, own column each
     decoder.reset(row); decoder.legacy_cache()            # BLOOM's tuples of the used columns
 
@@ -187,13 +189,38 @@ class Decoder:
         self, row: int, ids: torch.Tensor, *, num_logits: int = 1, hidden: bool = False
     ) -> StepOutput:
         """Reset `row` and prefill it alone with ids [T] (a new request in a freed slot)."""
+        self.reset(row)
+        return self.extend(row, ids, num_logits=num_logits, hidden=hidden)
+
+    @torch.no_grad()
+    def extend(
+        self, row: int, ids: torch.Tensor, *, num_logits: int = 1, hidden: bool = False
+    ) -> StepOutput:
+        """Append ids [T] to `row` alone, after the columns it holds (a prompt prefilled in
+        chunks: `fill` with the first chunk, `extend` with the next ones)."""
         self._check_rows(slice(row, row + 1), 1)
-        self.cache.reset(row)
         return self._run(slice(row, row + 1), ids[None], None, num_logits, hidden, False, False)
 
     def reset(self, row: int) -> None:
         self._check_rows(slice(row, row + 1), 1)
         self.cache.reset(row)
+
+    def copy_row(self, source: int, target: int, *, decoder: Decoder | None = None) -> None:
+        """Row `target` becomes a copy of row `source` of `decoder` (default: this one)."""
+        decoder = self if decoder is None else decoder
+        decoder._check_rows(slice(source, source + 1), 1)
+        self._check_rows(slice(target, target + 1), 1)
+        self.cache.copy_row(source, target, cache=decoder.cache)
+
+    def grow_rows(self, rows: int) -> None:
+        """Room for `rows` sequences (more than now; the new rows are empty). Eager decoders
+        only: the compiled step is specialised to its row bucket."""
+        if self.compiled is not None:
+            raise ValueError("a compiled Decoder keeps its rows; make a new one to have more")
+        if rows > self.rows:
+            self.cache.grow_rows(rows)
+            self._step_ids = self._step_ids.new_zeros(rows, 1)
+            self.rows = rows
 
     def crop(self, length: int) -> None:
         """Forget every token from column `length` on, in every row."""
