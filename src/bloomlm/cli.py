@@ -319,8 +319,6 @@ def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: A
         kwargs["torch_dtype"] = "auto"  # on an accelerator, the checkpoint's own (half) precision
     else:
         kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
-    if getattr(args, "quantize", None):  # serve --quantize: from_pretrained(quantize=...)
-        kwargs["quantize"] = args.quantize
     if args.device:
         kwargs["device_map"] = args.device
     bar = _Progress(2, f"loading {args.model}")
@@ -1154,7 +1152,6 @@ def _check_finetune(args: argparse.Namespace) -> str | None:
 # -- serve -----------------------------------------------------------------------------------------
 
 SERVE_INSTALL = 'pip install "bloomlm[serve]"'
-QUANTIZE_MODES = ("int8", "int8-weight-only", "fp16")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -1226,11 +1223,6 @@ def _add_serve(commands: Any) -> None:
         f"cache memory budget, printed at start. Needs the serve extra: {SERVE_INSTALL}",
     )
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
-    parser.add_argument(
-        "--quantize",
-        choices=QUANTIZE_MODES,
-        help="quantize the weights as they load (from_pretrained(quantize=...))",
-    )
     net = parser.add_argument_group("server")
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     _checked(
