@@ -299,12 +299,23 @@ def _info(args: argparse.Namespace) -> int:
     """Config summary, parameter count (no memory for weights), memory estimate."""
     _check_positive(args, "batch", "length")
     config = BloomConfig.from_pretrained(args.path)
+    if args.tensor_parallel is not None:
+        from bloomlm.sharding_plan import check_tensor_parallel
+
+        check_tensor_parallel(config.n_head, args.tensor_parallel)
     n_params = parameter_count(config)
     dtypes = list(BYTES_PER_DTYPE) if args.dtype == "auto" else [args.dtype]
     summary = model_summary(config, n_params)
     memory = {d: memory_estimate(config, n_params, d, args.batch, args.length) for d in dtypes}
     if args.json:
         estimate = {"batch": args.batch, "length": args.length, **memory}
+        if args.tensor_parallel:
+            from bloomlm.sharding_plan import plan_summary
+
+            size = {d: BYTES_PER_DTYPE[d] for d in dtypes if d != "int8"}
+            plans = {d: plan_summary(config, args.tensor_parallel, n, args.batch, args.length)
+                     for d, n in size.items()}  # fmt: skip
+            summary["tensor_parallel"] = plans
         _print_json(summary | {"memory_estimate": estimate})
         return 0
     for key, value in summary.items():
@@ -318,7 +329,30 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{'':<12}" + "".join(f"{d:>12}" for d in dtypes))
     for part in parts:
         print(f"{part:<12}" + "".join(f"{_human(memory[d][part]):>12}" for d in dtypes))
+    if args.tensor_parallel:
+        _print_tensor_parallel_plan(config, args, [d for d in dtypes if d != "int8"])
     return 0
+
+
+def _print_tensor_parallel_plan(
+    config: BloomConfig, args: argparse.Namespace, dtypes: list[str]
+) -> None:
+    from bloomlm.sharding_plan import plan_summary
+
+    ways, batch, length = args.tensor_parallel, args.batch, args.length
+    plans = {d: plan_summary(config, ways, BYTES_PER_DTYPE[d], batch, length) for d in dtypes}
+    plan = next(iter(plans.values()))
+    print(f"\ntensor parallel over {ways} devices ({plan['local_heads']} heads each):")
+    for row in plan["rows"]:
+        split = "" if row["split_axis"] is None else f" (axis {row['split_axis']})"
+        shapes = f"{row['shape']} -> {row['local_shape']}"
+        count = " (tied: the embedding)" if row.get("tied") else f" x{row['count']}"
+        print(f"  {row['name']:<56} {row['kind'] + split:<16} {shapes}{count}")
+    print(f"bytes per device, batch {batch} x length {length}:")
+    print(f"{'':<12}" + "".join(f"{d:>12}" for d in dtypes))
+    for part in ("weights", "kv_cache", "total"):
+        values = [_human(plans[d]["bytes_per_device"][part]) for d in dtypes]
+        print(f"{part:<12}" + "".join(f"{v:>12}" for v in values))
 
 
 # -- finetune --------------------------------------------------------------------------------------
@@ -506,6 +540,10 @@ def _add_info(commands: Any) -> None:
         "--dtype", choices=DTYPES, default="auto", help="estimate for this dtype only"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument(
+        "--tensor-parallel", type=int, metavar="N",
+        help="also print the N-way tensor-parallel plan and the bytes on each device",
+    )  # fmt: skip
     parser.set_defaults(run=_info)
 
 
