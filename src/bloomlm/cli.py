@@ -115,6 +115,8 @@ def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
         kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
     if args.device:
         kwargs["device_map"] = args.device
+    if getattr(args, "rank_of_tensor_parallel_job", False):
+        kwargs["tp_plan"] = "auto"  # one rank of `--tensor-parallel N` (_generate_tensor_parallel)
     bar = _bar(2, f"loading {args.model}")
     tokenizer = bloomlm.AutoTokenizer.from_pretrained(args.model)
     bar.update(1)
@@ -165,6 +167,8 @@ def _generate(args: argparse.Namespace) -> int:
 
     from bloomlm import TextStreamer
 
+    if getattr(args, "tensor_parallel", None):
+        return _generate_tensor_parallel(args)
     prompts = _read_lines(args, args.prompt)
     _check_positive(args, "max_new_tokens", "num_beams", "batch_size")
     if args.temperature < 0:
@@ -181,6 +185,29 @@ def _generate(args: argparse.Namespace) -> int:
         return 0
     _generate_batches(args, model, tokenizer, prompts, options)
     return 0
+
+
+def _generate_tensor_parallel(args: argparse.Namespace) -> int:
+    """`--tensor-parallel N`: the same command in N processes (torch.distributed.run's API), the
+    model split over them; every rank picks the same tokens and rank 0 prints them."""
+    from bloomlm.sharding_plan import check_tensor_parallel
+    from bloomlm.torch.tensor_parallel import launch
+
+    if args.device and not args.device.startswith("cpu"):
+        raise CommandError("--tensor-parallel runs on CPU processes (gloo); drop --device")
+    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, args.tensor_parallel)
+    args.prompt = _read_lines(args, args.prompt)  # read once: the ranks get the same prompts
+    args.rank_of_tensor_parallel_job, ways, args.tensor_parallel = True, args.tensor_parallel, None
+    launch(_generate_on_rank, ways, args)
+    return 0
+
+
+def _generate_on_rank(args: argparse.Namespace) -> int:
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")  # the ranks print the same text: rank 0 shows it
+    return _generate(args)
 
 
 def _generate_batches(
@@ -429,6 +456,10 @@ def _add_generate(commands: Any) -> None:
     sampling.add_argument(
         "--seed", type=int, help="fix the random seed, so sampling repeats exactly"
     )
+    parser.add_argument(
+        "--tensor-parallel", type=int, metavar="N",
+        help="split the model over N local processes (torch.distributed, gloo)",
+    )  # fmt: skip
     output = parser.add_argument_group("output")
     output.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
     output.add_argument(

@@ -25,9 +25,16 @@ class StaticCache:
     """
 
     def __init__(
-        self, config: BloomConfig, batch_size: int, max_length: int, dtype: torch.dtype, device=None
+        self,
+        config: BloomConfig,
+        batch_size: int,
+        max_length: int,
+        dtype: torch.dtype,
+        device=None,
+        n_head: int | None = None,  # a rank's heads under tensor parallelism
     ):
-        shape = (config.n_layer, batch_size, config.n_head, max_length, config.head_dim)
+        n_head = config.n_head if n_head is None else n_head
+        shape = (config.n_layer, batch_size, n_head, max_length, config.head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.length = 0

@@ -47,10 +47,18 @@ from bloomlm.torch.pretrained import BloomPreTrainedModel, _BloomHead
 # --------------------------------------------------------------------------------------------------
 
 
-def build_alibi(attention_mask: torch.Tensor, n_head: int, dtype: torch.dtype) -> torch.Tensor:
-    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, counted over kept tokens only."""
+def build_alibi(
+    attention_mask: torch.Tensor,
+    n_head: int,
+    dtype: torch.dtype,
+    slopes: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, counted over kept tokens only.
+    `slopes` [H]: given under tensor parallelism (a rank's slice of the global heads' slopes)."""
     batch_size, key_length = attention_mask.shape
-    slopes = torch.from_numpy(alibi_slopes(n_head)).to(attention_mask.device)
+    if slopes is None:
+        slopes = torch.from_numpy(alibi_slopes(n_head))
+    slopes = slopes.to(attention_mask.device)
     positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]  # (B, 1, S)
     alibi = slopes[None, :, None] * positions  # (B, H, S)
     return alibi.reshape(batch_size * n_head, 1, key_length).to(dtype)
@@ -259,7 +267,8 @@ class BloomModel(BloomPreTrainedModel):
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.embed_dim = config.hidden_size
-        self.num_heads = config.n_head
+        self.num_heads = config.n_head  # the heads computed here: H / N under tensor parallelism
+        self.alibi_slopes: torch.Tensor | None = None  # tensor parallelism: slopes of those heads
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layer_norm_epsilon
@@ -352,7 +361,9 @@ class BloomModel(BloomPreTrainedModel):
         if isinstance(past_key_values, StaticCache):
             past_length = checks.check_static_cache(past_key_values, batch_size, seq_length)
         else:
-            past_length = checks.check_past(self.config, past_key_values, batch_size)
+            past_length = checks.check_past(
+                self.config, past_key_values, batch_size, self.num_heads
+            )
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         hidden_states = self.word_embeddings_layernorm(inputs_embeds)
@@ -364,7 +375,7 @@ class BloomModel(BloomPreTrainedModel):
             checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
             attention_mask = attention_mask.to(hidden_states.device)
         dtype = hidden_states.dtype
-        alibi = build_alibi(attention_mask, self.num_heads, dtype)
+        alibi = build_alibi(attention_mask, self.num_heads, dtype, self.alibi_slopes)
         causal_mask = build_causal_mask(attention_mask, seq_length)
         if eager:
             return hidden_states, alibi, causal_mask
@@ -434,7 +445,8 @@ class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
 
     def _new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
         """A preallocated cache for `generate`: written in place, no concatenation per step."""
-        return StaticCache(self.config, batch_size, max_length, self.dtype, self.device)
+        n_head = self.transformer.num_heads  # a rank's heads under tensor parallelism
+        return StaticCache(self.config, batch_size, max_length, self.dtype, self.device, n_head)
 
     def _reorder_cache(
         self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor

@@ -220,7 +220,8 @@ class BloomPreTrainedModel(nn.Module):
             return [None] * n_layer
         checks.check_head_mask(head_mask, n_layer, n_head)
         head_mask = head_mask.to(device=self.device, dtype=self.dtype).expand(n_layer, n_head)
-        return [layer_mask.view(1, n_head, 1, 1) for layer_mask in head_mask]
+        heads = getattr(self, "tensor_parallel_heads", slice(None))  # a rank's heads under TP
+        return [layer_mask[heads].view(1, -1, 1, 1) for layer_mask in head_mask]
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -282,6 +283,7 @@ class BloomPreTrainedModel(nn.Module):
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         device = _device_from_map(kwargs.get("device_map"))
+        mesh = _tensor_parallel_mesh(kwargs, quantize, state_dict, device)  # tp_plan, device_mesh
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
         for key in LOADING_KEYWORDS:
             kwargs.pop(key, None)
@@ -293,6 +295,13 @@ class BloomPreTrainedModel(nn.Module):
 
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
+        if mesh is not None:
+            from bloomlm.torch import tensor_parallel
+
+            info = tensor_parallel.load(model, folder, dtype, mesh, use_safetensors)
+            model.eval()
+            attach_generation_config(model, folder)
+            return (model, info) if output_loading_info else model
         if quantize:
             quantize_int8_(
                 model, dtype
@@ -511,6 +520,21 @@ def _quantize_blocks(
             block
         )
     return quantized, scale
+
+
+def _tensor_parallel_mesh(
+    kwargs: dict[str, Any], quantize: str | None, state_dict: Any, device: Any
+) -> Any:
+    """Pop `tp_plan` / `device_mesh`; the mesh to split the model over, or None (one process)."""
+    tp_plan, device_mesh = kwargs.pop("tp_plan", None), kwargs.pop("device_mesh", None)
+    if tp_plan is None and device_mesh is None:
+        return None
+    for name, value in (("quantize", quantize), ("state_dict", state_dict), ("device_map", device)):
+        if value is not None:
+            raise ValueError(f"{name}= cannot be combined with tp_plan= or device_mesh=")
+    from bloomlm.torch.tensor_parallel import resolve_mesh
+
+    return resolve_mesh(tp_plan, device_mesh)
 
 
 def _device_from_map(device_map: Any) -> torch.device | None:
