@@ -11,6 +11,7 @@ by heads and rows, and each device holds 1/N of the split weights plus the repli
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 import subprocess
@@ -234,3 +235,17 @@ def test_partition_rules_cover_only_known_paths():
     for pattern, spec in sharding.PARTITION_RULES[:-1]:
         assert any(re.fullmatch(pattern, p) for p in paths), pattern
         assert "model" in tuple(spec)
+
+
+def test_readme_mesh_example_works_as_written(tmp_path):
+    from test_tp_torch import readme_example
+
+    script = tmp_path / "jax_mesh.py"
+    script.write_text(readme_example(1))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    done = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.strip().splitlines()
+    assert lines[0].startswith("A list is") and lines[-1] == "P(None, 'model')"

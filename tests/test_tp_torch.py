@@ -11,6 +11,7 @@ and beam ids equal to one process, seeded sampling the same on every rank; head 
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import pathlib
@@ -207,3 +208,21 @@ def test_generate_command_splits_the_model(capsys):
 def test_generate_command_refuses_a_split_of_heads(capsys):
     assert main(["generate", "A list is", "--tensor-parallel", "4"]) == 1
     assert "tensor-parallel size 4 does not divide n_head 6" in capsys.readouterr().err
+
+
+def readme_example(index: int) -> str:
+    """The `index`-th python block of the README's "Larger than one device" section."""
+    readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+    section = readme.split("## Larger than one device", 1)[1].split("\n## ", 1)[0]
+    return section.split("```python\n")[index + 1].split("```", 1)[0]
+
+
+def test_readme_torchrun_example_works_as_written(tmp_path):
+    script = tmp_path / "tp_generate.py"
+    script.write_text(readme_example(0))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    texts = ast.literal_eval(done.stdout.strip())  # rank 0 prints the decoded texts
+    assert len(texts) == 2 and texts[0].startswith("A list is") and len(texts[0]) > 30
