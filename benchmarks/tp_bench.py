@@ -52,11 +52,12 @@ PUBLISHED = {  # ms per token, batch 1, as quoted in the issue
 }
 
 
-def peak_rss_mb() -> float:
-    """This process image's peak RSS (VmHWM; getrusage's ru_maxrss would count the parent's)."""
+def peak_rss_mb(field: str = "VmHWM") -> float:
+    """This process image's peak RSS (VmHWM; getrusage's ru_maxrss would count the parent's), or
+    with `field="VmRSS"` the current one."""
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
 
@@ -97,16 +98,20 @@ def torch_rank(folder: str, out: str) -> None:
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     torch.set_num_threads(max(1, 2 // world))  # 2 cores shared by the processes
-    start = time.perf_counter()
     kwargs = {"tp_plan": "auto"} if world > 1 else {}
+    if world > 1:  # start the process group first: its imports are not loading
+        from bloomlm.torch.tensor_parallel import resolve_mesh
+
+        resolve_mesh("auto", None)
+    before, start = peak_rss_mb("VmRSS"), time.perf_counter()
     model = BloomForCausalLM.from_pretrained(folder, **kwargs)
-    load_s = time.perf_counter() - start
+    load_s, load_mb = time.perf_counter() - start, peak_rss_mb() - before
     ids = torch.randint(4, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
 
     def generate(new: int):
         model.generate(ids, max_new_tokens=new, eos_token_id=None, pad_token_id=3)
 
-    result = {"rank": int(os.environ.get("RANK", "0")), "load_s": load_s,
+    result = {"rank": int(os.environ.get("RANK", "0")), "load_s": load_s, "load_mb": load_mb,
               "ms_per_token": per_token_ms(generate), "peak_rss_mb": peak_rss_mb()}  # fmt: skip
     Path(f"{out}.{result['rank']}").write_text(json.dumps(result))
 
@@ -190,13 +195,15 @@ def table(results: dict) -> str:
     lines.append(f"Machine: {results['machine']}; load average at start {results['load']}")
     lines.append(f"Shape: {shape} {SHAPES[shape]}, random weights, fp32, batch 1, prompt {PROMPT}, "
                  f"{NEW_TOKENS} new tokens (greedy). Raw numbers: `TP.json`.\n")  # fmt: skip
-    lines += ["| torch processes | load (s) | decode (ms/token) | peak RSS per process (MB) |",
-              "| ---: | ---: | ---: | ---: |"]  # fmt: skip
+    lines += ["| torch processes | load (s) | memory taken by loading, per process (MB) "
+              "| decode (ms/token) | peak RSS per process (MB) |",
+              "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
     for ranks, per_rank in results["torch"].items():
         load = max(r["load_s"] for r in per_rank)
+        load_mb = " / ".join(f"{r['load_mb']:.0f}" for r in per_rank)
         ms = statistics.median(r["ms_per_token"] for r in per_rank)
         rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in per_rank)
-        lines.append(f"| {ranks} | {load:.2f} | {ms:.1f} | {rss} |")
+        lines.append(f"| {ranks} | {load:.2f} | {load_mb} | {ms:.1f} | {rss} |")
     lines += ["", "| JAX devices (1 process) | load (s) | decode (ms/token) "
               "| process peak RSS (MB) | parameters per device (MB) |",
               "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip

@@ -148,6 +148,14 @@ def test_sharded_checkpoint_loads_a_share(ranks):
         assert loading["qkv_local_shape"] == [3 * 128 // world, 128]
 
 
+def test_a_missing_head_is_initialised_alike_on_every_rank(ranks):
+    for rank in ranks:
+        assert rank["missing_head"] == {
+            "missing_keys": ["score.weight"],
+            "same_on_every_rank": True,
+        }
+
+
 def test_bad_input_says_what_is_wrong(ranks):
     world = ranks[0]["world_size"]
     for rank in ranks:

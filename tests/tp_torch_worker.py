@@ -112,6 +112,17 @@ def check_decoding(folder: str, ids, mask, every_strategy: bool) -> dict:
     return results
 
 
+def check_missing_head(body_folder: str, ids, mask) -> dict:
+    """A base-model checkpoint loaded into a head: the new `score` is drawn from one seed all
+    ranks agree on, so every rank computes the same logits."""
+    model_class = bloomlm.BloomForSequenceClassification
+    torch.manual_seed(dist.get_rank())  # ranks seeded apart: agreement must come from the loader
+    model, info = model_class.from_pretrained(body_folder, tp_plan="auto", output_loading_info=True)
+    with torch.no_grad():
+        logits = model(ids, attention_mask=mask).logits
+    return {"missing_keys": info["missing_keys"], "same_on_every_rank": same_on_every_rank(logits)}
+
+
 def check_loading(folder: str) -> dict:
     """Per-rank parameter bytes and peak memory while loading (a sharded checkpoint)."""
     before = peak_rss_mib()
@@ -177,6 +188,7 @@ def main(spec_path: str, out_path: str) -> None:
             results["decoding"][n_head] = check_decoding(folder, ids, mask, n_head == "16")
     results["seconds"]["decoding"] = time.perf_counter() - start
     results["loading"] = check_loading(spec["sharded"])
+    results["missing_head"] = check_missing_head(spec["archs"]["BloomModel"], ids, mask)
     results["errors"] = check_errors(spec)
     results["seconds"]["total"] = time.perf_counter() - start
     every_rank = [None] * world
