@@ -9,6 +9,7 @@ import pytest
 import torch
 import transformers
 
+import bloomlm
 from bloomlm import BloomConfig, BloomForCausalLM, BloomModel
 
 HUB_CONFIGS = sorted(
@@ -135,9 +136,32 @@ def test_json_string_round_trip():
         ({"pretraining_tp": 0}, "pretraining_tp"),
     ],
 )
-def test_impossible_values_name_the_field(kwargs, field):
+def test_impossible_values_name_the_field_when_a_model_is_built(kwargs, field, tmp_path):
+    """As in transformers, the config itself takes any values (it can be built step by step); the
+    checks run where a model is built from it, in both frameworks and in from_pretrained."""
+    config = BloomConfig(**kwargs) if field != "problem_type" else BloomConfig()
+    if field == "problem_type":
+        with pytest.raises(ValueError, match=field):  # the one check transformers makes early
+            BloomConfig(**kwargs)
+        config.problem_type = kwargs["problem_type"]
     with pytest.raises(ValueError, match=field):
-        BloomConfig(**kwargs)
+        config.validate()
+    with pytest.raises(ValueError, match=field):
+        BloomModel(config)
+    with pytest.raises(ValueError, match=field):
+        bloomlm.FlaxBloomModel(config, _do_init=False)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=field):
+        BloomForCausalLM.from_pretrained(tmp_path)
+
+
+def test_a_config_can_be_built_step_by_step():
+    config = BloomConfig(pad_token_id=300)  # beyond the default vocabulary only after the next line
+    config.vocab_size = 256
+    config.vocab_size = 512
+    config.hidden_size, config.n_head = 30, 4  # not divisible yet
+    config.hidden_size = 32
+    assert BloomModel(config).config.pad_token_id == 300
 
 
 def test_bad_json_is_a_clear_error(tmp_path):

@@ -695,7 +695,8 @@ def test_static_cache_hook_is_used_and_reordered():
         (dict(bad_words_ids=[[3], [4, 99]]), "outside the vocabulary"),
         (dict(sequence_bias={(1,): 2}), "sequence_bias"),
         (dict(repetition_penalty=0.0), "repetition_penalty"),
-        (dict(eos_token_id=-1), "eos_token_id"),
+        (dict(eos_token_id=-1, min_length=3), "eos_token_id"),  # -1 alone: "never stops"
+        (dict(eos_token_id=1.5), "eos_token_id"),
         (dict(num_beam_groups=2, num_beams=2, diversity_penalty=1.0), "num_beam_groups"),
         (dict(penalty_alpha=0.6, top_k=4), "contrastive"),
         (dict(foo=1), "foo"),
@@ -798,7 +799,7 @@ def test_from_pretrained_gives_generating_models_the_folder_generation_config(ch
     loaded = BloomForCausalLM.from_pretrained(tmp_path / "with").generation_config
     assert (loaded.eos_token_id, loaded.max_new_tokens) == ([2, 7], 5)
     other = BloomForSequenceClassification.from_pretrained(tmp_path / "with")
-    assert not hasattr(other, "generation_config")
+    assert other.generation_config is None  # as transformers: only generating models have one
 
     shutil.copytree(checkpoint, tmp_path / "without")
     (tmp_path / "without" / GENERATION_CONFIG_NAME).unlink(missing_ok=True)

@@ -5,6 +5,11 @@ Field names and defaults are transformers 4.37's, so a folder written by either 
 Hub configs of the original bigscience checkpoints use Megatron-era names (`n_embed`,
 `num_attention_heads`) and carry keys transformers never declared (`seq_length`, `offset_alibi`, ...):
 the names are mapped, the extra keys kept as attributes and written back unchanged.
+
+transformers' generic `PretrainedConfig` surface (its attributes and `to_diff_dict`, `to_json_file`,
+`update`, ...) comes from `bloomlm.config_compat`. As in transformers, building a config checks
+nothing that involves several fields, so a config can be built up step by step; `validate()` runs
+where a model is built from it (`BloomModel(config)`, `from_pretrained`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from bloomlm.config_compat import GENERIC_DEFAULTS, PretrainedConfigAPI
 from bloomlm.errors import CheckpointNotFoundError
 
 CONFIG_NAME = "config.json"
@@ -32,7 +38,6 @@ _DEFAULTS: dict[str, Any] = {
     "apply_residual_connection_post_layernorm": False,
     "hidden_dropout": 0.0,
     "attention_dropout": 0.0,
-    "classifier_dropout": None,
     # Megatron tensor parallelism used in pre-training; > 1 only matters with slow_but_exact
     "pretraining_tp": 1,
     "slow_but_exact": False,
@@ -53,6 +58,12 @@ _DEFAULTS: dict[str, Any] = {
     "architectures": None,
 }
 
+# Every declared attribute: transformers' generic ones, then BLOOM's (which override bos/eos ids).
+_FIELDS: dict[str, Any] = {**GENERIC_DEFAULTS, **_DEFAULTS}
+
+# Read by the heads but, as in transformers' BloomConfig, not declared: written only when set.
+_OPTIONAL_FIELDS: dict[str, Any] = {"classifier_dropout": None}
+
 # Other names for the same field: (alias -> field). The first two are transformers' attribute_map,
 # `n_embed` is what the original hub files call hidden_size.
 ALIASES = {
@@ -67,13 +78,13 @@ PROBLEM_TYPES = ("regression", "single_label_classification", "multi_label_class
 _DROPPED_KEYS = {
     "model_type",
     "transformers_version",
-    "_name_or_path",
-    "_commit_hash",
     "num_labels",
+    "attn_implementation",
+    "_attn_implementation_internal",
 }
 
 
-class BloomConfig:
+class BloomConfig(PretrainedConfigAPI):
     """Configuration of a BLOOM model; `BloomConfig()` gives transformers 4.37's defaults.
 
     Any keyword that is not a declared field is kept as an attribute and written back by
@@ -81,12 +92,17 @@ class BloomConfig:
     """
 
     model_type = "bloom"
+    attribute_map = {"num_hidden_layers": "n_layer", "num_attention_heads": "n_head"}
 
     def __init__(self, **kwargs: Any) -> None:
         kwargs = _resolve_aliases(kwargs)
-        for name, default in _DEFAULTS.items():
+        for name, default in _FIELDS.items():
             object.__setattr__(self, name, copy.deepcopy(kwargs.pop(name, default)))
         object.__setattr__(self, "_extra_keys", [])
+        name_or_path = kwargs.pop("name_or_path", kwargs.pop("_name_or_path", ""))
+        object.__setattr__(self, "_name_or_path", str(name_or_path))
+        # The hub revision a loaded config came from (pipelines read it); never written.
+        object.__setattr__(self, "_commit_hash", kwargs.pop("_commit_hash", None))
         id2label = kwargs.pop("id2label", None)
         label2id = kwargs.pop("label2id", None)
         num_labels = kwargs.pop("num_labels", None)
@@ -102,7 +118,8 @@ class BloomConfig:
             self.num_labels = num_labels
         for key, value in kwargs.items():
             setattr(self, key, value)
-        self.validate()
+        # The one check transformers makes when a config is built; the rest wait for a model.
+        _check_problem_type(self.problem_type)
 
     # -- attributes -------------------------------------------------------------------------------
 
@@ -111,7 +128,7 @@ class BloomConfig:
         if name == "torch_dtype" and value is not None and not isinstance(value, str):
             value = str(value).removeprefix("torch.")  # a torch.dtype, stored by name as in JSON
         if (
-            name not in _DEFAULTS
+            name not in _FIELDS
             and not name.startswith("_")
             and name not in ("id2label", "label2id")
         ):
@@ -122,9 +139,12 @@ class BloomConfig:
         object.__setattr__(self, name, value)
 
     def __getattr__(self, name: str) -> Any:
-        # Only reached when normal lookup fails: aliases resolve to their field.
+        # Only reached when normal lookup fails: aliases resolve to their field, optional fields
+        # that were never set read as their default.
         if name in ALIASES:
             return getattr(self, ALIASES[name])
+        if name in _OPTIONAL_FIELDS:
+            return _OPTIONAL_FIELDS[name]
         raise AttributeError(f"'BloomConfig' has no attribute '{name}'")
 
     @property
@@ -144,7 +164,7 @@ class BloomConfig:
 
     @num_labels.setter
     def num_labels(self, n: int) -> None:
-        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        if not isinstance(n, int) or isinstance(n, bool) or n < 0:
             raise ValueError(f"num_labels must be a positive integer, got {n!r}")
         if getattr(self, "_id2label", None) is None or len(self._id2label) != n:
             self.id2label = {i: f"LABEL_{i}" for i in range(n)}
@@ -156,7 +176,14 @@ class BloomConfig:
     # -- validation -------------------------------------------------------------------------------
 
     def validate(self) -> None:
-        """Raise ValueError naming the field when a value cannot describe a BLOOM model."""
+        """Raise ValueError naming the field when a value cannot describe a BLOOM model.
+
+        Models call it when they are built from this config; building the config does not.
+        """
+        if self.num_labels < 1:
+            raise ValueError(
+                f"BloomConfig.num_labels must be a positive integer, got {self.num_labels}"
+            )
         for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "pretraining_tp"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -176,10 +203,7 @@ class BloomConfig:
             raise ValueError(
                 f"BloomConfig.layer_norm_epsilon must be > 0, got {self.layer_norm_epsilon!r}"
             )
-        if self.problem_type is not None and self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(
-                f"BloomConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {self.problem_type!r}"
-            )
+        _check_problem_type(self.problem_type)
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             value = getattr(self, name)
             if (
@@ -194,22 +218,23 @@ class BloomConfig:
     # -- dict / json ------------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """All fields, with `model_type` and `id2label`/`label2id` as transformers writes them."""
-        out: dict[str, Any] = {"model_type": self.model_type}
-        for name in _DEFAULTS:
+        """Every attribute, as transformers' BloomConfig.to_dict() gives them (less its version)."""
+        out: dict[str, Any] = {"model_type": self.model_type, "_name_or_path": self._name_or_path}
+        for name in _FIELDS:
             out[name] = copy.deepcopy(getattr(self, name))
-        out["id2label"] = {str(k): v for k, v in self.id2label.items()}
+        out["id2label"] = dict(self.id2label)
         out["label2id"] = dict(self.label2id)
         for name in self._extra_keys:
             out[name] = copy.deepcopy(getattr(self, name))
         return dict(sorted(out.items()))
 
     @classmethod
-    def from_dict(cls, config_dict: dict[str, Any], **overrides: Any) -> BloomConfig:
-        return cls(**{**config_dict, **overrides})
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+    def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> BloomConfig:
+        """`kwargs` override the dict's values; with `return_unused_kwargs=True` returns
+        (config, {}), as transformers does (every keyword is kept here)."""
+        return_unused = kwargs.pop("return_unused_kwargs", False)
+        config = cls(**{**config_dict, **kwargs})
+        return (config, {}) if return_unused else config
 
     @classmethod
     def from_json_string(cls, text: str) -> BloomConfig:
@@ -231,16 +256,15 @@ class BloomConfig:
         from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
+        return_unused = kwargs.pop("return_unused_kwargs", False)
         path = Path(name_or_path)
         if path.is_file():
             config = cls.from_json_file(path)
         else:
             folder = resolve_model_dir(name_or_path, [CONFIG_NAME], **hub_kwargs)
             config = cls.from_json_file(folder / CONFIG_NAME)
-        for key, value in kwargs.items():
-            setattr(config, key, value)
-        config.validate()
-        return config
+        config.update(kwargs)
+        return (config, {}) if return_unused else config
 
     def with_overrides(self, **overrides: Any) -> BloomConfig:
         """A validated copy with `overrides` set; this config is left as it is.
@@ -249,14 +273,15 @@ class BloomConfig:
         the extra keys this config already carries. `id2label` alone also sets `num_labels` to its
         length.
         """
-        allowed = set(self.to_dict()) | set(ALIASES) | {"num_labels"}
+        allowed = set(self.to_dict()) | set(ALIASES) | set(_OPTIONAL_FIELDS) | {"num_labels"}
         unknown = sorted(key for key in overrides if key not in allowed)
         if unknown:
             extras = f", this config's extra keys {self._extra_keys}" if self._extra_keys else ""
             raise TypeError(
                 f"unexpected keyword arguments {unknown}: not BloomConfig fields (config keys "
                 f"allowed: the fields {sorted(_DEFAULTS)}, their aliases {sorted(ALIASES)}, "
-                f"num_labels, id2label, label2id{extras})"
+                f"num_labels, id2label, label2id, classifier_dropout, transformers' generic "
+                f"config attributes such as output_hidden_states{extras})"
             )
         if "id2label" in overrides and "num_labels" not in overrides:
             overrides = {**overrides, "num_labels": len(overrides["id2label"])}
@@ -273,12 +298,18 @@ class BloomConfig:
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
         folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / CONFIG_NAME, self.to_json_string())
+        atomic_write_text(folder / CONFIG_NAME, self.to_json_string(use_diff=True))
 
     # -- python protocol ---------------------------------------------------------------------------
 
     def __eq__(self, other: object) -> bool:
-        return isinstance(other, BloomConfig) and self.to_dict() == other.to_dict()
+        # Where a config was read from is not part of what it says (transformers compares it too).
+        if not isinstance(other, BloomConfig):
+            return False
+        mine, theirs = self.to_dict(), other.to_dict()
+        mine.pop("_name_or_path")
+        theirs.pop("_name_or_path")
+        return mine == theirs
 
     def __repr__(self) -> str:
         return f"BloomConfig {self.to_json_string()}"
@@ -310,12 +341,20 @@ def load_model_config(
                 f"{folder} has no {CONFIG_NAME}; a BLOOM model folder needs one"
             )
         config = BloomConfig.from_json_file(path)
+        config.name_or_path = folder  # as transformers' models record where they came from
     else:
         config = BloomConfig.from_dict(config.to_dict())
     try:
         return config.with_overrides(**(overrides or {}))
     except TypeError as err:
         raise TypeError(f"{caller} got {err}") from None
+
+
+def _check_problem_type(problem_type: Any) -> None:
+    if problem_type is not None and problem_type not in PROBLEM_TYPES:
+        raise ValueError(
+            f"BloomConfig.problem_type must be one of {PROBLEM_TYPES} or None, got {problem_type!r}"
+        )
 
 
 def _resolve_aliases(kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -404,16 +404,24 @@ def _check_token_ids(config: GenerationConfig) -> None:
             value is None or (_is_int(value) and value >= 0),
             f"`{name}` must be a token id >= 0 or None, got {value!r}",
         )
-    for name in ("eos_token_id", "forced_eos_token_id"):
+    # A negative eos id matches no token: generation runs to max_length (transformers accepts it).
+    for name, lowest in (("eos_token_id", None), ("forced_eos_token_id", 0)):
         value = getattr(config, name)
-        ok = value is None or (_is_int(value) and value >= 0)
-        ok = ok or (
-            isinstance(value, list) and len(value) > 0 and all(_is_int(t) and t >= 0 for t in value)
+        values = value if isinstance(value, list) else [value]
+        ok = value is None or (
+            len(values) > 0 and all(_is_int(t) and (lowest is None or t >= lowest) for t in values)
         )
+        allowed = "a token id" if lowest is None else "a token id >= 0"
         _require(
-            ok,
-            f"`{name}` must be a token id >= 0, a non-empty list of them, or None; got {value!r}",
+            ok, f"`{name}` must be {allowed}, a non-empty list of them, or None; got {value!r}"
         )
+    eos = config.eos_token_id
+    negative = [t for t in (eos if isinstance(eos, list) else [eos]) if _is_int(t) and t < 0]
+    _require(
+        not negative or not (config.min_length or config.min_new_tokens),
+        f"`min_length`/`min_new_tokens` ban the eos ids until then, which needs ids >= 0; got "
+        f"eos_token_id={eos!r} (a negative id means generation never stops at eos)",
+    )
 
 
 def _warn_ignored_flags(config: GenerationConfig, is_init: bool) -> None:

@@ -43,6 +43,7 @@ from bloomlm.encoding import (
     framework_of,
     to_python,
 )
+from bloomlm.tokenizer_compat import PreTrainedTokenizerFastAPI, legacy_padding
 from bloomlm.tokenizer_files import (
     ADDITIONAL_SPECIAL_TOKENS,
     SAVED_ATTRIBUTES,
@@ -352,7 +353,7 @@ class _SpecialTokenId:
 # -- the tokenizer ---------------------------------------------------------------------------------
 
 
-class BloomTokenizerFast:
+class BloomTokenizerFast(PreTrainedTokenizerFastAPI):
     """BLOOM's byte-level BPE tokenizer, compatible with transformers 4.37's `BloomTokenizerFast`.
 
     Build it with `from_pretrained(folder)`; call it on a str, a list of str, text pairs or
@@ -575,14 +576,21 @@ class BloomTokenizerFast:
         tokens = [new_tokens] if isinstance(new_tokens, str | AddedToken) else list(new_tokens)
         return self._add_to_backend(tokens, special=special_tokens)
 
-    def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
+    def add_special_tokens(
+        self, special_tokens_dict: Mapping[str, Any], replace_additional_special_tokens: bool = True
+    ) -> int:
         """Set special tokens (`{"pad_token": "[PAD]"}`) and add them to the vocabulary.
 
-        Returns how many were new.
+        `additional_special_tokens` replace the current list, or, with
+        `replace_additional_special_tokens=False`, join it. Returns how many were new.
         """
         new_tokens: list[str | AddedToken] = []
         for key, value in special_tokens_dict.items():
             if key == ADDITIONAL_SPECIAL_TOKENS:
+                if not replace_additional_special_tokens:
+                    known = set(self.additional_special_tokens)
+                    current = self._special_tokens.get(ADDITIONAL_SPECIAL_TOKENS) or []
+                    value = [*current, *(t for t in value if _token_content(t) not in known)]
                 self.additional_special_tokens = value
                 new_tokens.extend(value)
             elif key in SPECIAL_TOKEN_ATTRIBUTES:
@@ -720,12 +728,15 @@ class BloomTokenizerFast:
         return_offsets_mapping: bool = False,
         return_length: bool = False,
         verbose: bool = True,
+        pad_to_max_length: bool = False,
     ) -> BatchEncoding:
         """Tokenize one text, a batch, text pairs, or pre-split words (`is_split_into_words=True`).
 
         One text gives flat lists (tensors with a batch axis of 1 when `return_tensors` is set); a
         batch gives one row per text, plus one per overflow if `return_overflowing_tokens=True`.
+        `pad_to_max_length` is transformers' deprecated spelling of `padding` (it warns).
         """
+        padding = legacy_padding(padding, pad_to_max_length, max_length, verbose)
         tensor_type = self._check_call(
             text,
             text_pair,

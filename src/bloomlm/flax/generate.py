@@ -12,8 +12,10 @@ kept by length-penalised score, its `early_stopping` rules), so greedy and beam 
 
 Outputs are `[B, max_length]` like transformers' Flax `generate`: the prompt (left padding kept), the new
 tokens, and `pad_token_id` after a row's `eos_token_id`. Only `max_length`, `num_beams`, sampling or not,
-and the number of eos ids shape the compiled loop; other settings (eos and pad ids, temperature, top_k,
-top_p, length_penalty, early_stopping) are traced values, so changing them does not recompile.
+the number of eos ids, `num_return_sequences` and the logits processors' settings (`min_length`,
+forced and suppressed tokens, `no_repeat_ngram_size`: see `bloomlm.flax.processors`) shape the compiled
+loop; other settings (eos and pad ids, temperature, top_k, top_p, length_penalty, early_stopping) are
+traced values, so changing them does not recompile.
 
 Notation: B prompts, K beams, N rows decoded together (B or B * K), P prompt length, L max_length, V vocab.
 """
@@ -32,6 +34,7 @@ from jax import lax
 
 from bloomlm.flax import checks, sharding
 from bloomlm.flax.model import make_cache, module_for_key, module_key
+from bloomlm.flax.processors import LogitsProcessors
 from bloomlm.generation import GenerationConfig
 from bloomlm.outputs import ModelOutput
 
@@ -40,6 +43,8 @@ NEG_INF = -jnp.inf
 _SUPPORTED = {
     "max_length", "max_new_tokens", "do_sample", "num_beams", "temperature", "top_k", "top_p",
     "eos_token_id", "pad_token_id", "bos_token_id", "length_penalty", "early_stopping", "use_cache",
+    "min_length", "forced_bos_token_id", "forced_eos_token_id", "suppress_tokens",
+    "begin_suppress_tokens", "forced_decoder_ids", "no_repeat_ngram_size", "num_return_sequences",
 }  # fmt: skip
 
 
@@ -92,6 +97,7 @@ def warp_for_sampling(scores: jax.Array, temperature, top_k, top_p) -> jax.Array
 # `eos` is an int32 array of end-of-sequence ids ([-1] when there is none), `pad` an int32 scalar.
 
 
+# Over 40 lines: the loop state is spelled out field by field, each with its meaning.
 def sample_loop(
     tokens_to_logits: Callable,
     input_ids: jax.Array,
@@ -101,8 +107,10 @@ def sample_loop(
     pad: jax.Array,
     choose: Callable[[jax.Array, jax.Array], jax.Array],
     prng_key: jax.Array,
+    process: Callable | None = None,
 ) -> jax.Array:
-    """Greedy or sampled decoding: `choose(scores [N, V], key) -> tokens [N]`. Returns [N, max_length]."""
+    """Greedy or sampled decoding: `choose(scores [N, V], key) -> tokens [N]` after the logits
+    processors `process(sequences, scores, length) -> scores`. Returns [N, max_length]."""
     batch, prompt_length = input_ids.shape
     logits, cache = tokens_to_logits(input_ids, cache)
     sequences = jnp.full((batch, max_length), pad, jnp.int32).at[:, :prompt_length].set(input_ids)
@@ -122,9 +130,10 @@ def sample_loop(
     def step(state):
         length, sequences, finished, logits, cache, key = state
         key, draw_key = jax.random.split(key)
-        tokens = jnp.where(finished, pad, choose(logits.astype(jnp.float32), draw_key)).astype(
-            jnp.int32
-        )
+        scores = logits.astype(jnp.float32)
+        if process is not None:
+            scores = process(sequences, scores, length)
+        tokens = jnp.where(finished, pad, choose(scores, draw_key)).astype(jnp.int32)
         sequences = lax.dynamic_update_slice(sequences, tokens[:, None], (0, length))
         finished = finished | jnp.isin(tokens, eos)
         logits, cache = tokens_to_logits(tokens[:, None], cache)
@@ -148,6 +157,8 @@ class _Beams(NamedTuple):
     pad: jax.Array
     length_penalty: jax.Array
     early_stopping: jax.Array  # a code from EARLY_STOPPING_CODES
+    process: Callable | None = None  # the logits processors, on log-probabilities
+    num_return: int = 1  # hypotheses returned per prompt, best first
 
     def penalised(self, score: jax.Array, generated) -> jax.Array:
         """transformers' hypothesis score: sum of log-probs / generated length ** length_penalty."""
@@ -171,9 +182,11 @@ def beam_search_loop(
     pad: jax.Array,
     length_penalty: jax.Array,
     early_stopping: jax.Array,
+    process: Callable | None = None,
+    num_return: int = 1,
 ) -> tuple[jax.Array, jax.Array]:
     """transformers 4.37's beam search on [B * K] rows (each prompt repeated K times); returns
-    ([B, L], [B]).
+    ([B * num_return, L], [B * num_return]), each prompt's best hypotheses first.
 
     `early_stopping` is a code from EARLY_STOPPING_CODES. Finished hypotheses live in a pool of K per
     prompt, scored sum_logprobs / generated_length ** length_penalty, as transformers' BeamHypotheses.
@@ -181,7 +194,7 @@ def beam_search_loop(
     rows, prompt_length = input_ids.shape
     num_candidates = max(2, 1 + eos.shape[0]) * num_beams
     sizes = (rows // num_beams, num_beams, num_candidates, prompt_length, max_length)
-    spec = _Beams(*sizes, eos, pad, length_penalty, early_stopping)
+    spec = _Beams(*sizes, eos, pad, length_penalty, early_stopping, process, num_return)
     logits, cache = tokens_to_logits(input_ids, cache)
 
     def not_done(s):
@@ -210,12 +223,15 @@ def _beam_start(spec: _Beams, input_ids: jax.Array, logits: jax.Array, cache: An
     )
 
 
+# Over 40 lines: one beam step in its named stages (rank, pool, continue, step the model).
 def _beam_step(spec: _Beams, tokens_to_logits: Callable, s: dict) -> dict:
     """One token for every live beam: rank 2K candidates per prompt, pool the finished ones, go on
     with the K best that are not eos."""
     batch, beams = spec.batch, spec.beams
     length, vocab = s["length"], s["logits"].shape[-1]
     scores = jax.nn.log_softmax(s["logits"].astype(jnp.float32), axis=-1)
+    if spec.process is not None:
+        scores = spec.process(s["running"].reshape(batch * beams, -1), scores, length)
     scores = scores.reshape(batch, beams, vocab)
     scores = (scores + s["running_scores"][..., None]).reshape(batch, beams * vocab)
     cand_scores, cand_ids = lax.top_k(scores, spec.num_candidates)  # [B, 2K], best first
@@ -279,14 +295,17 @@ def _best_hypotheses(spec: _Beams, s: dict) -> tuple[jax.Array, jax.Array]:
     pool_scores = jnp.concatenate([s["hyp_scores"], final_scores], axis=1)
     pool = jnp.concatenate([s["hyps"], s["running"]], axis=1)
     pool_lengths = jnp.concatenate([s["hyp_lengths"], jnp.full((batch, beams), max_length)], axis=1)
-    best = jnp.argmax(pool_scores, axis=1)
-    sequences = jnp.take_along_axis(pool, best[:, None, None], axis=1)[:, 0]
-    lengths = jnp.take_along_axis(pool_lengths, best[:, None], axis=1)
-    positions = jnp.arange(max_length)[None, :]
+    if spec.num_return == 1:
+        best = jnp.argmax(pool_scores, axis=1)[:, None]  # ties: the older hypothesis
+    else:
+        best = lax.top_k(pool_scores, spec.num_return)[1]  # [B, n], best first
+    sequences = jnp.take_along_axis(pool, best[..., None], axis=1)  # [B, n, L]
+    lengths = jnp.take_along_axis(pool_lengths, best, axis=1)[..., None]
+    positions = jnp.arange(max_length)[None, None, :]
     # A hypothesis shorter than max_length ends with the first eos id, then padding (transformers').
     after_end = jnp.where(positions == lengths, spec.eos[0], spec.pad)
-    sequences = jnp.where(positions < lengths, sequences, after_end)
-    return sequences, jnp.take_along_axis(pool_scores, best[:, None], axis=1)[:, 0]
+    sequences = jnp.where(positions < lengths, sequences, after_end).reshape(-1, max_length)
+    return sequences, jnp.take_along_axis(pool_scores, best, axis=1).reshape(-1)
 
 
 def _select_rows(x: jax.Array, rows_index: jax.Array, rows: int) -> jax.Array:
@@ -320,16 +339,7 @@ def generate(
     input_ids = checks.check_input_ids(input_ids, model.config.vocab_size)
     batch, prompt_length = input_ids.shape
     attention_mask = checks.check_attention_mask(attention_mask, batch, prompt_length, None)
-    max_length = (
-        config.max_length
-        if config.max_new_tokens is None
-        else prompt_length + config.max_new_tokens
-    )
-    if max_length <= prompt_length:
-        raise ValueError(
-            f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
-            "raise max_length or set max_new_tokens"
-        )
+    max_length = _checked_max_length(config, prompt_length)
     mesh = getattr(model, "mesh", None)
     run = _jitted_generate(module_key(model.module), mesh)
     if mesh is not None:  # rows over the mesh's "data" axis
@@ -338,14 +348,34 @@ def generate(
     key = jax.random.PRNGKey(0) if prng_key is None else prng_key
     params = model.params if params is None else params
     num_beams, sampling = int(config.num_beams), bool(config.do_sample)
+    processors = LogitsProcessors.from_config(config, prompt_length, int(max_length))
     sequences, scores = run(
         params, input_ids, attention_mask, key, _traced_settings(config),
         max_length=int(max_length), num_beams=num_beams, sampling=sampling,
+        processors=processors, num_return=int(config.num_return_sequences),
     )  # fmt: skip
     if num_beams > 1:
         return FlaxBeamSearchOutput(sequences=sequences, scores=scores)
     output_class = FlaxSampleOutput if sampling else FlaxGreedySearchOutput
     return output_class(sequences=sequences)
+
+
+def _checked_max_length(config: GenerationConfig, prompt_length: int) -> int:
+    """The total length to generate to: `max_new_tokens` after the prompt, else `max_length`."""
+    max_length = config.max_length
+    if config.max_new_tokens is not None:
+        max_length = prompt_length + config.max_new_tokens
+    if max_length <= prompt_length:
+        raise ValueError(
+            f"max_length ({max_length}) leaves no room after the prompt ({prompt_length} tokens); "
+            "raise max_length or set max_new_tokens"
+        )
+    if config.min_length > max_length:
+        raise ValueError(
+            f"min_length ({config.min_length}) is larger than max_length ({max_length}); no "
+            "sequence can meet both"
+        )
+    return max_length
 
 
 def _traced_settings(config: GenerationConfig) -> dict[str, jax.Array]:
@@ -392,18 +422,29 @@ def _resolve_config(
         raise ValueError(
             "Flax generate does not implement beam sampling (do_sample=True with num_beams > 1)"
         )
+    if config.num_return_sequences > 1 and config.num_beams == 1:
+        raise ValueError(
+            "Flax generate returns num_return_sequences > 1 only from beam search (transformers' "
+            "Flax generate ignores it otherwise); set num_beams >= num_return_sequences"
+        )
     return config
 
 
+# Over 40 lines: the compiled function, holding the model step and both loops' entry points.
 @functools.lru_cache(maxsize=16)
 def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
     """One jitted generate per `module_key` (its module shared with the jitted forward) and mesh;
-    it compiles once per (max_length, num_beams, sampling, number of eos ids). On a mesh the
-    cache stays split by heads over "model" and by rows over "data" at every step."""
+    it compiles once per (max_length, num_beams, sampling, number of eos ids, processors,
+    num_return). On a mesh the cache stays split by heads over "model" and by rows over "data"
+    at every step."""
     module = module_for_key(key)
+    static = ("max_length", "num_beams", "sampling", "processors", "num_return")
 
-    @functools.partial(jax.jit, static_argnames=("max_length", "num_beams", "sampling"))
-    def run(params, input_ids, attention_mask, key, traced, *, max_length, num_beams, sampling):
+    @functools.partial(jax.jit, static_argnames=static)
+    def run(
+        params, input_ids, attention_mask, key, traced, *,
+        max_length, num_beams, sampling, processors, num_return,
+    ):  # fmt: skip
         input_ids = jnp.repeat(input_ids, num_beams, axis=0)
         prompt_mask = jnp.repeat(attention_mask, num_beams, axis=0)
         rows, prompt_length = input_ids.shape
@@ -424,8 +465,9 @@ def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
         if num_beams > 1:
             beam_settings = (traced["length_penalty"], traced["early_stopping"])
             return beam_search_loop(
-                tokens_to_logits, input_ids, cache, max_length, num_beams, eos, pad, *beam_settings
-            )
+                tokens_to_logits, input_ids, cache, max_length, num_beams, eos, pad,
+                *beam_settings, processors, num_return,
+            )  # fmt: skip
 
         def choose(scores, draw_key):
             if not sampling:
@@ -436,7 +478,7 @@ def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
             return jax.random.categorical(draw_key, warped, axis=-1)
 
         sequences = sample_loop(
-            tokens_to_logits, input_ids, cache, max_length, eos, pad, choose, key
+            tokens_to_logits, input_ids, cache, max_length, eos, pad, choose, key, processors
         )
         return sequences, jnp.zeros(rows, jnp.float32)
 

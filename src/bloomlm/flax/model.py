@@ -250,15 +250,22 @@ class FlaxBloomBlockCollection(nn.Module):
     config: BloomConfig
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    gradient_checkpointing: bool = False
 
     @nn.compact
     def __call__(
         self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states
     ):
         all_hidden_states, all_attentions = [], []
+        # Checkpointed blocks recompute activations in the backward pass (flags static; self is 0).
+        block_class = (
+            nn.remat(FlaxBloomBlock, static_argnums=(3, 4))
+            if self.gradient_checkpointing
+            else FlaxBloomBlock
+        )
         for index in range(self.config.n_layer):
             all_hidden_states.append(hidden_states)
-            block = FlaxBloomBlock(self.config, self.dtype, self.param_dtype, name=str(index))
+            block = block_class(self.config, self.dtype, self.param_dtype, name=str(index))
             hidden_states, probs = block(
                 hidden_states, attention_mask, deterministic, output_attentions
             )
@@ -274,10 +281,13 @@ def _tuple_if(flag: bool, values) -> tuple | None:
     return tuple(values) if flag else None
 
 
-def _scanned_blocks(config: BloomConfig) -> type[nn.Module]:
+def _scanned_blocks(config: BloomConfig, gradient_checkpointing: bool) -> type[nn.Module]:
     """All blocks as one `nn.scan` over stacked parameters (and caches): one block to compile."""
+    step = _FlaxBloomScanStep
+    if gradient_checkpointing:
+        step = nn.remat(step, static_argnums=(3, 4, 5), prevent_cse=False)
     return nn.scan(
-        _FlaxBloomScanStep,
+        step,
         variable_axes={"params": 0, "cache": 0},
         split_rngs={"params": True, "dropout": True},
         in_axes=(nn.broadcast,) * 4,
@@ -292,6 +302,7 @@ class FlaxBloomModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
+    gradient_checkpointing: bool = False
 
     def setup(self) -> None:
         self.word_embeddings = nn.Embed(
@@ -302,10 +313,11 @@ class FlaxBloomModule(nn.Module):
             param_dtype=self.param_dtype,
         )
         self.word_embeddings_layernorm = _layer_norm(self)
+        remat = self.gradient_checkpointing
         if self.scan_layers:
-            self.h = _scanned_blocks(self.config)(self.config, self.dtype, self.param_dtype)
+            self.h = _scanned_blocks(self.config, remat)(self.config, self.dtype, self.param_dtype)
         else:
-            self.h = FlaxBloomBlockCollection(self.config, self.dtype, self.param_dtype)
+            self.h = FlaxBloomBlockCollection(self.config, self.dtype, self.param_dtype, remat)
         self.ln_f = _layer_norm(self)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -358,10 +370,11 @@ class _FlaxBloomHeadModule(nn.Module):
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     scan_layers: bool = False
+    gradient_checkpointing: bool = False
 
     def _body(self) -> FlaxBloomModule:
         settings = (self.config, self.dtype, self.param_dtype, self.scan_layers)
-        return FlaxBloomModule(*settings, name=BASE_PREFIX)
+        return FlaxBloomModule(*settings, self.gradient_checkpointing, name=BASE_PREFIX)
 
 
 class FlaxBloomForCausalLMModule(_FlaxBloomHeadModule):
@@ -480,9 +493,10 @@ class FlaxBloomForQuestionAnsweringModule(_FlaxBloomHeadModule):
 
 def module_key(module: nn.Module) -> tuple:
     """What fixes a module's computation, hashable (a BloomConfig is not, so its JSON stands in):
-    (module class, config JSON, dtype, param_dtype, scan_layers)."""
-    config_json = module.config.to_json_string()
-    return (type(module), config_json, module.dtype, module.param_dtype, module.scan_layers)
+    (module class, config JSON, dtype, param_dtype, scan_layers, gradient_checkpointing)."""
+    config = BloomConfig.from_dict(module.config.to_dict(), name_or_path="")  # where: no matter
+    settings = (module.dtype, module.param_dtype, module.scan_layers, module.gradient_checkpointing)
+    return (type(module), config.to_json_string(), *settings)
 
 
 @functools.lru_cache(maxsize=32)
@@ -492,5 +506,5 @@ def module_for_key(key: tuple) -> nn.Module:
     Built from the key's JSON, not from a caller's module: a config changed after a model was made
     cannot reach a function compiled for the old one.
     """
-    module_class, config_json, dtype, param_dtype, scan_layers = key
-    return module_class(BloomConfig.from_json_string(config_json), dtype, param_dtype, scan_layers)
+    module_class, config_json, *settings = key
+    return module_class(BloomConfig.from_json_string(config_json), *settings)

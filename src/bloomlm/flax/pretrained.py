@@ -32,6 +32,7 @@ from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
 from bloomlm.errors import CheckpointError
 from bloomlm.flax import checks, files, sharding, weights
 from bloomlm.flax import model as modules
+from bloomlm.flax.hf_compat import FlaxPreTrainedModelAPI
 from bloomlm.flax.model import make_cache  # noqa: F401 (re-exported: it lived here before)
 from bloomlm.generation import GenerationConfigMixin, attach_generation_config
 
@@ -44,7 +45,7 @@ _IGNORED_LOADING_KEYWORDS = frozenset(
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
-class FlaxBloomPreTrainedModel:
+class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
     """Parameters + module + the checked call; the five public classes differ only in their module."""
 
     module_class: type = None

@@ -34,6 +34,7 @@ from bloomlm.outputs import (
 )
 from bloomlm.torch import checks
 from bloomlm.torch.cache import LayerPast, StaticCache, reorder_legacy_cache
+from bloomlm.torch.hf_compat import CausalLMAPI
 from bloomlm.torch.losses import (
     causal_lm_loss,
     question_answering_loss,
@@ -387,7 +388,7 @@ class BloomModel(BloomPreTrainedModel):
 # --------------------------------------------------------------------------------------------------
 
 
-class BloomForCausalLM(GenerationConfigMixin, _BloomHead):
+class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
     """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
 
     _tied_weights_keys = ["lm_head.weight"]

@@ -26,6 +26,7 @@ from bloomlm.generation import attach_generation_config
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 from bloomlm.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from bloomlm.torch import checks
+from bloomlm.torch.hf_compat import PreTrainedModelAPI
 from bloomlm.torch.quantize import Int8Linear, quantize_int8_, quantize_rows, tie_int8_
 
 # How the heads' parameter names start for the base model's weights ("transformer.").
@@ -48,7 +49,7 @@ _DTYPES = {
 _warned_position_ids = False
 
 
-class BloomPreTrainedModel(nn.Module):
+class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
     base_model_prefix = checkpoint_names.BASE_PREFIX
     _tied_weights_keys: list[str] = []
 
@@ -60,6 +61,7 @@ class BloomPreTrainedModel(nn.Module):
             )
         config.validate()
         self.config = config
+        self.name_or_path = config.name_or_path
         self.gradient_checkpointing = False
 
     # -- construction --------------------------------------------------------------------------------
@@ -163,7 +165,19 @@ class BloomPreTrainedModel(nn.Module):
     def gradient_checkpointing_enable(
         self, gradient_checkpointing_kwargs: dict | None = None
     ) -> None:
-        """Recompute each block in the backward pass instead of keeping its activations."""
+        """Recompute each block in the backward pass instead of keeping its activations.
+
+        Always torch's non-reentrant checkpointing: it needs no `enable_input_require_grads()`
+        for a frozen trunk, so `use_reentrant` in `gradient_checkpointing_kwargs` is accepted and
+        has no effect.
+        """
+        if gradient_checkpointing_kwargs is not None and not isinstance(
+            gradient_checkpointing_kwargs, dict
+        ):
+            raise TypeError(
+                "gradient_checkpointing_kwargs must be a dict or None, got "
+                f"{type(gradient_checkpointing_kwargs).__name__}"
+            )
         self.base_model.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
@@ -183,7 +197,7 @@ class BloomPreTrainedModel(nn.Module):
             config.use_cache if use_cache is None else use_cache,
             config.output_attentions if output_attentions is None else output_attentions,
             config.output_hidden_states if output_hidden_states is None else output_hidden_states,
-            config.return_dict if return_dict is None else return_dict,
+            config.use_return_dict if return_dict is None else return_dict,
         )
 
     def _pop_deprecated(self, deprecated_arguments: dict[str, Any]) -> None:
@@ -263,7 +277,7 @@ class BloomPreTrainedModel(nn.Module):
     # Over 40 lines because it takes transformers' many loading keywords, each by name.
     @classmethod
     def from_pretrained(
-        cls, pretrained_model_name_or_path: str | os.PathLike, *model_args, **kwargs: Any
+        cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs: Any
     ):
         """Load a model folder (or hub name) written by transformers or bloomlm.
 
@@ -289,7 +303,11 @@ class BloomPreTrainedModel(nn.Module):
             kwargs.pop(key, None)
 
         wanted = [CONFIG_NAME, *checkpoint_names.PYTORCH_WEIGHT_FILES]
-        folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
+        folder = None  # transformers' from_pretrained(None, config=..., state_dict=...): no files
+        if pretrained_model_name_or_path is not None:
+            folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
+        elif config is None or state_dict is None:
+            raise ValueError(f"{cls.__name__}.from_pretrained(None) needs config= and state_dict=")
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         dtype = _resolve_dtype(torch_dtype, config)
 
@@ -314,7 +332,8 @@ class BloomPreTrainedModel(nn.Module):
         if device is not None:
             model.to(device)
         model.eval()
-        attach_generation_config(model, folder)
+        if folder is not None:
+            attach_generation_config(model, folder)
         return (model, info) if output_loading_info else model
 
     def _assign_checkpoint(
@@ -329,7 +348,7 @@ class BloomPreTrainedModel(nn.Module):
         `tensors` (checkpoint.iter_state_dict) that happens block by block, so memory never holds a whole
         float weight, and a dtype conversion likewise never holds the float checkpoint.
         """
-        expected = dict(self.state_dict(keep_vars=True))
+        expected = dict(nn.Module.state_dict(self, keep_vars=True))  # the tied head included
         is_head = self.base_model is not self
         assigned: dict[str, torch.Tensor] = {}
         unexpected, mismatched = [], []
@@ -413,7 +432,7 @@ class _BloomHead(BloomPreTrainedModel):
     ) -> tuple[BaseModelOutputWithPastAndCrossAttentions, bool]:
         """The trunk's output (always the dataclass) and whether the head returns one."""
         self._pop_deprecated(deprecated_arguments)
-        return_dict = self.config.return_dict if return_dict is None else return_dict
+        return_dict = self.config.use_return_dict if return_dict is None else return_dict
         base = self.transformer(
             input_ids, past_key_values, attention_mask, head_mask, inputs_embeds,
             use_cache, output_attentions, output_hidden_states, return_dict=True,
