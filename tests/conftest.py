@@ -18,11 +18,21 @@ os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
 
+import fcntl  # noqa: E402
+import io  # noqa: E402
 import pathlib  # noqa: E402
+import pty  # noqa: E402
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import termios  # noqa: E402
 from collections.abc import Callable  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+import bloomlm  # noqa: E402
+from bloomlm.cli import main  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
 # Tolerances (SPEC "Tolerances"): max|ours - ref| <= tol * max(1, max|ref|) over non-padding positions.
@@ -415,3 +425,149 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI tests: the real `bloomlm` command in a subprocess (`run`), the same `main` in this process
+# for cheap output-format variants (`call`), and tiny model folders (`tiny`). `run(...,
+# block=("torch",))` runs the command with those modules unimportable: that proves a command never
+# imports them (argument errors, --help, info), or shows what a user without them (jax) sees.
+
+FIXTURE_TOKENIZER = pathlib.Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
+PACKAGE_ROOT = str(pathlib.Path(bloomlm.__file__).resolve().parent.parent)
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
+    "OMP_NUM_THREADS": "1",  # tiny models: threads only add overhead on a busy machine
+    "HF_HUB_OFFLINE": "1",
+}
+
+
+ENTRY_POINT = "from bloomlm.cli import main; sys.exit(main())"
+
+
+@pytest.fixture(scope="session")
+def console_script(tmp_path_factory) -> list[str]:
+    installed = pathlib.Path(sys.executable).parent / "bloomlm"
+    if installed.is_file():
+        return [str(installed)]
+    wrapper = tmp_path_factory.mktemp("bin") / "bloomlm"
+    wrapper.write_text(f"#!{sys.executable}\nimport sys\n{ENTRY_POINT}\n")
+    wrapper.chmod(0o755)
+    return [str(wrapper)]
+
+
+@pytest.fixture
+def run(console_script, tmp_path):
+    def run(
+        *args: str,
+        stdin: str | None = None,
+        ok: bool = True,
+        block: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ) -> subprocess.CompletedProcess:
+        command = [*console_script, *args]
+        if block:  # the same entry point, with `block` unimportable (None in sys.modules)
+            setup = f"import sys; sys.modules.update(dict.fromkeys({list(block)!r}))"
+            command = [sys.executable, "-c", f"{setup}; {ENTRY_POINT}", *args]
+        result = subprocess.run(
+            command,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env or ENV,
+            cwd=tmp_path,
+            timeout=120,
+        )
+        if ok:
+            assert result.returncode == 0, result.stderr
+        return result
+
+    return run
+
+
+@pytest.fixture
+def call(capsys, monkeypatch, tmp_path):
+    """`bloomlm.cli.main(args)` in this process: (exit status, stdout, stderr)."""
+
+    def call(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
+        monkeypatch.chdir(tmp_path)
+        if stdin is not None:
+            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+        capsys.readouterr()
+        status = main(list(args))
+        out, err = capsys.readouterr()
+        return status, out, err
+
+    return call
+
+
+def assert_one_line_error(
+    result: subprocess.CompletedProcess, fragment: str, status: int = 1
+) -> None:
+    assert result.returncode == status, result
+    assert "Traceback" not in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, one_thread):
+    """Tiny random folders for each head, with the fixture tokenizer and named labels."""
+    tokenizer = bloomlm.AutoTokenizer.from_pretrained(FIXTURE_TOKENIZER)
+    folders = {}
+    heads = {
+        "lm": (bloomlm.BloomForCausalLM, {}),
+        "cls": (
+            bloomlm.BloomForSequenceClassification,
+            {"id2label": {0: "negative", 1: "neutral", 2: "positive"}},
+        ),
+        "tag": (
+            bloomlm.BloomForTokenClassification,
+            {"id2label": {0: "O", 1: "B-PER", 2: "B-LOC"}},
+        ),
+        "qa": (bloomlm.BloomForQuestionAnswering, {}),
+    }
+    for name, (model_class, overrides) in heads.items():
+        if "id2label" in overrides:
+            overrides = {**overrides, "label2id": {v: k for k, v in overrides["id2label"].items()}}
+            overrides["num_labels"] = len(overrides["id2label"])
+        config = bloomlm.BloomConfig(
+            vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides,
+        )  # fmt: skip
+        torch.manual_seed(len(folders))
+        model = model_class(config)
+        for (
+            parameter
+        ) in model.parameters():  # larger weights than the init, so outputs differ clearly
+            torch.nn.init.normal_(parameter, std=0.5)
+        folder = tmp_path_factory.mktemp(name)
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        folders[name] = folder
+    return folders
+
+
+def on_a_terminal(command: list[str], cwd: pathlib.Path) -> str:
+    """Run `command` with stdout and stderr on one pseudo-terminal; everything it wrote."""
+    leader, follower = pty.openpty()
+    # 80 columns, as a terminal has (a new pseudo-terminal has 0, and tqdm then draws nothing).
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 80, 0, 0))
+    process = subprocess.Popen(
+        command, stdout=follower, stderr=follower, stdin=subprocess.DEVNULL, env=ENV, cwd=cwd
+    )
+    os.close(follower)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # the terminal closed: the process is done
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    assert process.wait(timeout=120) == 0
+    os.close(leader)
+    return b"".join(chunks).decode().replace("\r\n", "\n")

@@ -9,128 +9,20 @@ a torch import, so output-format variants of a command already run in a subproce
 
 from __future__ import annotations
 
-import io
 import json
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 
-import bloomlm
 from bloomlm import (
     AutoTokenizer,
-    BloomConfig,
     BloomForCausalLM,
     BloomForQuestionAnswering,
     BloomForSequenceClassification,
     BloomForTokenClassification,
 )
-from bloomlm.cli import main
 from bloomlm.tasks import answer_question, classify, tag
-
-FIXTURE_TOKENIZER = pathlib.Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
-PACKAGE_ROOT = str(pathlib.Path(bloomlm.__file__).resolve().parent.parent)
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join([PACKAGE_ROOT, os.environ.get("PYTHONPATH", "")]),
-    "OMP_NUM_THREADS": "1",  # tiny models: threads only add overhead on a busy machine
-    "HF_HUB_OFFLINE": "1",
-}
-
-
-@pytest.fixture(scope="session")
-def console_script(tmp_path_factory) -> list[str]:
-    installed = pathlib.Path(sys.executable).parent / "bloomlm"
-    if installed.is_file():
-        return [str(installed)]
-    wrapper = tmp_path_factory.mktemp("bin") / "bloomlm"
-    wrapper.write_text(
-        f"#!{sys.executable}\nimport sys\nfrom bloomlm.cli import main\nsys.exit(main())\n"
-    )
-    wrapper.chmod(0o755)
-    return [str(wrapper)]
-
-
-@pytest.fixture
-def run(console_script, tmp_path):
-    def run(*args: str, stdin: str | None = None, ok: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run(
-            [*console_script, *args],
-            input=stdin,
-            capture_output=True,
-            text=True,
-            env=ENV,
-            cwd=tmp_path,
-            timeout=120,
-        )
-        if ok:
-            assert result.returncode == 0, result.stderr
-        return result
-
-    return run
-
-
-@pytest.fixture
-def call(capsys, monkeypatch, tmp_path):
-    """`bloomlm.cli.main(args)` in this process: (exit status, stdout, stderr)."""
-
-    def call(*args: str, stdin: str | None = None) -> tuple[int, str, str]:
-        monkeypatch.chdir(tmp_path)
-        if stdin is not None:
-            monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
-        capsys.readouterr()
-        status = main(list(args))
-        out, err = capsys.readouterr()
-        return status, out, err
-
-    return call
-
-
-def assert_one_line_error(
-    result: subprocess.CompletedProcess, fragment: str, status: int = 1
-) -> None:
-    assert result.returncode == status, result
-    assert "Traceback" not in result.stderr
-    assert result.stderr.count("\n") == 1, result.stderr
-    assert fragment in result.stderr, result.stderr
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, one_thread):
-    """Tiny random folders for each head, with the fixture tokenizer and named labels."""
-    tokenizer = AutoTokenizer.from_pretrained(FIXTURE_TOKENIZER)
-    folders = {}
-    heads = {
-        "lm": (BloomForCausalLM, {}),
-        "cls": (
-            BloomForSequenceClassification,
-            {"id2label": {0: "negative", 1: "neutral", 2: "positive"}},
-        ),
-        "tag": (BloomForTokenClassification, {"id2label": {0: "O", 1: "B-PER", 2: "B-LOC"}}),
-        "qa": (BloomForQuestionAnswering, {}),
-    }
-    for name, (model_class, overrides) in heads.items():
-        if "id2label" in overrides:
-            overrides = {**overrides, "label2id": {v: k for k, v in overrides["id2label"].items()}}
-            overrides["num_labels"] = len(overrides["id2label"])
-        config = BloomConfig(
-            vocab_size=len(tokenizer), hidden_size=32, n_layer=2, n_head=4, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **overrides,
-        )  # fmt: skip
-        torch.manual_seed(len(folders))
-        model = model_class(config)
-        for (
-            parameter
-        ) in model.parameters():  # larger weights than the init, so outputs differ clearly
-            torch.nn.init.normal_(parameter, std=0.5)
-        folder = tmp_path_factory.mktemp(name)
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-        folders[name] = folder
-    return folders
+from conftest import assert_one_line_error
 
 
 def test_help_lists_every_command(run):
@@ -202,7 +94,8 @@ def test_classify_tag_answer_print_what_the_api_returns(run, call, tiny):
     assert table == [f"{e['label']}\t{e['score']:.4f}\t{t}" for e, t in zip(expected, texts)]
 
     text = "John lives in Paris"
-    printed = json.loads(run("tag", "--model", str(tiny["tag"]), "--jsonl", text).stdout)["tokens"]
+    tag_tokens = ("tag", "--model", str(tiny["tag"]), "--aggregation", "none")
+    printed = json.loads(run(*tag_tokens, "--jsonl", text).stdout)["tokens"]
     model = BloomForTokenClassification.from_pretrained(tiny["tag"])
     expected = tag(model, AutoTokenizer.from_pretrained(tiny["tag"]), text)
     assert [(p["token"], p["label"], p["start"], p["end"]) for p in printed] == [
@@ -210,9 +103,11 @@ def test_classify_tag_answer_print_what_the_api_returns(run, call, tiny):
     ]
     assert [p["score"] for p in printed] == pytest.approx([e["score"] for e in expected], abs=1e-6)
     assert "".join(p["token"] for p in printed) == text
-    table = call("tag", "--model", str(tiny["tag"]), text)[1].splitlines()
-    assert table[0].split() == ["token", "label", "score"] and len(table) == len(expected) + 1
-    assert table[1].split()[1:] == [expected[0]["label"], f"{expected[0]['score']:.4f}"]
+    table = call(*tag_tokens, text)[1].splitlines()
+    header = ["token", "label", "score", "start", "end"]
+    assert table[0].split() == header and len(table) == len(expected) + 1
+    first = expected[0]
+    assert table[1].split()[1:] == [first["label"], f"{first['score']:.4f}", "0", str(first["end"])]
 
     question, context = "Where does John live?", "John lives in Paris, the capital of France."
     answer = ("answer", "--model", str(tiny["qa"]), "--question", question, "--context", context)
@@ -275,6 +170,11 @@ def test_bad_arguments_and_missing_files_give_one_line(run, call, tiny, tmp_path
         run("generate", "--max-new-tokens", "many", "hi", ok=False), "invalid int value", status=2
     )
     assert_one_line_error(run("frobnicate", ok=False), "invalid choice", status=2)
+    assert_one_line_error(  # checked when parsed (issue 12 item 10): exit 2, nothing loaded
+        run("generate", "--max-new-tokens", "0", "hi", ok=False, block=("torch",)),
+        "--max-new-tokens must be at least 1, got 0",
+        status=2,
+    )
     assert_one_line_error(
         run("convert", str(tmp_path / "nowhere"), str(tmp_path / "dst"), ok=False), "nowhere"
     )
@@ -294,10 +194,6 @@ def test_bad_arguments_and_missing_files_give_one_line(run, call, tiny, tmp_path
     for args, fragment in [
         (("classify", "--model", str(tmp_path / "nowhere"), "hi"), "nowhere"),
         (("generate", "--model", str(tiny["lm"]), "--file", "missing.txt"), "missing.txt"),
-        (
-            ("generate", "--model", str(tiny["lm"]), "--max-new-tokens", "0", "hi"),
-            "--max-new-tokens must be at least 1",
-        ),
         (
             (
                 "finetune",

@@ -3,29 +3,35 @@ and no file-format knowledge here (those live in `bloomlm.tasks`, `bloomlm.conve
 `bloomlm.finetune`).
 
     bloomlm generate "Once upon a time"         continue text (embedded bloomlm-tiny), streamed
+    bloomlm generate -i                         a prompt loop
     bloomlm classify "I love this"              label + probability (bloomlm-tiny-sentiment)
-    bloomlm tag --model DIR "text"              token -> label table
+    bloomlm tag --model DIR "text"              word -> label table
     bloomlm answer --model DIR --question Q --context C
     bloomlm convert SRC DST [--to safetensors|bin|flax] [--dtype] [--max-shard-size]
     bloomlm info [PATH] [--batch B --length L]  shapes, parameters, bytes, memory estimate
     bloomlm finetune {seq-cls,token-cls,qa,causal-lm} --train F --eval F --out DIR
 
-Errors are one line on stderr and a non-zero exit (2 for bad arguments, 1 otherwise); `--debug`
-shows the traceback. Progress bars go to stderr, only when it is a terminal. torch, the tokenizer
-and the task modules are imported inside the command functions, so `bloomlm --help` starts fast.
+Errors are one line on stderr and a non-zero exit: 2 for a bad command line (found when it is
+parsed, before any model loads; the message names the flag and points to the command's own
+--help), 1 for everything else; `--debug`, before or after the command, shows the traceback.
+Progress bars go to stderr only when it is a terminal, and are cleared before each result is
+printed. Each command imports only what it needs: `--help`, argument errors and `info` never
+import torch.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
-from collections.abc import Iterable, Iterator
+import time
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from bloomlm import __version__
-from bloomlm.config import BloomConfig
 from bloomlm.convert import BYTES_NAME as BYTES_NAME  # re-exported from its old home
 from bloomlm.convert import (
     BYTES_PER_DTYPE,
@@ -37,60 +43,206 @@ from bloomlm.convert import (
 )
 from bloomlm.convert import HEAD_CLASSES as HEAD_CLASSES  # re-exported from its old home
 
+_STARTED = time.perf_counter()  # about when the process started: --verbose reports from here
+
 DEFAULT_LM = "bloomlm-tiny"
 DEFAULT_CLASSIFIER = "bloomlm-tiny-sentiment"
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 FINETUNE_TASKS = ("seq-cls", "token-cls", "qa", "causal-lm")
+AGGREGATIONS = ("none", "first", "average", "max")  # bloomlm.tasks.AGGREGATIONS (no torch here)
+DEVICES = "cpu, cuda, cuda:N, mps or auto"
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+
+# The CLI's own decoding defaults. Each applies only when neither a flag (or a JSONL request) nor
+# the folder's generation_config.json sets it, and the sampling ones only when sampling.
+GENERATE_DEFAULTS = {
+    "max_new_tokens": 40,
+    "do_sample": True,
+    "temperature": 0.8,
+    "top_k": 50,
+    "top_p": 0.95,
+    "repetition_penalty": 1.2,
+}
+# GenerationConfig's own values of the sampling-only settings: greedy decoding with nothing ignored.
+_NOT_SAMPLING = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# generate flags that are generate() keywords; a JSONL request may set each of them, too.
+_DECODING_FLAGS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "num_beams",
+    "num_return_sequences",
+    "no_repeat_ngram_size",
+)
+_REQUEST_KEYS = ("prompt", *_DECODING_FLAGS, "seed", "stop", "ignore_eos")
+# Below this many parameters one CPU thread is fastest: each op is too small to split, and on a
+# busy machine a second thread only waits.
+SMALL_MODEL_PARAMETERS = 20_000_000
+# The part of each model class a folder may lack, and the finetune task that trains it.
+_HEADS = {
+    "BloomForCausalLM": ("lm_head", "causal-lm"),
+    "BloomForSequenceClassification": ("score", "seq-cls"),
+    "BloomForTokenClassification": ("classifier", "token-cls"),
+    "BloomForQuestionAnswering": ("qa_outputs", "qa"),
+}
 
 
 class CommandError(Exception):
     """A user-facing problem: printed as one line, exit status 1."""
 
 
+class UsageError(CommandError):
+    """A command-line problem found while running: one line pointing to --help, exit status 2."""
+
+
+# -- parser machinery ------------------------------------------------------------------------------
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help line ends with its default (None and on/off flags have none to show)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if "%(default)" in text or default is None or default is argparse.SUPPRESS:
+            return text
+        if isinstance(default, bool) or (not action.option_strings and action.nargs != "?"):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a bad argument is one line on stderr (pointing to --help), exit status 2."""
+    """argparse, but a bad argument is one line on stderr (pointing to this command's --help),
+    exit status 2, and every help page shows the defaults."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-# -- shared helpers --------------------------------------------------------------------------------
+Check = Callable[[Any], "str | None"]
 
 
-def _progress(iterable: Iterable, total: int | None, description: str) -> Iterable:
-    """A tqdm bar on a terminal, the bare iterable when stderr is piped or a file."""
-    if not sys.stderr.isatty():
-        return iterable
-    from tqdm.auto import tqdm
-
-    return tqdm(iterable, total=total, desc=description, leave=False)
+def _at_least(low: int) -> Check:
+    return lambda value: None if value >= low else f"must be at least {low}, got {value}"
 
 
-def _bar(total: int, description: str) -> Any:
-    """A tqdm bar to update by hand (a no-op object when stderr is not a terminal)."""
-    from tqdm.auto import tqdm
+def _between(
+    low: float, high: float | None = None, *, low_open: bool = False, high_open: bool = False
+) -> Check:
+    """A range check; the message writes the range as an interval: "must be in (0, 1], got 1.5"."""
 
-    return tqdm(total=total, desc=description, leave=False, disable=not sys.stderr.isatty())
+    def check(value: float) -> str | None:
+        above = value > low if low_open else value >= low
+        below = high is None or (value < high if high_open else value <= high)
+        if above and below:
+            return None
+        if high is None:
+            return f"must be {'>' if low_open else '>='} {low}, got {value}"
+        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+        return f"must be in {interval}, got {value}"
+
+    return check
 
 
-def _read_lines(args: argparse.Namespace, positional: list[str]) -> list[str]:
-    """Texts from the command line, else `--file` (one per line), else stdin when it is piped."""
+def _device_check(value: str) -> str | None:
+    return None if _DEVICE.fullmatch(value) else f"must be {DEVICES}, got {value!r}"
+
+
+def _size_check(value: str) -> str | None:
+    from bloomlm.files import parse_size
+
+    try:
+        parse_size(value)
+    except ValueError:
+        return f"must be a size such as 5GB, 200MB or 10KiB, got {value!r}"
+    return None
+
+
+def _checked(action: argparse.Action, check: Check) -> argparse.Action:
+    action.check = check  # run by _check_arguments once the command line is parsed
+    return action
+
+
+def _check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Range checks of single options, then the command's checks across options: parser.error on
+    the first problem, so a bad value never waits for a model to load."""
+    for action in parser._actions:
+        check = getattr(action, "check", None)
+        value = getattr(args, action.dest, None)
+        if check is None or value is None:
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            message = check(item)
+            if message:
+                parser.error(f"{action.option_strings[0]} {message}")
+    validate = getattr(args, "validate", None)
+    message = validate(args) if validate is not None else None
+    if message:
+        parser.error(message)
+
+
+def _given_options(argv: list[str]) -> set[str]:
+    """The option names (dests) written on the command line `argv`, defaults left out."""
+    parser = build_parser()
+    pending = [parser]
+    while pending:  # every (sub)parser: options default to "absent"
+        current = pending.pop()
+        for action in current._actions:
+            action.default = argparse.SUPPRESS
+            if isinstance(action, argparse._SubParsersAction):
+                pending.extend(action.choices.values())
+    args, _ = parser.parse_known_args(argv)
+    return set(vars(args))
+
+
+# -- input, output and progress --------------------------------------------------------------------
+
+
+class _Line(NamedTuple):
+    text: str
+    where: str  # "line 3 of FILE" for messages; "" for a command-line argument
+
+
+def _read_lines(args: argparse.Namespace, positional: list[str]) -> list[_Line]:
+    """Texts from the command line, else `--file` (one per line; '-' is stdin), else piped stdin."""
     if positional:
-        return positional
-    if getattr(args, "file", None):
-        path = Path(args.file)
-        if not path.is_file():
-            raise CommandError(f"--file {path}: no such file")
-        lines = path.read_text(encoding="utf-8").splitlines()
-    elif not sys.stdin.isatty():
-        lines = sys.stdin.read().splitlines()
-    else:
-        raise CommandError(
+        return [_Line(text, "") for text in positional]
+    source = getattr(args, "file", None)
+    text, name = _read_input(source, "--file")
+    if getattr(args, "one_prompt", False):
+        return [_Line(text.rstrip("\n"), name)] if text.strip() else []
+    return [
+        _Line(line, f"line {number} of {name}")
+        for number, line in enumerate(text.splitlines(), 1)
+        if line.strip()
+    ]
+
+
+def _read_input(source: str | None, flag: str) -> tuple[str, str]:
+    """(text, name for messages) of `source`: a file, '-' for stdin, or None for piped stdin."""
+    if source == "-" or (source is None and not sys.stdin.isatty()):
+        return sys.stdin.read(), "stdin"
+    if source is None:
+        raise UsageError(
             "no input: give the text as an argument, pass --file FILE, or pipe lines on stdin"
         )
-    lines = [line for line in lines if line.strip()]
+    path = Path(source)
+    if not path.is_file():
+        raise CommandError(f"{flag} {path}: no such file")
+    return path.read_text(encoding="utf-8"), str(path)
+
+
+def _nonempty(lines: list[_Line], args: argparse.Namespace) -> list[_Line]:
     if not lines:
-        raise CommandError("no input: the file or stdin holds no non-empty lines")
+        where = "stdin" if getattr(args, "file", None) in (None, "-") else args.file
+        raise CommandError(f"no input: {where} holds no non-empty lines")
     return lines
 
 
@@ -99,11 +251,60 @@ def _chunks(items: list, size: int) -> Iterator[list]:
         yield items[start : start + size]
 
 
-def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
-    """(model, tokenizer) for `args.model` with `--dtype` and `--device` applied."""
+class _Progress:
+    """A tqdm bar on stderr when it is a terminal (else nothing), and the way to print results
+    while it shows: the bar is cleared first and redrawn after, so a result never glues onto it."""
+
+    def __init__(self, total: int, description: str, unit: str = "it") -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            scale = {"unit_scale": True, "unit_divisor": 1024} if unit == "B" else {}
+            self.bar = tqdm(
+                total=total, desc=description, unit=unit, leave=False, file=sys.stderr, **scale
+            )
+
+    def update(self, n: int = 1) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def set(self, done: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.update(done - self.bar.n)
+
+    def print(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.clear()
+        print(text, flush=True)
+        if self.bar is not None:
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _json_line(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# -- loading ---------------------------------------------------------------------------------------
+
+
+def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: Any) -> tuple:
+    """(model, tokenizer) for `args.model` with --dtype, --device and --threads applied.
+
+    Refuses a folder whose weights lack part of the model: its answers would come from random
+    weights (a head never trained for this task, most often).
+    """
+    from bloomlm.config import BloomConfig
+
+    config = BloomConfig.from_pretrained(args.model)
+    _set_threads(args, config, model_class_name)
     import bloomlm
 
-    model_class = getattr(bloomlm, model_class_name)
     kwargs: dict[str, Any] = {}
     if args.dtype == "int8":
         kwargs["quantize"] = "int8"
@@ -115,15 +316,73 @@ def _load(model_class_name: str, args: argparse.Namespace) -> tuple[Any, Any]:
         kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
     if args.device:
         kwargs["device_map"] = args.device
-    if getattr(args, "rank_of_tensor_parallel_job", False):
-        kwargs["tp_plan"] = "auto"  # one rank of `--tensor-parallel N` (_generate_tensor_parallel)
-    bar = _bar(2, f"loading {args.model}")
-    tokenizer = bloomlm.AutoTokenizer.from_pretrained(args.model)
-    bar.update(1)
-    model = model_class.from_pretrained(args.model, **kwargs)
-    bar.update(1)
+    if getattr(args, "tensor_parallel_rank", False):
+        kwargs["tp_plan"] = "auto"  # one process of `generate --tensor-parallel N`
+    bar = _Progress(2, f"loading {args.model}")
+    tokenizer = bloomlm.AutoTokenizer.from_pretrained(args.model, **tokenizer_kwargs)
+    bar.update()
+    model = _from_pretrained(getattr(bloomlm, model_class_name), args.model, kwargs)
+    bar.update()
     bar.close()
     return model, tokenizer
+
+
+def _set_threads(args: argparse.Namespace, config: Any, model_class_name: str) -> None:
+    """torch's CPU threads: --threads, else one for a small model (see SMALL_MODEL_PARAMETERS)."""
+    import torch
+
+    threads = getattr(args, "threads", None)
+    if threads is None and parameter_count(config, model_class_name) < SMALL_MODEL_PARAMETERS:
+        threads = 1
+    if threads is not None:
+        torch.set_num_threads(threads)
+
+
+def _from_pretrained(model_class: Any, name: str, kwargs: dict[str, Any]) -> Any:
+    from bloomlm.errors import CheckpointNotFoundError
+
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model, info = model_class.from_pretrained(name, output_loading_info=True, **kwargs)
+    except CheckpointNotFoundError:
+        _refuse_flax_only(name)
+        raise
+    missing = info["missing_keys"]
+    if missing:  # the refusal says it all; the library's warning about it would repeat it
+        raise CommandError(_untrained_message(name, model_class.__name__, missing))
+    for warning in caught:  # the folder is usable: pass on what the library warned about
+        warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    return model
+
+
+def _untrained_message(name: str, class_name: str, missing: list[str]) -> str:
+    head, task = _HEADS.get(class_name, ("", ""))
+    shown = ", ".join(missing[:3]) + (", ..." if len(missing) > 3 else "")
+    train = (
+        f"train one with `bloomlm finetune {task} --model {name} --train FILE --out DIR`, "
+        "then pass --model DIR"
+    )
+    if head and all(key.split(".")[0] == head for key in missing):
+        return f"{name} has no trained {head} head ({shown} not in its weights): {train}"
+    return f"{name} lacks weights this command needs ({shown}), so it would answer at random"
+
+
+def _refuse_flax_only(name: str) -> None:
+    """A clearer error for a folder holding only Flax weights: the commands run PyTorch."""
+    from bloomlm.convert import weight_formats
+    from bloomlm.hub import resolve_model_dir
+
+    try:
+        formats = weight_formats(resolve_model_dir(name, ["config.json"]))
+    except Exception:  # the original error says more than a second failure would
+        return
+    if formats == {"flax"}:
+        raise CommandError(
+            f"{name} holds only Flax weights (flax_model.msgpack) and the commands run PyTorch: "
+            f"convert them once with `bloomlm convert {name} {name}-pytorch`, then pass "
+            f"--model {name}-pytorch"
+        )
 
 
 def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
@@ -134,100 +393,454 @@ def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
         )
 
 
-def _check_positive(args: argparse.Namespace, *names: str) -> None:
-    for name in names:
-        if getattr(args, name) < 1:
-            option = name.replace("_", "-")
-            raise CommandError(f"--{option} must be at least 1, got {getattr(args, name)}")
-
-
-def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False), flush=True)
-
-
 # -- generate --------------------------------------------------------------------------------------
 
 
-def _generate_options(args: argparse.Namespace, pad_token_id: int | None) -> dict[str, Any]:
-    """`generate()` keywords from the decoding options (sampling ones only when temperature > 0)."""
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "do_sample": args.temperature > 0,
-        "num_beams": args.num_beams,
-        "repetition_penalty": args.repetition_penalty,
-        "pad_token_id": pad_token_id,
-    }
-    if args.temperature > 0:
-        options |= {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    return options
+# Plain classes rather than dataclasses here: importing `dataclasses` (and `inspect`) would cost
+# `bloomlm --help` a fifth of its time.
+
+
+class _Request:
+    """One prompt and how to continue it: the decoding flags given, overridden by its JSONL line."""
+
+    def __init__(
+        self, prompt: str, given: dict[str, Any], seed: int | None, stop: tuple, ignore_eos: bool
+    ) -> None:
+        self.prompt = prompt
+        self.given = given  # generate() keywords set by a flag or the request
+        self.seed, self.stop, self.ignore_eos = seed, stop, ignore_eos
+
+    def group(self) -> str:
+        """Requests with the same group run in one batch."""
+        return json.dumps([self.given, self.seed, self.stop, self.ignore_eos], sort_keys=True)
+
+
+class _Stats:
+    """What --verbose reports."""
+
+    def __init__(self, loaded_in: float) -> None:
+        self.tokens, self.seconds, self.loaded_in = 0, 0.0, loaded_in
+        self.first_token_at: float | None = None
+
+    def report(self) -> str:
+        rate = self.tokens / self.seconds if self.seconds else 0.0
+        line = f"{self.tokens} new tokens in {self.seconds:.2f} s ({rate:.1f} tokens/s)"
+        if self.first_token_at is not None:
+            line += f"; first token {self.first_token_at - _STARTED:.2f} s after start"
+        return f"{line}; model loaded in {self.loaded_in:.2f} s"
+
+
+def _decoding_settings(given: dict[str, Any], folder: dict[str, Any]) -> dict[str, Any]:
+    """generate() keywords: `given` (flags, a JSONL request), over the folder's generation config
+    (`folder`: what its generation_config.json sets), over GENERATE_DEFAULTS.
+
+    `temperature` 0 means plain greedy. Greedy decoding (that, or a folder that does not sample)
+    gets none of the CLI's sampling defaults, no default repetition penalty, and the sampling-only
+    settings reset, so the library has nothing to ignore or warn about.
+    """
+    settings = {k: v for k, v in GENERATE_DEFAULTS.items() if k not in folder}
+    if "max_length" in folder:
+        settings.pop("max_new_tokens", None)
+    given = dict(given)
+    if "temperature" in given:
+        temperature = given.pop("temperature")
+        settings["do_sample"] = temperature > 0
+        if temperature > 0:
+            settings["temperature"] = temperature
+    if not settings.get("do_sample", folder.get("do_sample", False)):
+        settings.pop("repetition_penalty", None)  # present only as the CLI's default
+        settings |= _NOT_SAMPLING
+    return settings | given
+
+
+def _folder_settings(name: str) -> dict[str, Any]:
+    """The generation settings the model folder's generation_config.json sets (token ids and
+    bookkeeping left out), each exactly as written: they win over the CLI's defaults."""
+    from bloomlm.files import read_json_object
+    from bloomlm.generation import GENERATION_CONFIG_NAME
+    from bloomlm.hub import resolve_model_dir
+
+    path = resolve_model_dir(name, ["config.json"]) / GENERATION_CONFIG_NAME
+    if not path.is_file():
+        return {}
+    skip = {"bos_token_id", "eos_token_id", "pad_token_id", "_from_model_config"}
+    skip |= {"transformers_version", "_commit_hash"}
+    return {k: v for k, v in read_json_object(path).items() if k not in skip}
+
+
+class _Generator:
+    """What every generate path needs: the model, its tokenizer, its folder's generation
+    settings, and the counts --verbose reports."""
+
+    def __init__(self, model: Any, tokenizer: Any, folder: dict[str, Any], stats: _Stats) -> None:
+        self.model, self.tokenizer, self.folder, self.stats = model, tokenizer, folder, stats
+
+    def keywords(self, request: _Request) -> dict[str, Any]:
+        """generate() keywords for `request`."""
+        settings = _decoding_settings(request.given, self.folder)
+        if request.ignore_eos:  # never end at the end-of-text token: it is never chosen
+            settings["suppress_tokens"] = self.eos_ids()
+        return settings
+
+    def eos_ids(self) -> list[int]:
+        eos = self.model.generation_config.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    def run(self, request: _Request, inputs: Any, **extra: Any) -> Any:
+        """model.generate on `inputs` for `request` (stop strings included); the sequences."""
+        length = inputs["input_ids"].shape[1]
+        criteria = []
+        if request.stop:
+            criteria.append(_StopStrings(self.tokenizer, request.stop, length, self.eos_ids()))
+        started = time.perf_counter()
+        sequences = self.model.generate(
+            **inputs, stopping_criteria=criteria, **self.keywords(request), **extra
+        )
+        self.stats.seconds += time.perf_counter() - started
+        new = sequences[:, length:]
+        pad = self.model.generation_config.pad_token_id
+        self.stats.tokens += int((new != pad).sum()) if pad is not None else new.numel()
+        return sequences
+
+
+def _stop_index(text: str, stops: tuple[str, ...]) -> int | None:
+    """Where the first stop string in `text` begins, or None."""
+    found = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return min(found) if found else None
+
+
+def _cut(text: str, stops: tuple[str, ...]) -> str:
+    index = _stop_index(text, stops)
+    return text if index is None else text[:index]
+
+
+class _StopStrings:
+    """A stopping criterion: every row's new text holds a stop string or has ended (end of text)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], prompt_length: int, eos: list[int]):
+        self.tokenizer, self.stops = tokenizer, stops
+        self.prompt_length, self.eos = prompt_length, set(eos)
+
+    def __call__(self, input_ids: Any, scores: Any) -> bool:
+        for row in input_ids[:, self.prompt_length :].tolist():
+            ended = any(token in self.eos for token in row)
+            text = self.tokenizer.decode(row, skip_special_tokens=True)
+            if not ended and _stop_index(text, self.stops) is None:
+                return False
+        return True
+
+
+class _StreamPrinter:
+    """generate()'s streamer for one prompt: writes the continuation as it is made, holding back
+    an unfinished character and any text that may still turn into a stop string (never shown)."""
+
+    def __init__(self, tokenizer: Any, stops: tuple[str, ...], stats: _Stats) -> None:
+        self.tokenizer, self.stops, self.stats = tokenizer, stops, stats
+        self.ids: list[int] = []
+        self.shown = 0
+        self.prompt_seen = False
+        self.hold = max((len(s) for s in stops), default=1) - 1
+
+    def put(self, value: Any) -> None:
+        if not self.prompt_seen:  # generate() passes the prompt first
+            self.prompt_seen = True
+            return
+        if self.stats.first_token_at is None:
+            self.stats.first_token_at = time.perf_counter()
+        self.ids += value.reshape(-1).tolist()
+        self._show(final=False)
+
+    def end(self) -> None:
+        self._show(final=True)
+
+    def text(self) -> str:
+        return _cut(self.tokenizer.decode(self.ids, skip_special_tokens=True), self.stops)
+
+    def _show(self, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        end = _stop_index(text, self.stops)
+        if end is None and not final:
+            # Held back: a character still missing bytes, a space the next token may clean up,
+            # and what could be the start of a stop string.
+            end = len(text.rstrip("\ufffd").rstrip(" ")) - self.hold
+        end = len(text) if end is None else end
+        if end > self.shown:
+            sys.stdout.write(text[self.shown : end])
+            sys.stdout.flush()
+            self.shown = end
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import torch
-
-    from bloomlm import TextStreamer
-
-    if getattr(args, "tensor_parallel", None):
+    if args.tensor_parallel:
         return _generate_tensor_parallel(args)
-    prompts = _read_lines(args, args.prompt)
-    _check_positive(args, "max_new_tokens", "num_beams", "batch_size")
-    if args.temperature < 0:
-        raise CommandError(f"--temperature must be >= 0 (0 means greedy), got {args.temperature}")
+    lines = [] if args.interactive else _nonempty(_read_lines(args, args.prompt), args)
+    requests = [_request(args, line) for line in lines]
     if args.seed is not None:
+        import torch
+
         torch.manual_seed(args.seed)
+    started = time.perf_counter()
     model, tokenizer = _load("BloomForCausalLM", args)
-    options = _generate_options(args, tokenizer.pad_token_id)
-    if len(prompts) == 1 and args.num_beams == 1 and not args.jsonl:
-        # One prompt: stream, printing each word as soon as it is final.
-        inputs = tokenizer(prompts, return_tensors="pt").to(model.device)
-        streamer = TextStreamer(tokenizer, skip_prompt=args.only_new, skip_special_tokens=True)
-        model.generate(**inputs, streamer=streamer, **options)
-        return 0
-    _generate_batches(args, model, tokenizer, prompts, options)
+    stats = _Stats(loaded_in=time.perf_counter() - started)
+    generator = _Generator(model, tokenizer, _folder_settings(args.model), stats)
+    if args.interactive:
+        _interactive(args, generator)
+    elif _streams(args, requests):
+        if not args.only_new:
+            sys.stdout.write(requests[0].prompt)
+        _stream(generator, requests[0])
+        print(flush=True)
+    else:
+        _generate_batches(args, generator, requests)
+    if args.verbose:
+        print(f"bloomlm generate: {stats.report()}", file=sys.stderr)
     return 0
 
 
 def _generate_tensor_parallel(args: argparse.Namespace) -> int:
-    """`--tensor-parallel N`: the same command in N processes (torch.distributed.run's API), the
-    model split over them; every rank picks the same tokens and rank 0 prints them."""
+    """`--tensor-parallel N`: this command in N processes started through torch.distributed.run's
+    API, the model split over them (bloomlm.torch.tensor_parallel); every process picks the same
+    tokens and the first prints them. Piped prompts are read here and handed on in a file."""
+    import os
+    import tempfile
+
+    from bloomlm.config import BloomConfig
     from bloomlm.sharding_plan import check_tensor_parallel
     from bloomlm.torch.tensor_parallel import launch
 
+    if args.interactive:
+        raise UsageError("--tensor-parallel reads its prompts before it starts: drop -i")
     if args.device and not args.device.startswith("cpu"):
-        raise CommandError("--tensor-parallel runs on CPU processes (gloo); drop --device")
-    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, args.tensor_parallel)
-    args.prompt = _read_lines(args, args.prompt)  # read once: the ranks get the same prompts
-    args.rank_of_tensor_parallel_job, ways, args.tensor_parallel = True, args.tensor_parallel, None
-    launch(_generate_on_rank, ways, args)
-    return 0
+        raise UsageError("--tensor-parallel runs CPU processes (gloo): drop --device")
+    ways = args.tensor_parallel
+    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
+    argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
+    if args.threads is None:  # the cores shared by the processes
+        argv += ["--threads", str(max(1, (os.cpu_count() or 1) // ways))]
+    with tempfile.TemporaryDirectory() as folder:
+        if not args.prompt and args.file in (None, "-"):  # the processes cannot read this stdin
+            text, _ = _read_input(args.file, "--file")
+            (Path(folder) / "prompts.txt").write_text(text, encoding="utf-8")
+            argv += ["--file", str(Path(folder) / "prompts.txt")]
+        return max(launch(_generate_on_rank, ways, argv))
 
 
-def _generate_on_rank(args: argparse.Namespace) -> int:
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE`."""
+    kept, skip = [], False
+    for item in argv:
+        if skip or item.startswith(option + "="):
+            skip = False
+            continue
+        skip = item == option
+        if not skip:
+            kept.append(item)
+    return kept
+
+
+def _generate_on_rank(argv: list[str]) -> int:
+    """One process of `generate --tensor-parallel N`: all but the first print nothing."""
     import os
 
     if os.environ.get("RANK", "0") != "0":
-        sys.stdout = open(os.devnull, "w")  # the ranks print the same text: rank 0 shows it
-    return _generate(args)
+        sys.stdout = open(os.devnull, "w")
+    return main(argv)
+
+
+def _request(args: argparse.Namespace, line: _Line) -> _Request:
+    """The request for one input line: the flags, overridden by the line's JSON when --jsonl."""
+    given = {name: getattr(args, name) for name in _DECODING_FLAGS}
+    request = _Request(
+        line.text,
+        {k: v for k, v in given.items() if v is not None},
+        args.seed,
+        tuple(args.stop or ()),
+        args.ignore_eos,
+    )
+    if args.jsonl and line.where and line.text.lstrip().startswith("{"):
+        _apply_json_request(request, line, args.command_parser)
+    return request
+
+
+def _apply_json_request(request: _Request, line: _Line, parser: argparse.ArgumentParser) -> None:
+    try:
+        values = json.loads(line.text)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"{line.where} is not JSON ({err.msg})") from None
+    prompt = values.get("prompt") if isinstance(values, dict) else None
+    if not isinstance(prompt, str) or not prompt:
+        raise CommandError(f'{line.where}: a request needs a non-empty "prompt" string')
+    unknown = sorted(set(values) - set(_REQUEST_KEYS))
+    if unknown:
+        raise CommandError(f"{line.where}: unknown keys {unknown}; allowed: {list(_REQUEST_KEYS)}")
+    actions = {action.dest: action for action in parser._actions}
+    request.prompt = prompt
+    for key, value in values.items():
+        if key != "prompt":
+            _set_request_value(request, key, value, actions[key], line.where)
+
+
+def _set_request_value(
+    request: _Request, key: str, value: Any, action: argparse.Action, where: str
+) -> None:
+    if key == "stop":
+        stops = [value] if isinstance(value, str) else value
+        if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+            raise CommandError(f'{where}: "stop" must be a string or a list of non-empty strings')
+        request.stop = tuple(stops)
+        return
+    wanted = bool if key == "ignore_eos" else action.type
+    if wanted is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    if type(value) is not wanted:
+        raise CommandError(f'{where}: "{key}" must be {wanted.__name__}, got {value!r}')
+    message = getattr(action, "check", lambda _: None)(value)
+    if message:
+        raise CommandError(f'{where}: "{key}" {message}')
+    if key in ("seed", "ignore_eos"):
+        setattr(request, key, value)
+    else:
+        request.given[key] = value
+
+
+def _streams(args: argparse.Namespace, requests: list[_Request]) -> bool:
+    """One prompt, one continuation, no beams and text output: print it word by word."""
+    if len(requests) != 1 or args.jsonl:
+        return False
+    given = requests[0].given
+    return given.get("num_beams", 1) == 1 and given.get("num_return_sequences", 1) == 1
+
+
+def _stream(generator: _Generator, request: _Request) -> str:
+    """Generate one continuation, printing it as it grows; the continuation."""
+    tokenizer = generator.tokenizer
+    inputs = tokenizer([request.prompt], return_tensors="pt").to(generator.model.device)
+    streamer = _StreamPrinter(tokenizer, request.stop, generator.stats)
+    generator.run(request, inputs, streamer=streamer)
+    return streamer.text()
 
 
 def _generate_batches(
-    args: argparse.Namespace, model: Any, tokenizer: Any, prompts: list[str], options: dict
+    args: argparse.Namespace, generator: _Generator, requests: list[_Request]
 ) -> None:
-    batches = list(_chunks(prompts, args.batch_size))
-    first = True
-    for batch in _progress(batches, len(batches), "generating"):
-        inputs = tokenizer(batch, padding=True, return_tensors="pt").to(model.device)
-        sequences = model.generate(**inputs, **options)
-        new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
-        continuations = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
-        for prompt, continuation in zip(batch, continuations):
-            if args.jsonl:  # one line per prompt, whatever the text holds
-                _print_json({"prompt": prompt, "generated": continuation})
-                continue
-            if not first:
-                print()  # texts may hold newlines: a blank line between results
-            print(continuation if args.only_new else prompt + continuation, flush=True)
-            first = False
+    """Requests with the same settings in batches of --batch-size; results printed in input order
+    as soon as every earlier one is."""
+    groups: dict[str, list[int]] = {}
+    for index, request in enumerate(requests):
+        groups.setdefault(request.group(), []).append(index)
+    batches = [chunk for indices in groups.values() for chunk in _chunks(indices, args.batch_size)]
+    results: dict[int, list[str]] = {}
+    printed = 0
+    bar = _Progress(len(batches), "generating")
+    for batch in batches:
+        results |= dict(zip(batch, _generate_batch(generator, [requests[i] for i in batch])))
+        while printed in results:
+            _print_result(args, bar, requests, printed, results.pop(printed))
+            printed += 1
+        bar.update()
+    bar.close()
+
+
+def _generate_batch(generator: _Generator, requests: list[_Request]) -> list[list[str]]:
+    """The continuations of each request (num_return_sequences of them), cut at stop strings.
+    The requests share their settings (one group)."""
+    import torch
+
+    first = requests[0]
+    if first.seed is not None:
+        torch.manual_seed(first.seed)
+    prompts = [request.prompt for request in requests]
+    tokenizer = generator.tokenizer
+    inputs = tokenizer(prompts, padding=True, return_tensors="pt").to(generator.model.device)
+    sequences = generator.run(first, inputs)
+    new_tokens = sequences[:, inputs["input_ids"].shape[1] :]
+    texts = tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+    texts = [_cut(text, first.stop) for text in texts]
+    per_prompt = len(texts) // len(requests)
+    return [texts[i : i + per_prompt] for i in range(0, len(texts), per_prompt)]
+
+
+def _print_result(
+    args: argparse.Namespace, bar: _Progress, requests: list[_Request], index: int, texts: list[str]
+) -> None:
+    prompt = requests[index].prompt
+    if args.jsonl:  # one line per prompt, whatever the text holds
+        generated: str | list[str] = texts[0] if len(texts) == 1 else texts
+        bar.print(_json_line({"prompt": prompt, "generated": generated}))
+        return
+    several = len(requests) > 1 or len(texts) > 1
+    for number, text in enumerate(texts, 1):
+        if several:  # texts may hold blank lines: a header line before each result
+            which = f", sequence {number}" if len(texts) > 1 else ""
+            bar.print(f"==> prompt {index + 1}{which} <==")
+        bar.print(text if args.only_new else prompt + text)
+
+
+def _interactive(args: argparse.Namespace, generator: _Generator) -> None:
+    """`generate -i`: read a prompt, stream its continuation, repeat until end of input (Ctrl-D).
+    Ctrl-C stops the continuation being written and asks for the next prompt (at the prompt, it
+    ends the loop)."""
+    history: list[dict[str, str]] = []
+    ask = "> " if sys.stdin.isatty() else ""
+    while True:
+        try:
+            sys.stderr.write(ask)
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return
+        if not line:
+            return
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        prompt = _render_turn(generator.tokenizer, history, text)
+        try:
+            reply = _stream(generator, _request(args, _Line(prompt, "")))
+        except KeyboardInterrupt:
+            reply = ""
+        print(flush=True)
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def _render_turn(tokenizer: Any, history: list[dict[str, str]], text: str) -> str:
+    """The text `generate -i` continues for the user's line `text` after the turns in `history`.
+
+    Hook for chat templates: a folder whose tokenizer has one renders history + the new user turn
+    with it here (the chat-template issue). Until then every turn continues the line alone.
+    """
+    return text
+
+
+def _check_generate(args: argparse.Namespace) -> str | None:
+    if args.interactive and (args.prompt or args.file or args.jsonl):
+        return "-i reads prompts from the terminal: drop the prompt arguments, --file and --jsonl"
+    message = _check_inputs(args, args.prompt, "prompt")
+    if message:
+        return message
+    beams, sequences = args.num_beams or 1, args.num_return_sequences or 1
+    if beams > 1 and sequences > beams:
+        return f"--num-return-sequences ({sequences}) must be at most --num-beams ({beams})"
+    if sequences > 1 and beams == 1 and args.temperature == 0:
+        return "--num-return-sequences > 1 needs sampling (--temperature > 0) or --num-beams"
+    if None not in (args.min_new_tokens, args.max_new_tokens):
+        if args.min_new_tokens > args.max_new_tokens:
+            return (
+                f"--min-new-tokens ({args.min_new_tokens}) must be at most "
+                f"--max-new-tokens ({args.max_new_tokens})"
+            )
+    return None
+
+
+def _check_inputs(args: argparse.Namespace, texts: list[str], noun: str) -> str | None:
+    if texts and getattr(args, "file", None):
+        return f"give {noun}s as arguments or with --file, not both"
+    if texts and getattr(args, "one_prompt", False):
+        return "--one-prompt reads --file or stdin: drop the prompt arguments"
+    if any(not text for text in texts):
+        return f"the {noun} is empty"
+    return None
 
 
 # -- classify, tag, answer -------------------------------------------------------------------------
@@ -236,60 +849,139 @@ def _generate_batches(
 def _classify(args: argparse.Namespace) -> int:
     from bloomlm.tasks import classify
 
-    texts = _read_lines(args, args.text)
-    _check_positive(args, "batch_size")
+    texts = [line.text for line in _nonempty(_read_lines(args, args.text), args)]
     model, tokenizer = _load("BloomForSequenceClassification", args)
     batches = list(_chunks(texts, args.batch_size))
-    for batch in _progress(batches, len(batches), "classifying"):
-        for text, result in zip(
-            batch, classify(model, tokenizer, batch, batch_size=args.batch_size)
-        ):
-            if args.jsonl:
-                _print_json({"text": text, **result})
-            else:
-                print(f"{result['label']}\t{result['score']:.4f}\t{text}", flush=True)
+    bar = _Progress(len(batches), "classifying")
+    for batch in batches:
+        results = classify(
+            model,
+            tokenizer,
+            batch,
+            batch_size=args.batch_size,
+            max_length=args.max_length,
+            top_k=args.top_k,
+            threshold=args.threshold,
+        )
+        for text, result in zip(batch, results):
+            bar.print(_classify_line(args, text, result))
+        bar.update()
+    bar.close()
     return 0
+
+
+def _classify_line(args: argparse.Namespace, text: str, result: dict[str, Any]) -> str:
+    if args.jsonl:
+        return _json_line({"text": text, **result})
+    if (
+        args.top_k == 1
+        and len(result["labels"]) == 1
+        and result["labels"][0]["label"] == result["label"]
+    ):
+        return f"{result['label']}\t{result['score']:.4f}\t{text}"
+    pairs = [f"{item['label']}\t{item['score']:.4f}" for item in result["labels"]]
+    return "\t".join([*pairs, text]) if pairs else f"-\t\t{text}"
 
 
 def _tag(args: argparse.Namespace) -> int:
     _require_model(args, "token-classification", "token-cls")
     from bloomlm.tasks import tag
 
-    model, tokenizer = _load("BloomForTokenClassification", args)
-    for text in _read_lines(args, args.text):
-        rows = tag(model, tokenizer, text)
+    lines = _nonempty(_read_lines(args, args.text), args)
+    words = args.aggregation != "none"  # pre-split words, tokenized as training does
+    model, tokenizer = _load("BloomForTokenClassification", args, add_prefix_space=words)
+    key = "words" if words else "tokens"
+    for line in lines:
+        rows = tag(model, tokenizer, line.text, args.aggregation, args.max_length)
+        covered = rows[-1]["end"] if rows else 0
+        if line.text[covered:].strip():
+            print(
+                f"bloomlm tag: note: only the first {covered} characters were tagged "
+                "(the text is longer than --max-length tokens)",
+                file=sys.stderr,
+            )
         if args.jsonl:
-            _print_json({"text": text, "tokens": rows})
+            print(_json_line({"text": line.text, key: rows}), flush=True)
             continue
-        width = max([len("token"), *(len(repr(r["token"])) for r in rows)])
-        print(f"{'token':<{width}}  label\tscore")
-        for row in rows:
-            print(f"{row['token']!r:<{width}}  {row['label']}\t{row['score']:.4f}")
+        _print_tag_table(rows, key[:-1])
     return 0
+
+
+def _print_tag_table(rows: list[dict[str, Any]], unit: str) -> None:
+    shown = [repr(row[unit]) if unit == "token" else row[unit] for row in rows]
+    width = max([len(unit), *(len(s) for s in shown)])
+    print(f"{unit:<{width}}  label\tscore\tstart\tend")
+    for text, row in zip(shown, rows):
+        print(f"{text:<{width}}  {row['label']}\t{row['score']:.4f}\t{row['start']}\t{row['end']}")
+    sys.stdout.flush()
 
 
 def _answer(args: argparse.Namespace) -> int:
     _require_model(args, "question-answering", "qa")
     from bloomlm.tasks import answer_question
 
+    questions = _answer_inputs(args)
+    model, tokenizer = _load("BloomForQuestionAnswering", args)
+    for question, context in questions:
+        result = answer_question(
+            model, tokenizer, question, context, args.max_length, args.doc_stride
+        )
+        if args.jsonl:
+            print(_json_line({"question": question, **result}), flush=True)
+        elif args.json:
+            print(_json_line(result), flush=True)
+        else:
+            print(
+                f"answer\t{result['answer']}\nscore\t{result['score']:.4f}\n"
+                f"start\t{result['start']}\nend\t{result['end']}",
+                flush=True,
+            )
+    return 0
+
+
+def _answer_inputs(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """(question, context) pairs: --question with --context/--context-file, or JSONL requests."""
+    if args.jsonl:
+        lines = _nonempty(_read_lines(args, []), args)
+        return [_qa_request(line) for line in lines]
     context = args.context
     if args.context_file:
-        path = Path(args.context_file)
-        if not path.is_file():
-            raise CommandError(f"--context-file {path}: no such file")
-        context = path.read_text(encoding="utf-8")
-    if not context or not args.question:
-        raise CommandError("answer needs --question and --context (or --context-file)")
-    model, tokenizer = _load("BloomForQuestionAnswering", args)
-    result = answer_question(model, tokenizer, args.question, context, max_length=args.max_length)
-    if args.json:
-        _print_json(result)
+        context, _ = _read_input(args.context_file, "--context-file")
+    return [(args.question, context)]
+
+
+def _qa_request(line: _Line) -> tuple[str, str]:
+    try:
+        values = json.loads(line.text)
+    except json.JSONDecodeError as err:
+        raise CommandError(f"{line.where} is not JSON ({err.msg})") from None
+    if not isinstance(values, dict) or not all(
+        isinstance(values.get(key), str) for key in ("question", "context")
+    ):
+        raise CommandError(f'{line.where}: each line needs "question" and "context" strings')
+    return values["question"], values["context"]
+
+
+def _check_answer(args: argparse.Namespace) -> str | None:
+    if args.context is not None and args.context_file:
+        return "give the context with --context or --context-file, not both"
+    if args.jsonl:
+        if args.question is not None or args.context is not None or args.context_file:
+            return "--jsonl reads questions and contexts from --file or stdin: drop --question"
     else:
-        print(
-            f"answer\t{result['answer']}\nscore\t{result['score']:.4f}\n"
-            f"start\t{result['start']}\nend\t{result['end']}"
+        if args.file:
+            return "--file is for --jsonl requests; give --question and --context"
+        if args.question is None or (args.context is None and not args.context_file):
+            return "answer needs --question and --context (or --context-file, or --jsonl requests)"
+        if not args.question.strip():
+            return "the question is empty"
+        if args.context is not None and not args.context.strip():
+            return "the context is empty"
+    if args.max_length is not None and args.doc_stride >= args.max_length:
+        return (
+            f"--doc-stride ({args.doc_stride}) must be less than --max-length ({args.max_length})"
         )
-    return 0
+    return None
 
 
 # -- convert, info ---------------------------------------------------------------------------------
@@ -298,7 +990,7 @@ def _answer(args: argparse.Namespace) -> int:
 def _convert(args: argparse.Namespace) -> int:
     from bloomlm.convert import convert_checkpoint
 
-    bar = _bar(2, f"converting to {args.to}")
+    bar = _Progress(0, f"writing {args.to} weights", unit="B")
     try:
         architecture = convert_checkpoint(
             args.src,
@@ -306,7 +998,7 @@ def _convert(args: argparse.Namespace) -> int:
             to=args.to,
             dtype=args.dtype,
             max_shard_size=args.max_shard_size,
-            on_step=lambda: bar.update(1),
+            on_progress=bar.set,
         )
     finally:
         bar.close()
@@ -323,27 +1015,30 @@ def _human(n_bytes: float) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    """Config summary, parameter count (no memory for weights), memory estimate."""
-    _check_positive(args, "batch", "length")
-    config = BloomConfig.from_pretrained(args.path)
+    """Config summary, parameters of the class the folder holds, memory: from config.json."""
+    from bloomlm.config import BloomConfig
+    from bloomlm.convert import architecture_of
+    from bloomlm.hub import resolve_model_dir
+
+    folder = resolve_model_dir(args.path, ["config.json"])
+    if not (folder / "config.json").is_file():
+        raise CommandError(f"{args.path} has no config.json, so it is not a model folder")
+    config = BloomConfig.from_pretrained(folder)
+    architecture = architecture_of(config)
     if args.tensor_parallel is not None:
         from bloomlm.sharding_plan import check_tensor_parallel
 
         check_tensor_parallel(config.n_head, args.tensor_parallel)
-    n_params = parameter_count(config)
+    n_params = parameter_count(config, architecture)
     dtypes = list(BYTES_PER_DTYPE) if args.dtype == "auto" else [args.dtype]
     summary = model_summary(config, n_params)
     memory = {d: memory_estimate(config, n_params, d, args.batch, args.length) for d in dtypes}
+    plans = _tensor_parallel_plans(config, args, architecture, dtypes)
     if args.json:
         estimate = {"batch": args.batch, "length": args.length, **memory}
-        if args.tensor_parallel:
-            from bloomlm.sharding_plan import plan_summary
-
-            size = {d: BYTES_PER_DTYPE[d] for d in dtypes if d != "int8"}
-            plans = {d: plan_summary(config, args.tensor_parallel, n, args.batch, args.length)
-                     for d, n in size.items()}  # fmt: skip
+        if plans:
             summary["tensor_parallel"] = plans
-        _print_json(summary | {"memory_estimate": estimate})
+        print(_json_line(summary | {"memory_estimate": estimate}))
         return 0
     for key, value in summary.items():
         is_count = isinstance(value, int) and key.startswith(("parameters", "bytes"))
@@ -356,33 +1051,45 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{'':<12}" + "".join(f"{d:>12}" for d in dtypes))
     for part in parts:
         print(f"{part:<12}" + "".join(f"{_human(memory[d][part]):>12}" for d in dtypes))
-    if args.tensor_parallel:
-        _print_tensor_parallel_plan(config, args, [d for d in dtypes if d != "int8"])
+    if plans:
+        _print_tensor_parallel_plan(plans, args)
     return 0
 
 
-def _print_tensor_parallel_plan(
-    config: BloomConfig, args: argparse.Namespace, dtypes: list[str]
-) -> None:
+def _tensor_parallel_plans(
+    config: Any, args: argparse.Namespace, architecture: str, dtypes: list[str]
+) -> dict[str, dict]:
+    """{dtype: bloomlm.sharding_plan.plan_summary} for --tensor-parallel N (float dtypes)."""
+    if args.tensor_parallel is None:
+        return {}
     from bloomlm.sharding_plan import plan_summary
 
+    sizes = {d: BYTES_PER_DTYPE[d] for d in dtypes if d != "int8"}
     ways, batch, length = args.tensor_parallel, args.batch, args.length
-    plans = {d: plan_summary(config, ways, BYTES_PER_DTYPE[d], batch, length) for d in dtypes}
+    return {d: plan_summary(config, ways, n, batch, length, architecture) for d, n in sizes.items()}
+
+
+def _print_tensor_parallel_plan(plans: dict[str, dict], args: argparse.Namespace) -> None:
     plan = next(iter(plans.values()))
-    print(f"\ntensor parallel over {ways} devices ({plan['local_heads']} heads each):")
+    print(
+        f"\ntensor parallel over {args.tensor_parallel} devices ({plan['local_heads']} heads each):"
+    )
     for row in plan["rows"]:
         split = "" if row["split_axis"] is None else f" (axis {row['split_axis']})"
         shapes = f"{row['shape']} -> {row['local_shape']}"
         count = " (tied: the embedding)" if row.get("tied") else f" x{row['count']}"
         print(f"  {row['name']:<56} {row['kind'] + split:<16} {shapes}{count}")
-    print(f"bytes per device, batch {batch} x length {length}:")
-    print(f"{'':<12}" + "".join(f"{d:>12}" for d in dtypes))
+    print(f"bytes per device, batch {args.batch} x length {args.length}:")
+    print(f"{'':<12}" + "".join(f"{d:>12}" for d in plans))
     for part in ("weights", "kv_cache", "total"):
-        values = [_human(plans[d]["bytes_per_device"][part]) for d in dtypes]
+        values = [_human(plans[d]["bytes_per_device"][part]) for d in plans]
         print(f"{part:<12}" + "".join(f"{v:>12}" for v in values))
 
 
 # -- finetune --------------------------------------------------------------------------------------
+
+# FinetuneConfig fields whose option has another name.
+_FINETUNE_FIELDS = {"train": "train_file", "eval": "eval_file", "out": "out_dir"}
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -390,25 +1097,51 @@ def _finetune(args: argparse.Namespace) -> int:
 
     from bloomlm.finetune import FinetuneConfig, finetune
 
-    # Every FinetuneConfig field with an option of the same name takes it; the rest are renamed.
-    names = [f.name for f in fields(FinetuneConfig) if hasattr(args, f.name)]
-    values = {name: getattr(args, name) for name in names}
+    names = {f.name for f in fields(FinetuneConfig)}
+    values = {name: getattr(args, name) for name in names if hasattr(args, name)}
     values |= {
-        "train_file": args.train,
+        "task": args.task,
+        "train_file": args.train or "",
         "eval_file": args.eval,
         "out_dir": args.out,
         "model": args.model or DEFAULT_LM,
-        "labels": [label.strip() for label in args.labels.split(",")] if args.labels else None,
+        "labels": _label_list(args),
         "device": args.device or "cpu",
     }
-    config = FinetuneConfig(**values)
-    result = finetune(config, resume=args.resume)
+    explicit = None
+    if args.resume:  # compare with the saved run only what this command line sets
+        given = {_FINETUNE_FIELDS.get(d, d) for d in _given_options(args.argv)}
+        explicit = (given | {"task"}) & names
+    result = finetune(FinetuneConfig(**values), resume=args.resume, explicit=explicit)
     best = ", ".join(f"{k} {v:.4f}" for k, v in result.best_metrics.items())
-    print(f"best model ({best}) saved to {result.out_dir}")
+    print(f"best model: epoch {result.best_epoch} ({best}), saved to {result.out_dir}")
     return 0
 
 
+def _label_list(args: argparse.Namespace) -> list[str] | None:
+    labels = getattr(args, "labels", None)
+    return [label.strip() for label in labels.split(",")] if labels else None
+
+
+def _check_finetune(args: argparse.Namespace) -> str | None:
+    if not args.resume and not args.train:
+        return "the following arguments are required: --train (unless --resume)"
+    if args.train == args.eval == "-":
+        return "only one of --train and --eval can read stdin ('-')"
+    return None
+
+
 # -- the parser: one builder per subcommand, shared option groups first ----------------------------
+
+
+def _debug_option(parser: argparse.ArgumentParser) -> None:
+    """--debug after the command too (SUPPRESS: when absent it leaves the top level's value)."""
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        default=argparse.SUPPRESS,
+        help="show tracebacks instead of one-line errors",
+    )
 
 
 def _model_options(parser: argparse.ArgumentParser, default: str | None, default_note: str) -> None:
@@ -419,19 +1152,40 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
         metavar="PATH_OR_NAME",
         help=f"model folder or name ({default_note})",
     )
-    group.add_argument("--device", help="cpu, cuda, cuda:1, mps, or auto (default: cpu)")
+    _checked(
+        group.add_argument("--device", help=f"{DEVICES} (when not given: cpu)"),
+        _device_check,
+    )
     group.add_argument(
         "--dtype",
         choices=DTYPES,
-        help="weights dtype; auto = the checkpoint's (default: float32 on CPU, auto on other "
-        "devices); int8 = weight-only int8 quantization",
+        help="weights dtype; auto = the checkpoint's (when not given: float32 on CPU, auto on "
+        "other devices); int8 = weight-only int8 quantization",
+    )
+    _checked(
+        group.add_argument(
+            "--threads",
+            type=int,
+            help="CPU threads for torch (when not given: 1 for models under "
+            f"{SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, else one per core)",
+        ),
+        _at_least(1),
     )
 
 
 def _text_inputs(parser: argparse.ArgumentParser, name: str, noun: str, help: str) -> None:
     """The positional texts and `--file`, the input every text command takes."""
     parser.add_argument(name, nargs="*", help=f"{help} (else --file, else lines from stdin)")
-    parser.add_argument("--file", help=f"read {noun} from this file, one per line")
+    parser.add_argument(
+        "--file", metavar="FILE", help=f"read {noun} from FILE, one per line ('-': stdin)"
+    )
+
+
+def _max_length_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
+    _checked(
+        parser.add_argument("--max-length", type=int, default=default, metavar="TOKENS", help=what),
+        _at_least(1),
+    )
 
 
 def _add_generate(commands: Any) -> None:
@@ -439,66 +1193,180 @@ def _add_generate(commands: Any) -> None:
         "generate",
         help="continue text prompts (streams a single prompt word by word)",
         description="Continue prompts. One prompt streams to the terminal as it is generated; "
-        "several (from --file or stdin, one per line) run in batches and print their results "
-        "separated by blank lines (--jsonl: one JSON object per line).",
+        "several (from --file or stdin, one per line) run in batches, each result after a "
+        "'==> prompt N <==' line (--jsonl: one JSON object per line). Decoding settings: a flag "
+        "when given, else the model folder's generation_config.json, else the defaults shown "
+        "(sampling ones only when sampling).",
     )
     _text_inputs(parser, "prompt", "prompts", "prompt text")
-    _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
-    sampling = parser.add_argument_group("decoding")
-    sampling.add_argument("--max-new-tokens", type=int, default=40)
-    sampling.add_argument(
-        "--temperature", type=float, default=0.8, help="0 means greedy (default: 0.8)"
-    )
-    sampling.add_argument("--top-k", type=int, default=50)
-    sampling.add_argument("--top-p", type=float, default=0.95)
-    sampling.add_argument("--repetition-penalty", type=float, default=1.2)
-    sampling.add_argument("--num-beams", type=int, default=1)
-    sampling.add_argument(
-        "--seed", type=int, help="fix the random seed, so sampling repeats exactly"
+    parser.add_argument(
+        "--one-prompt",
+        action="store_true",
+        help="read the whole of --file or stdin as one (multi-line) prompt",
     )
     parser.add_argument(
-        "--tensor-parallel", type=int, metavar="N",
-        help="split the model over N local processes (torch.distributed, gloo)",
-    )  # fmt: skip
+        "-i",
+        "--interactive",
+        action="store_true",
+        help="a prompt loop: type a prompt, read its continuation, until Ctrl-D",
+    )
+    _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
+    _decoding_options(parser)
     output = parser.add_argument_group("output")
-    output.add_argument("--batch-size", type=int, default=8, help="prompts per batch (default: 8)")
+    _checked(
+        output.add_argument("--batch-size", type=int, default=8, help="prompts per batch"),
+        _at_least(1),
+    )
     output.add_argument(
         "--only-new", action="store_true", help="print only the generated text, not the prompt"
     )
     output.add_argument(
-        "--jsonl", action="store_true", help='one JSON object per prompt: {"prompt", "generated"}'
+        "--jsonl",
+        action="store_true",
+        help='one JSON object per prompt: {"prompt", "generated"}; input lines that start with '
+        '"{" are requests: {"prompt": ..., "temperature": ..., "seed": ..., "stop": ...} (any '
+        "decoding option, underscores for dashes)",
     )
-    parser.set_defaults(run=_generate)
+    output.add_argument(
+        "--verbose", action="store_true", help="a final line on stderr: tokens, seconds, tokens/s"
+    )
+    _checked(
+        parser.add_argument(
+            "--tensor-parallel", type=int, metavar="N",
+            help="split the model over N local processes (torch.distributed, gloo)",
+        ),
+        _at_least(1),
+    )  # fmt: skip
+    parser.add_argument("--tensor-parallel-rank", action="store_true", help=argparse.SUPPRESS)
+    _debug_option(parser)
+    parser.set_defaults(run=_generate, validate=_check_generate, command_parser=parser)
+
+
+def _decoding_options(parser: argparse.ArgumentParser) -> None:
+    """Flags default to None ("not given"): the folder's generation config or GENERATE_DEFAULTS
+    then decide, and the help shows those defaults."""
+    group = parser.add_argument_group("decoding")
+    default = GENERATE_DEFAULTS
+
+    def option(flag: str, kind: type, check: Check, help: str) -> None:
+        _checked(group.add_argument(flag, type=kind, help=help), check)
+
+    option("--max-new-tokens", int, _at_least(1), f"default: {default['max_new_tokens']}")
+    option("--min-new-tokens", int, _at_least(0), "never end before this many new tokens")
+    option(
+        "--temperature",
+        float,
+        _between(0),
+        f"0 means greedy; default: {default['temperature']} (sampling)",
+    )
+    option("--top-k", int, _at_least(0), f"0 turns it off; default: {default['top_k']}")
+    option("--top-p", float, _between(0, 1, low_open=True), f"default: {default['top_p']}")
+    option(
+        "--repetition-penalty",
+        float,
+        _between(0, low_open=True),
+        f"1 turns it off; default: {default['repetition_penalty']} when sampling, else 1",
+    )
+    option("--num-beams", int, _at_least(1), "beam search with this many beams; default: 1")
+    option("--num-return-sequences", int, _at_least(1), "continuations per prompt; default: 1")
+    option("--no-repeat-ngram-size", int, _at_least(0), "never repeat an n-gram of this size")
+    group.add_argument(
+        "--stop",
+        action="append",
+        metavar="TEXT",
+        type=_unescape,
+        help="end a continuation where TEXT appears (not printed); repeatable; \\n is a newline",
+    )
+    group.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="never end at the end-of-text token: always --max-new-tokens",
+    )
+    _checked(
+        group.add_argument(
+            "--seed", type=int, help="fix the random seed: sampling repeats exactly"
+        ),
+        _at_least(0),
+    )
+
+
+def _unescape(text: str) -> str:
+    r"""`\n`, `\t` and `\\` in a --stop value, so a newline can be typed on any shell."""
+    if not text:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return re.sub(r"\\([nt\\])", lambda m: {"n": "\n", "t": "\t", "\\": "\\"}[m[1]], text)
 
 
 def _add_classify(commands: Any) -> None:
     parser = commands.add_parser(
         "classify",
         help="label texts with a sequence-classification model (default: sentiment)",
-        description="Print label, probability and text, tab-separated, for each text.",
+        description="Print label, probability and text, tab-separated, for each text (--top-k: "
+        "that many label/probability pairs; a multi-label model: every label at or above "
+        "--threshold).",
     )
     _text_inputs(parser, "text", "texts", "texts")
-    parser.add_argument("--batch-size", type=int, default=32)
+    _checked(
+        parser.add_argument("--batch-size", type=int, default=32, help="texts per batch"),
+        _at_least(1),
+    )
+    _max_length_option(parser, 512, "truncate each text to this many tokens")
+    _checked(
+        parser.add_argument("--top-k", type=int, default=1, help="print the K likeliest labels"),
+        _at_least(1),
+    )
+    _checked(
+        parser.add_argument(
+            "--threshold",
+            type=float,
+            default=0.5,
+            help="multi-label models: print every label with at least this probability",
+        ),
+        _between(0, 1),
+    )
     parser.add_argument(
         "--jsonl",
         action="store_true",
-        help='one JSON object per text: {"text", "label", "score", "scores"}',
+        help='one JSON object per text: {"text", "label", "score", "scores", "labels"}',
     )
     note = f"default: the embedded {DEFAULT_CLASSIFIER}, positive/negative"
     _model_options(parser, DEFAULT_CLASSIFIER, note)
-    parser.set_defaults(run=_classify)
+    _debug_option(parser)
+    parser.set_defaults(
+        run=_classify,
+        validate=lambda args: _check_inputs(args, args.text, "text"),
+        command_parser=parser,
+    )
 
 
 def _add_tag(commands: Any) -> None:
     parser = commands.add_parser(
         "tag",
-        help="label every token with a token-classification model (needs --model)",
-        description="Print a token/label/score table per text.",
+        help="label every word with a token-classification model (needs --model)",
+        description="Print a word / label / probability / character offsets table per text.",
     )
     _text_inputs(parser, "text", "texts", "texts")
-    parser.add_argument("--jsonl", action="store_true", help="one JSON object per text")
+    parser.add_argument(
+        "--aggregation",
+        choices=AGGREGATIONS,
+        default="first",
+        help="a word's label: that of its first token (as training labels words), the average "
+        "or the most confident of its tokens; none: one row per token",
+    )
+    _max_length_option(parser, 512, "tag at most this many tokens of each text")
+    parser.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='one JSON object per text: {"text", "words": [{"word", "label", "score", "start", '
+        '"end"}]} ("tokens" with --aggregation none)',
+    )
     _model_options(parser, None, "required: no tagging model ships with bloomlm")
-    parser.set_defaults(run=_tag)
+    _debug_option(parser)
+    parser.set_defaults(
+        run=_tag,
+        validate=lambda args: _check_inputs(args, args.text, "text"),
+        command_parser=parser,
+    )
 
 
 def _add_answer(commands: Any) -> None:
@@ -506,19 +1374,37 @@ def _add_answer(commands: Any) -> None:
         "answer",
         help="extract the answer to a question from a context (needs --model)",
         description="Print the answer span, its probability and its character offsets in the "
-        "context.",
+        "context. A long context is read in overlapping windows of --max-length tokens.",
     )
-    parser.add_argument("--question", required=True)
+    parser.add_argument("--question", help="the question to answer")
     parser.add_argument("--context", help="the text to find the answer in")
-    parser.add_argument("--context-file", help="read the context from this file")
     parser.add_argument(
-        "--max-length", type=int, help="truncate question + context to this many tokens"
+        "--context-file", metavar="FILE", help="read the context from FILE ('-': stdin)"
+    )
+    _max_length_option(parser, 384, "tokens per window (question + a part of the context)")
+    _checked(
+        parser.add_argument(
+            "--doc-stride",
+            type=int,
+            default=128,
+            metavar="TOKENS",
+            help="tokens each window shares with the previous one",
+        ),
+        _at_least(0),
     )
     parser.add_argument(
         "--json", action="store_true", help='print {"answer", "score", "start", "end"}'
     )
+    parser.add_argument(
+        "--jsonl",
+        action="store_true",
+        help='read {"question", "context"} per line (--file or stdin) and print one JSON object '
+        "per line",
+    )
+    parser.add_argument("--file", metavar="FILE", help="--jsonl requests from FILE ('-': stdin)")
     _model_options(parser, None, "required: no question-answering model ships with bloomlm")
-    parser.set_defaults(run=_answer)
+    _debug_option(parser)
+    parser.set_defaults(run=_answer, validate=_check_answer, command_parser=parser)
 
 
 def _add_convert(commands: Any) -> None:
@@ -538,82 +1424,107 @@ def _add_convert(commands: Any) -> None:
         "--dtype",
         choices=CONVERT_DTYPES,
         default="auto",
-        help="cast floating weights (default: keep)",
+        help="cast floating weights (auto keeps the checkpoint's)",
     )
-    parser.add_argument(
-        "--max-shard-size", default="5GB", help="split weights into files of at most this size"
+    _checked(
+        parser.add_argument(
+            "--max-shard-size", default="5GB", help="split weights into files of at most this size"
+        ),
+        _size_check,
     )
-    parser.set_defaults(run=_convert)
+    _debug_option(parser)
+    parser.set_defaults(run=_convert, command_parser=parser)
 
 
 def _add_info(commands: Any) -> None:
     parser = commands.add_parser(
         "info",
         help="summarise a model: shapes, parameter count, bytes per dtype, memory estimate",
-        description="Read only config.json: nothing is loaded, so this is instant for any size.",
+        description="Reads config.json only, and imports no framework, so it is instant for a "
+        "model of any size. Parameters are those of the class the folder's config names "
+        "(architectures), head included.",
+    )
+    parser.add_argument("path", nargs="?", default=DEFAULT_LM, help="model folder or name")
+    _checked(
+        parser.add_argument("--batch", type=int, default=1, help="batch size for the estimate"),
+        _at_least(1),
+    )
+    _checked(
+        parser.add_argument(
+            "--length", type=int, default=2048, help="tokens per sequence, prompt + generated"
+        ),
+        _at_least(1),
     )
     parser.add_argument(
-        "path",
-        nargs="?",
-        default=DEFAULT_LM,
-        help=f"model folder, config.json or name (default: {DEFAULT_LM})",
-    )
-    parser.add_argument(
-        "--batch", type=int, default=1, help="batch size for the memory estimate (default: 1)"
-    )
-    parser.add_argument(
-        "--length",
-        type=int,
-        default=2048,
-        help="tokens per sequence, prompt + generated (default: 2048)",
-    )
-    parser.add_argument(
-        "--dtype", choices=DTYPES, default="auto", help="estimate for this dtype only"
+        "--dtype", choices=DTYPES, default="auto", help="estimate for this dtype only (auto: all)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    parser.add_argument(
-        "--tensor-parallel", type=int, metavar="N",
-        help="also print the N-way tensor-parallel plan and the bytes on each device",
+    _checked(
+        parser.add_argument(
+            "--tensor-parallel", type=int, metavar="N",
+            help="also the N-way tensor-parallel plan and the bytes on each device",
+        ),
+        _at_least(1),
     )  # fmt: skip
-    parser.set_defaults(run=_info)
+    _debug_option(parser)
+    parser.set_defaults(run=_info, command_parser=parser)
 
 
-def _finetune_columns(parser: argparse.ArgumentParser) -> None:
-    columns = parser.add_argument_group("columns")
-    columns.add_argument("--text-column", default="text", help="seq-cls, causal-lm (default: text)")
-    columns.add_argument("--text-pair-column", help="seq-cls: optional second text")
-    columns.add_argument("--label-column", default="label", help="seq-cls (default: label)")
-    columns.add_argument(
-        "--labels", help="seq-cls/token-cls: comma-separated label names in id order"
-    )
-    columns.add_argument(
-        "--tokens-column", default="tokens", help="token-cls: words, a list or space-separated"
-    )
-    columns.add_argument("--tags-column", default="tags", help="token-cls: one tag per word")
-    columns.add_argument("--question-column", default="question", help="qa")
-    columns.add_argument("--context-column", default="context", help="qa")
-    columns.add_argument(
-        "--answers-column", default="answers", help="qa: SQuAD dict, or the answer text"
-    )
-    columns.add_argument(
-        "--answer-start-column",
-        default="answer_start",
-        help="qa: start character of the answer text",
-    )
+# Per task: (description, [(flag, default, help)]) for the data columns it reads.
+_TASK_COLUMNS: dict[str, tuple[str, list[tuple[str, str | None, str]]]] = {
+    "seq-cls": (
+        "Sequence classification (BloomForSequenceClassification): a text (and an optional second "
+        "text) and its label per row; the best epoch has the highest accuracy.",
+        [
+            ("--text-column", "text", "the text"),
+            ("--text-pair-column", None, "an optional second text"),
+            ("--label-column", "label", "the label"),
+            ("--labels", None, "comma-separated label names in id order (default: sorted)"),
+        ],
+    ),
+    "token-cls": (
+        "Token classification (BloomForTokenClassification): words (a JSON list or a "
+        "space-separated string) and one tag per word; a word's first token learns its tag; the "
+        "best epoch has the highest F1.",
+        [
+            ("--tokens-column", "tokens", "the words"),
+            ("--tags-column", "tags", "one tag per word"),
+            ("--labels", None, "comma-separated tag names in id order (default: sorted)"),
+        ],
+    ),
+    "qa": (
+        "Extractive question answering (BloomForQuestionAnswering): question, context and answer "
+        "(a SQuAD answers object, or the answer text); the best epoch has the highest F1.",
+        [
+            ("--question-column", "question", "the question"),
+            ("--context-column", "context", "the context"),
+            ("--answers-column", "answers", "a SQuAD answers object, or the answer text"),
+            ("--answer-start-column", "answer_start", "start character of the answer text"),
+        ],
+    ),
+    "causal-lm": (
+        "Causal language modelling (BloomForCausalLM): one text per row; the best epoch has the "
+        "lowest perplexity.",
+        [("--text-column", "text", "the text")],
+    ),
+}
 
 
 def _finetune_training(parser: argparse.ArgumentParser) -> None:
     training = parser.add_argument_group("training")
-    training.add_argument("--epochs", type=int, default=3)
-    training.add_argument("--max-steps", type=int, help="stop after this many optimizer steps")
-    training.add_argument("--batch-size", type=int, default=16)
-    training.add_argument("--gradient-accumulation-steps", type=int, default=1)
-    training.add_argument("--learning-rate", type=float, default=5e-4)
-    training.add_argument("--weight-decay", type=float, default=0.01)
-    training.add_argument("--warmup-ratio", type=float, default=0.1)
-    training.add_argument(
-        "--max-length", type=int, default=128, help="truncate examples to this many tokens"
-    )
+
+    def option(flag: str, kind: type, default: Any, check: Check, help: str) -> None:
+        _checked(training.add_argument(flag, type=kind, default=default, help=help), check)
+
+    option("--epochs", int, 3, _at_least(1), "passes over the training data")
+    option("--max-steps", int, None, _at_least(1), "stop after this many optimizer steps")
+    option("--save-steps", int, None, _at_least(1), "also save the resumable state every N steps")
+    option("--batch-size", int, 16, _at_least(1), "examples per micro-batch")
+    option("--gradient-accumulation-steps", int, 1, _at_least(1), "micro-batches per step")
+    option("--learning-rate", float, 5e-4, _between(0, low_open=True), "AdamW's, after warmup")
+    option("--weight-decay", float, 0.01, _between(0), "AdamW's (none on biases, LayerNorms)")
+    option("--warmup-ratio", float, 0.1, _between(0, 1, high_open=True), "share of steps")
+    option("--max-length", int, 128, _at_least(2), "truncate examples to this many tokens")
     training.add_argument("--bf16", action="store_true", help="bfloat16 autocast")
     training.add_argument(
         "--gradient-checkpointing", action="store_true", help="recompute activations: less memory"
@@ -622,22 +1533,22 @@ def _finetune_training(parser: argparse.ArgumentParser) -> None:
         "--no-group-by-length",
         dest="group_by_length",
         action="store_false",
-        help="shuffle freely (default: batch examples of similar length together, less padding)",
+        help="shuffle freely (by default examples of similar length share a batch: less padding)",
     )
-    training.add_argument("--seed", type=int, default=0)
+    option("--seed", int, 0, _at_least(0), "fixes the batch order and a new head's weights")
 
 
-def _add_finetune(commands: Any) -> None:
-    parser = commands.add_parser(
-        "finetune",
-        help="fine-tune a head on a CSV/JSONL file; saves the best epoch as a model folder",
-        description="Fine-tune with AdamW, linear warmup and decay; evaluate after each epoch; "
-        "keep the best epoch's model in --out (a normal model folder) and the latest state in "
-        "--out/training_state for --resume.",
+def _add_finetune_task(tasks: Any, task: str) -> None:
+    description, columns = _TASK_COLUMNS[task]
+    parser = tasks.add_parser(
+        task,
+        help=description.split(":")[0],
+        description=f"{description} Fine-tune with AdamW, linear warmup and decay; evaluate after "
+        "each epoch; keep the best epoch's model in --out (a normal model folder) and the latest "
+        "state in --out/training_state for --resume.",
     )
-    parser.add_argument("task", choices=FINETUNE_TASKS)
     parser.add_argument(
-        "--train", required=True, metavar="FILE", help="training data: .csv, .tsv or .jsonl"
+        "--train", metavar="FILE", help="training data: .csv, .tsv, .jsonl ('-': stdin)"
     )
     parser.add_argument(
         "--eval",
@@ -645,15 +1556,43 @@ def _add_finetune(commands: Any) -> None:
         help="evaluation data, same format (metrics each epoch; picks the best epoch)",
     )
     parser.add_argument("--out", required=True, metavar="DIR", help="output model folder")
-    parser.add_argument("--resume", action="store_true", help="continue from --out/training_state")
     parser.add_argument(
-        "--model", metavar="PATH_OR_NAME", help=f"starting model (default: {DEFAULT_LM})"
+        "--resume",
+        action="store_true",
+        help="continue the run saved in --out/training_state (--train may then be left out)",
     )
-    parser.add_argument("--device", help="cpu, cuda, ... (default: cpu)")
-    parser.add_argument("--threads", type=int, help="CPU threads for torch")
-    _finetune_columns(parser)
+    parser.add_argument(
+        "--model", metavar="PATH_OR_NAME", help=f"starting model (when not given: {DEFAULT_LM})"
+    )
+    _checked(
+        parser.add_argument("--device", help=f"{DEVICES} (when not given: cpu)"), _device_check
+    )
+    _checked(parser.add_argument("--threads", type=int, help="CPU threads for torch"), _at_least(1))
+    group = parser.add_argument_group("columns")
+    for flag, default, help in columns:
+        group.add_argument(flag, default=default, help=help)
     _finetune_training(parser)
-    parser.set_defaults(run=_finetune)
+    _debug_option(parser)
+    parser.set_defaults(
+        run=_finetune,
+        validate=_check_finetune,
+        command_parser=parser,
+        task=task,
+        interrupted="run the same command with --resume to continue from the last save",
+    )
+
+
+def _add_finetune(commands: Any) -> None:
+    parser = commands.add_parser(
+        "finetune",
+        help="fine-tune a head on a CSV/JSONL file; saves the best epoch as a model folder",
+        description="Fine-tune one of the four heads; `bloomlm finetune TASK --help` lists the "
+        "task's data columns and the training options.",
+    )
+    _debug_option(parser)
+    tasks = parser.add_subparsers(dest="task", metavar="TASK", required=True, parser_class=_Parser)
+    for task in FINETUNE_TASKS:
+        _add_finetune_task(tasks, task)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -683,15 +1622,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
     if args.command is None:
-        parser.print_help()
-        return 0
+        parser.print_help(sys.stderr)
+        return 2
+    command_parser = args.command_parser
+    if extra:
+        command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    _check_arguments(command_parser, args)
+    args.argv = argv
     try:
         return args.run(args)
     except KeyboardInterrupt:
-        print(f"bloomlm {args.command}: interrupted", file=sys.stderr)
+        hint = getattr(args, "interrupted", "")
+        print(f"{command_parser.prog}: interrupted{'; ' + hint if hint else ''}", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `bloomlm generate ... | head`: the reader left; not an error
         sys.stderr.close()
@@ -700,7 +1646,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.debug:
             raise
         message = " ".join(str(err).split()) or type(err).__name__
-        print(f"bloomlm {args.command}: error: {message}", file=sys.stderr)
+        prog = command_parser.prog
+        if isinstance(err, UsageError):
+            print(f"{prog}: error: {message} (see {prog} --help)", file=sys.stderr)
+            return 2
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 1
 
 

@@ -7,17 +7,20 @@ built in a staging folder beside it and renamed into place, so a failure leaves 
 config alone.
 
 Importing this module imports no framework: torch and jax/flax are imported inside the functions
-that need them, so the command line starts fast.
+that need them (none for `info`), so the command line starts fast.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bloomlm.checkpoint_names import FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
 from bloomlm.config import BloomConfig
 
 FORMATS = ("safetensors", "bin", "flax")
@@ -43,12 +46,15 @@ def convert_checkpoint(
     dtype: str = "auto",
     max_shard_size: int | str = "5GB",
     on_step: Callable[[], None] | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> str:
     """Write the model in `source` (a folder or name) to the new folder `out`; the class name used.
 
-    `to` is one of FORMATS, `dtype` one of CONVERT_DTYPES ("auto" keeps the checkpoint's). The class
-    is the first of the config's `architectures` that bloomlm has, else BloomForCausalLM. `on_step`
-    is called after the weights and after the tokenizer are written (2 steps, for a progress bar).
+    `to` is one of FORMATS, `dtype` one of CONVERT_DTYPES ("auto" keeps the checkpoint's, and the
+    config's `torch_dtype` always names the dtype written). The class is the first of the config's
+    `architectures` that bloomlm has, else BloomForCausalLM. `on_step` is called after the weights
+    and after the tokenizer are written (2 steps); `on_progress(bytes written, bytes expected)`
+    while the weights are written (a few times a second, and once at the end).
     """
     from bloomlm.files import staging_dir  # its tempfile import costs `bloomlm --help` time
     from bloomlm.hub import resolve_model_dir
@@ -56,13 +62,12 @@ def convert_checkpoint(
     resolved = resolve_model_dir(source, ["config.json"])
     destination = Path(out)
     _check_convert_options(destination, to, dtype)
-    config = BloomConfig.from_pretrained(resolved)
-    names = config.architectures or []
-    architecture = next((a for a in names if a in HEAD_CLASSES), "BloomForCausalLM")
+    architecture = architecture_of(BloomConfig.from_pretrained(resolved))
     destination.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_dir(destination.parent, destination.name)
     try:
-        _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size)
+        with _watch_bytes(staging, on_progress) as expect:
+            _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size, expect)
         if on_step is not None:
             on_step()
         _copy_tokenizer(resolved, staging)
@@ -92,24 +97,87 @@ def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
         raise ValueError(f"to must be one of {', '.join(FORMATS)}; got {to!r}")
 
 
-def _has_torch_weights(folder: Path) -> bool:
-    from bloomlm.checkpoint import WEIGHT_FILE_CANDIDATES
+def architecture_of(config: BloomConfig) -> str:
+    """The class a folder holds: the first of its config's `architectures` that bloomlm has, else
+    BloomForCausalLM."""
+    names = config.architectures or []
+    return next((a for a in names if a in HEAD_CLASSES), "BloomForCausalLM")
 
-    return any((folder / name).is_file() for name in WEIGHT_FILE_CANDIDATES)
+
+def weight_formats(folder: str | os.PathLike) -> set[str]:
+    """Which weights `folder` holds: a subset of {"pytorch", "flax"} (by file name only)."""
+    folder = Path(folder)
+    formats = set()
+    if any((folder / name).is_file() for name in PYTORCH_WEIGHT_FILES):
+        formats.add("pytorch")
+    if any((folder / name).is_file() for name in FLAX_WEIGHT_FILES):
+        formats.add("flax")
+    return formats
+
+
+@contextmanager
+def _watch_bytes(
+    folder: Path, on_progress: Callable[[int, int], None] | None, interval: float = 0.2
+) -> Iterator[Callable[[int], None]]:
+    """Report the bytes in `folder` to `on_progress(written, expected)` every `interval` seconds
+    from a background thread, and once at the end. Yields `expect(total)`, which sets the size
+    the weights will have (known once they are loaded); nothing is reported before it is called.
+
+    Watching the folder, rather than hooking every writer, gives progress for each format
+    (safetensors, .bin, msgpack) and shard size alike.
+    """
+    if on_progress is None:
+        yield lambda total: None
+        return
+    expected: list[int] = []
+    done = threading.Event()
+
+    def written() -> int:
+        total = 0
+        for entry in os.scandir(folder):
+            try:
+                total += entry.stat().st_size if entry.is_file() else 0
+            except FileNotFoundError:  # a temporary file renamed meanwhile
+                pass
+        return total
+
+    def watch() -> None:
+        while not done.wait(interval):
+            if expected:
+                on_progress(min(written(), expected[0]), expected[0])
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        yield expected.append
+    finally:
+        done.set()
+        watcher.join()
+    if expected:
+        on_progress(expected[0], expected[0])
 
 
 def _convert_weights(
-    source: Path, staging: Path, architecture: str, to: str, dtype: str, max_shard_size: int | str
+    source: Path,
+    staging: Path,
+    architecture: str,
+    to: str,
+    dtype: str,
+    max_shard_size: int | str,
+    expect: Callable[[int], None],
 ) -> None:
     import bloomlm
 
-    has_torch = _has_torch_weights(source)
+    has_torch = "pytorch" in weight_formats(source)
     if to == "flax":
         flax_class = getattr(bloomlm, "Flax" + architecture, None)
         if flax_class is None:
             raise ValueError(f"there is no Flax class for {architecture}")
         param_dtype = None if dtype == "auto" else dtype
         model = flax_class.from_pretrained(source, from_pt=has_torch, param_dtype=param_dtype)
+        if param_dtype is not None:  # the config names the dtype the weights are written in
+            model.config.torch_dtype = param_dtype
+        expect(_tree_bytes(model.params))
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         return
     torch_class = getattr(bloomlm, architecture)
@@ -119,27 +187,23 @@ def _convert_weights(
         if dtype == "auto":
             kwargs["torch_dtype"] = next(iter(kwargs["state_dict"].values())).dtype
     model = torch_class.from_pretrained(source, **kwargs)
+    expect(sum(p.numel() * p.element_size() for p in model.parameters()))
     safe = to == "safetensors"
     model.save_pretrained(staging, safe_serialization=safe, max_shard_size=max_shard_size)
 
 
+def _tree_bytes(tree: Any) -> int:
+    """Bytes of every array in a nested dict of arrays (Flax params)."""
+    if isinstance(tree, dict):
+        return sum(_tree_bytes(value) for value in tree.values())
+    return int(tree.size * tree.dtype.itemsize)
+
+
 def flax_state_dict(source: str | os.PathLike) -> dict[str, Any]:
     """PyTorch tensors (transformers' names) from a folder holding only Flax msgpack weights."""
-    import numpy as np
-    import torch
+    from bloomlm.torch.from_flax import flax_state_dict as read
 
-    from bloomlm.flax import files, weights
-
-    config = BloomConfig.from_pretrained(source)
-    arrays = weights.flax_to_torch(files.read_msgpack(source), config)
-    tensors = {}
-    for name, array in arrays.items():
-        if array.dtype.name == "bfloat16":  # NumPy has no bfloat16; go through float32
-            as_float32 = np.asarray(array, dtype=np.float32)
-            tensors[name] = torch.from_numpy(as_float32).to(torch.bfloat16)
-        else:
-            tensors[name] = torch.from_numpy(np.array(array))  # a writable copy, as torch wants
-    return tensors
+    return read(source)
 
 
 def _copy_tokenizer(source: Path, staging: Path) -> None:
@@ -155,14 +219,25 @@ def _copy_tokenizer(source: Path, staging: Path) -> None:
 # -- info ------------------------------------------------------------------------------------------
 
 
-def parameter_count(config: BloomConfig) -> int:
-    """Parameters of BloomForCausalLM(config), counted on the meta device (no weights in memory)."""
-    import torch
-
-    from bloomlm.torch.model import BloomForCausalLM
-
-    with torch.device("meta"):
-        return BloomForCausalLM(config).num_parameters()
+def parameter_count(config: BloomConfig, architecture: str = "BloomForCausalLM") -> int:
+    """Parameters of `architecture`(config), as `num_parameters()` counts them (a tied LM head
+    once), from the shapes alone: no framework is imported, so this is instant at any size."""
+    hidden, vocab = config.hidden_size, config.vocab_size
+    # Per block: 2 LayerNorms (4h), fused QKV (3h^2 + 3h), attention output (h^2 + h),
+    # MLP up (4h^2 + 4h) and down (4h^2 + h).
+    block = 12 * hidden * hidden + 13 * hidden
+    # Word embeddings, their LayerNorm, the blocks, the final LayerNorm.
+    base = vocab * hidden + 2 * hidden + config.n_layer * block + 2 * hidden
+    heads = {
+        "BloomModel": 0,
+        "BloomForCausalLM": 0 if config.tie_word_embeddings else vocab * hidden,
+        "BloomForSequenceClassification": config.num_labels * hidden,  # score: no bias
+        "BloomForTokenClassification": config.num_labels * (hidden + 1),
+        "BloomForQuestionAnswering": 2 * (hidden + 1),
+    }
+    if architecture not in heads:
+        raise ValueError(f"architecture must be one of {', '.join(heads)}; got {architecture!r}")
+    return base + heads[architecture]
 
 
 def model_summary(config: BloomConfig, n_params: int) -> dict[str, Any]:

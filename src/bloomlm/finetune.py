@@ -30,13 +30,14 @@ names stay importable from here too.
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
 import random
 import shutil
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ import torch
 from torch import nn
 
 from bloomlm.config import BloomConfig
-from bloomlm.files import _swap_into_place, staging_dir
+from bloomlm.files import _swap_into_place, atomic_write_text, staging_dir
 from bloomlm.metrics import accuracy_and_macro_f1, perplexity, squad_scores, token_f1
 from bloomlm.tasks import MAX_ANSWER_TOKENS as MAX_ANSWER_TOKENS  # re-exported: its old home
 from bloomlm.tasks import answer_question as answer_question  # re-exported: its old home
@@ -72,12 +73,26 @@ STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RESULTS_FILE = "eval_results.json"
 IGNORE_INDEX = -100
+# Options a resumed run may change; the ones that define its data must stay as they were saved.
+RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_steps", "device", "threads")
+SAME_RUN = (
+    "task", "train_file", "eval_file", "model", "text_column", "text_pair_column", "label_column",
+    "labels", "tokens_column", "tags_column", "question_column", "context_column",
+    "answers_column", "answer_start_column", "max_length",
+)  # fmt: skip
+# Command-line flags whose name is not the field's.
+_FLAGS = {"train_file": "--train", "eval_file": "--eval", "out_dir": "--out"}
 
 LabelMaps = tuple[dict[int, str], dict[str, int]]  # (id2label, label2id)
 
 
 class FinetuneError(ValueError):
     """A problem with the data, the options or the output folder, worded for whoever runs it."""
+
+
+def flag(name: str) -> str:
+    """The `bloomlm finetune` flag of a FinetuneConfig field: messages name flags, not fields."""
+    return _FLAGS.get(name, "--" + name.replace("_", "-"))
 
 
 @dataclass
@@ -102,6 +117,7 @@ class FinetuneConfig:
     max_length: int = 128
     epochs: int = 3
     max_steps: int | None = None  # optimizer steps in all, counted across epochs (for quick runs)
+    save_steps: int | None = None  # also save training_state/ every this many optimizer steps
     batch_size: int = 16
     gradient_accumulation_steps: int = 1
     learning_rate: float = 5e-4
@@ -121,63 +137,131 @@ class FinetuneConfig:
             raise FinetuneError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
         for name in ("epochs", "batch_size", "gradient_accumulation_steps", "max_length"):
             if getattr(self, name) < 1:
-                option = name.replace("_", "-")
-                raise FinetuneError(f"{option} must be at least 1, got {getattr(self, name)}")
-        if self.max_steps is not None and self.max_steps < 1:
-            raise FinetuneError(f"max-steps must be at least 1, got {self.max_steps}")
+                raise FinetuneError(f"{flag(name)} must be at least 1, got {getattr(self, name)}")
+        for name in ("max_steps", "save_steps", "threads"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise FinetuneError(f"{flag(name)} must be at least 1, got {value}")
         if not 0 <= self.warmup_ratio < 1:
-            raise FinetuneError(f"warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
+            raise FinetuneError(f"--warmup-ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.learning_rate <= 0:
-            raise FinetuneError(f"learning-rate must be positive, got {self.learning_rate}")
+            raise FinetuneError(f"--learning-rate must be positive, got {self.learning_rate}")
+        if self.weight_decay < 0:
+            raise FinetuneError(f"--weight-decay must be >= 0, got {self.weight_decay}")
 
 
 # -- data files ------------------------------------------------------------------------------------
 
 
-def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """Rows of a `.csv`/`.tsv` file (header line first) or a `.jsonl`/`.json` file (JSON lines)."""
+class Records(list):
+    """The rows of a data file (dicts), and the line each starts on, as a text editor counts."""
+
+    def __init__(self, rows: list[dict[str, Any]], lines: list[int]) -> None:
+        super().__init__(rows)
+        self.lines = lines
+
+
+def _shown(path: str | os.PathLike) -> str:
+    """A data file's name in messages ("-" is stdin)."""
+    return "stdin" if os.fspath(path) == "-" else os.fspath(path)
+
+
+def _line(rows: list[dict[str, Any]], index: int) -> str:
+    """Where row `index` is, for messages: "line 7" (or "row 7" for rows not read from a file)."""
+    lines = getattr(rows, "lines", None)
+    return f"line {lines[index]}" if lines else f"row {index + 1}"
+
+
+def read_records(path: str | os.PathLike) -> Records:
+    """Rows of a `.csv`/`.tsv` file (header line first) or a `.jsonl`/`.json` file (JSON lines);
+    "-" reads stdin (JSON lines when it starts with "{", else TSV when its header has a tab, else
+    CSV). A CSV row with more or fewer fields than the header is an error naming its line."""
+    if os.fspath(path) == "-":
+        text = sys.stdin.read()
+        first = text.lstrip()[:1]
+        header = text.split("\n", 1)[0]
+        suffix = ".jsonl" if first == "{" else ".tsv" if "\t" in header else ".csv"
+        return _parse_records(io.StringIO(text, newline=None), "stdin", suffix)
     path = Path(path)
     if not path.is_file():
         raise FinetuneError(f"data file {path} does not exist")
     suffix = path.suffix.lower()
-    if suffix in (".csv", ".tsv"):
-        with path.open(newline="", encoding="utf-8") as handle:
-            rows = list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
-    elif suffix in (".jsonl", ".json"):
-        rows = _read_json_lines(path)
-    else:
+    if suffix not in (".csv", ".tsv", ".jsonl", ".json"):
         raise FinetuneError(
             f"{path}: unknown data format '{suffix}'; use .csv, .tsv, .jsonl or .json (JSON lines)"
         )
-    if not rows:
-        raise FinetuneError(f"{path} holds no rows")
-    return rows
+    with path.open(newline="", encoding="utf-8") as handle:
+        return _parse_records(handle, str(path), suffix)
 
 
-def _read_json_lines(path: Path) -> list[dict[str, Any]]:
-    rows = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise FinetuneError(f"{path} line {number} is not JSON ({err.msg})") from None
-            if not isinstance(row, dict):
-                raise FinetuneError(f"{path} line {number} is not a JSON object")
-            rows.append(row)
-    return rows
+def _parse_records(handle: Any, name: str, suffix: str) -> Records:
+    if suffix in (".csv", ".tsv"):
+        records = _read_csv(handle, name, "\t" if suffix == ".tsv" else ",")
+    else:
+        records = _read_json_lines(handle, name)
+    if not records:
+        raise FinetuneError(f"{name} holds no rows")
+    return records
+
+
+def _read_csv(handle: Any, name: str, delimiter: str) -> Records:
+    reader = csv.reader(handle, delimiter=delimiter)
+    header = next(reader, None)
+    rows, lines = [], []
+    start = reader.line_num + 1  # a quoted field may span lines: a row starts after the last one
+    for values in reader:
+        line, start = start, reader.line_num + 1
+        if not values:
+            continue  # a blank line
+        if header is None or len(values) != len(header):
+            raise FinetuneError(
+                f"{name} line {line} has {len(values)} fields but the header has "
+                f"{len(header or [])} ({', '.join(header or [])})"
+            )
+        rows.append(dict(zip(header, values)))
+        lines.append(line)
+    return Records(rows, lines)
+
+
+def _read_json_lines(handle: Any, name: str) -> Records:
+    rows, lines = [], []
+    for number, line in enumerate(handle, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise FinetuneError(f"{name} line {number} is not JSON ({err.msg})") from None
+        if not isinstance(row, dict):
+            raise FinetuneError(f"{name} line {number} is not a JSON object")
+        rows.append(row)
+        lines.append(number)
+    return Records(rows, lines)
 
 
 def _column(rows: list[dict[str, Any]], name: str, path: str, option: str) -> list[Any]:
-    missing = next((i for i, row in enumerate(rows) if name not in row), None)
-    if missing is not None:
-        columns = ", ".join(map(str, rows[missing])) or "none"
-        raise FinetuneError(
-            f"{path} row {missing + 1} has no column '{name}' (it has: {columns}); pass {option}"
-        )
+    """The values of column `name`; an error naming the line of a row without it (or with null)."""
+    for index, row in enumerate(rows):
+        if name not in row:
+            columns = ", ".join(map(str, row)) or "none"
+            raise FinetuneError(
+                f"{path} {_line(rows, index)} has no column '{name}' (it has: {columns}); "
+                f"pass {option}"
+            )
+        if row[name] is None:
+            raise FinetuneError(f"{path} {_line(rows, index)}: column '{name}' is null")
     return [row[name] for row in rows]
+
+
+def _label_column(rows: list[dict[str, Any]], name: str, path: str, option: str) -> list[str]:
+    """A label per row; an empty one is an error naming its line (never a class named '')."""
+    labels = [str(value) for value in _column(rows, name, path, option)]
+    for index, label in enumerate(labels):
+        if not label.strip():
+            raise FinetuneError(
+                f"{path} {_line(rows, index)}: the label (column '{name}') is empty"
+            )
+    return labels
 
 
 def _words(value: Any) -> list[str]:
@@ -204,7 +288,7 @@ def _seq_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path) -
     if config.text_pair_column:
         column = _column(rows, config.text_pair_column, path, "--text-pair-column")
         pairs = [str(t) for t in column]
-    labels = [str(v) for v in _column(rows, config.label_column, path, "--label-column")]
+    labels = _label_column(rows, config.label_column, path, "--label-column")
     unknown = sorted(set(labels) - set(label2id))
     if unknown:
         raise FinetuneError(
@@ -221,14 +305,13 @@ def _token_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path)
     features = []
     all_words = [_words(w) for w in _column(rows, config.tokens_column, path, "--tokens-column")]
     all_tags = [_words(t) for t in _column(rows, config.tags_column, path, "--tags-column")]
-    for number, (words, tags) in enumerate(zip(all_words, all_tags), 1):
+    for index, (words, tags) in enumerate(zip(all_words, all_tags)):
+        where = _line(rows, index)
         if len(words) != len(tags):
-            raise FinetuneError(f"{path} row {number} has {len(words)} tokens but {len(tags)} tags")
+            raise FinetuneError(f"{path} {where} has {len(words)} tokens but {len(tags)} tags")
         unknown = sorted(set(tags) - set(label2id))
         if unknown:
-            raise FinetuneError(
-                f"{path} row {number} has tags {unknown} not among {list(label2id)}"
-            )
+            raise FinetuneError(f"{path} {where} has tags {unknown} not among {list(label2id)}")
         encoding = tokenizer(
             words, is_split_into_words=True, truncation=True, max_length=config.max_length
         )
@@ -245,12 +328,12 @@ def _token_cls_features(rows, config: FinetuneConfig, tokenizer, label2id, path)
 
 
 def _answers(
-    row: dict[str, Any], config: FinetuneConfig, context: str, path: str, number: int
+    row: dict[str, Any], config: FinetuneConfig, context: str, path: str, where: str
 ) -> list[tuple]:
     """[(answer text, start character)] from a SQuAD `answers` dict, or an answer text (+ start)."""
     if config.answers_column not in row:
         raise FinetuneError(
-            f"{path} row {number} has no column '{config.answers_column}' "
+            f"{path} {where} has no column '{config.answers_column}' "
             f"(it has: {', '.join(row)}); pass --answers-column"
         )
     value = row[config.answers_column]
@@ -264,7 +347,7 @@ def _answers(
     start = context.find(text) if start in (None, "") else int(start)
     if start < 0 or context[start : start + len(text)] != text:
         raise FinetuneError(
-            f"{path} row {number}: answer {text!r} is not in the context at character {start}"
+            f"{path} {where}: answer {text!r} is not in the context at character {start}"
         )
     return [(text, start)]
 
@@ -273,8 +356,8 @@ def _qa_features(rows, config: FinetuneConfig, tokenizer, label2id, path) -> lis
     questions = [str(q) for q in _column(rows, config.question_column, path, "--question-column")]
     contexts = [str(c) for c in _column(rows, config.context_column, path, "--context-column")]
     features = []
-    for number, (row, question, context) in enumerate(zip(rows, questions, contexts), 1):
-        answers = _answers(row, config, context, path, number)
+    for index, (row, question, context) in enumerate(zip(rows, questions, contexts)):
+        answers = _answers(row, config, context, path, _line(rows, index))
         encoding = encode_question(tokenizer, question, context, config.max_length)
         # An answer cut off by truncation (or none at all) points at position 0, as in SQuAD 2.
         start, end = 0, 0
@@ -466,10 +549,17 @@ def _train_loss_score(task: str, train_loss: float) -> dict[str, float]:
     return {BEST_METRIC[task]: -train_loss}
 
 
-def _is_better(metrics: dict[str, float], best: float | None, task: str) -> bool:
+def _is_better(
+    metrics: dict[str, float], best: float | None, task: str, best_loss: float | None = None
+) -> bool:
+    """Whether an epoch's `metrics` beat the best so far (`best`, with evaluation loss
+    `best_loss`): a better BEST_METRIC, or the same with a lower loss (the later epoch wins a tie
+    when it has learnt more)."""
     value = metrics[BEST_METRIC[task]]
     if best is None:
         return True
+    if value == best:
+        return best_loss is not None and metrics.get("loss", math.inf) < best_loss
     return value < best if task == "causal-lm" else value > best
 
 
@@ -485,6 +575,7 @@ class FinetuneResult:
     out_dir: Path
     best_metrics: dict[str, float]
     history: list[dict[str, Any]] = field(default_factory=list)
+    best_epoch: int | None = None
 
 
 @dataclass
@@ -496,6 +587,10 @@ class Progress:
     best: float | None = None  # the best epoch's BEST_METRIC value
     best_metrics: dict[str, float] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one entry per evaluation
+    best_epoch: int | None = None
+    # Within the unfinished epoch (a --save-steps save): micro-batches done, their summed loss.
+    batch: int = 0
+    epoch_loss: float = 0.0
 
 
 def _log_to_stderr(message: str) -> None:
@@ -538,11 +633,11 @@ def _label_maps(
     if resumed:
         id2label = {int(k): v for k, v in base_config.id2label.items()}
         return id2label, {v: k for k, v in id2label.items()}
-    path = config.train_file
+    path = _shown(config.train_file)
     if config.labels:
         names = [str(label) for label in config.labels]
     elif config.task == "seq-cls":
-        names = label_names(_column(rows, config.label_column, path, "--label-column"))
+        names = label_names(_label_column(rows, config.label_column, path, "--label-column"))
     else:
         tags = _column(rows, config.tags_column, path, "--tags-column")
         names = label_names([tag for row in tags for tag in _words(row)])
@@ -561,11 +656,11 @@ def _make_features(
     """(training features, evaluation features or None)."""
     make_features = _FEATURES[config.task]
     label2id = label_maps[1] if label_maps else None
-    train = make_features(train_rows, config, tokenizer, label2id, config.train_file)
+    train = make_features(train_rows, config, tokenizer, label2id, _shown(config.train_file))
     if not config.eval_file:
         return train, None
     eval_rows = read_records(config.eval_file)
-    return train, make_features(eval_rows, config, tokenizer, label2id, config.eval_file)
+    return train, make_features(eval_rows, config, tokenizer, label2id, _shown(config.eval_file))
 
 
 def _load_model(
@@ -640,7 +735,10 @@ def prepare(
     source = str(out / STATE_DIR) if resumed else config.model
     # Pre-split words (token-cls) need a space before every word, as transformers requires.
     prefix_space = {"add_prefix_space": True} if config.task == "token-cls" else {}
-    tokenizer = AutoTokenizer.from_pretrained(out if resumed else config.model, **prefix_space)
+    # A run saved mid-way through its first epoch has no model folder (nor tokenizer) in out yet.
+    resumed_tokenizer = resumed and (out / "tokenizer.json").is_file()
+    tokenizer_source = out if resumed_tokenizer else config.model
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **prefix_space)
     train_rows = read_records(config.train_file)
     label_maps = _label_maps(config, train_rows, BloomConfig.from_pretrained(source), resumed)
     train_features, eval_features = _make_features(config, tokenizer, train_rows, label_maps)
@@ -685,6 +783,9 @@ def restore(run: TrainingRun, state: dict[str, Any]) -> None:
         best=state["best"],
         best_metrics=state["best_metrics"],
         history=state["history"],
+        best_epoch=state.get("best_epoch"),
+        batch=state.get("batch", 0),
+        epoch_loss=state.get("epoch_loss", 0.0),
     )
     run.log(f"resuming from {run.out / STATE_DIR}: epoch {state['epoch']}, step {state['step']}")
 
@@ -728,14 +829,16 @@ def train_epoch(run: TrainingRun, epoch: int) -> float:
 
     Stops early once `run.total_steps` optimizer steps have been taken, counted across epochs.
     """
-    config = run.config
+    config, progress = run.config, run.progress
     micro_batches = training_batches(
         run.train_features, config.batch_size, config.seed + epoch, config.group_by_length
     )
-    remaining = min(run.steps_per_epoch, run.total_steps - run.progress.step)
+    done = progress.batch  # > 0 when resuming a --save-steps save made during this epoch
+    steps_done = done // config.gradient_accumulation_steps
+    remaining = min(run.steps_per_epoch - steps_done, run.total_steps - progress.step)
     bar = _progress_bar(remaining, f"epoch {epoch + 1}/{config.epochs}")
-    total_loss, n_batches = 0.0, 0
-    for index, chunk in enumerate(micro_batches):
+    total_loss, n_batches = progress.epoch_loss, done
+    for index, chunk in enumerate(micro_batches[done:], done):
         total_loss += _backward(run, chunk)
         n_batches += 1
         last_micro = index == len(micro_batches) - 1
@@ -743,10 +846,21 @@ def train_epoch(run: TrainingRun, epoch: int) -> float:
             continue  # accumulate more micro-batches before the next optimizer step
         _optimizer_step(run)
         _report_step(run, bar, epoch, total_loss / n_batches)
-        if run.progress.step >= run.total_steps:
+        if progress.step >= run.total_steps:
             break
+        if config.save_steps and progress.step % config.save_steps == 0 and not last_micro:
+            progress.batch, progress.epoch_loss = index + 1, total_loss
+            run.out.mkdir(parents=True, exist_ok=True)  # the first epoch's save may come first
+            _save_state(run.out, run.model, run.optimizer, run.scheduler, _state(run))
+            run.log(f"saved the state at step {progress.step} to {run.out / STATE_DIR}")
+    progress.batch, progress.epoch_loss = 0, 0.0
     bar.close()
     return total_loss / max(1, n_batches)
+
+
+def _state(run: TrainingRun) -> dict[str, Any]:
+    """What `training_state/trainer_state.json` holds: the options and the progress."""
+    return {"config": asdict(run.config), **asdict(run.progress)}
 
 
 def _run_evaluation(run: TrainingRun) -> dict[str, float]:
@@ -770,14 +884,25 @@ def end_epoch(run: TrainingRun, epoch: int, train_loss: float) -> dict[str, floa
     progress.history.append({"epoch": epoch + 1, "step": progress.step, **metrics})
     run.log(f"epoch {epoch + 1}/{config.epochs} (step {progress.step}): {_format_metrics(metrics)}")
     scored = metrics if run.eval_features else _train_loss_score(config.task, train_loss)
-    if _is_better(scored, progress.best, config.task):
+    best_loss = progress.best_metrics.get("loss")
+    if _is_better(scored, progress.best, config.task, best_loss):
         progress.best, progress.best_metrics = scored[BEST_METRIC[config.task]], metrics
-        results = {"best_epoch": epoch + 1, "best": metrics, "history": progress.history}
-        _save_best(run.out, run.model, run.tokenizer, results)
-        run.log(f"saved the best model so far to {run.out}")
-    state = {"config": asdict(config), **asdict(progress)}
-    _save_state(run.out, run.model, run.optimizer, run.scheduler, state)
+        progress.best_epoch = epoch + 1
+        _save_best(run.out, run.model, run.tokenizer, _results(progress))
+        run.log(f"saved the best model so far (epoch {epoch + 1}) to {run.out}")
+    else:  # eval_results.json holds every epoch, not only the best ones
+        atomic_write_text(run.out / RESULTS_FILE, json.dumps(_results(progress), indent=2) + "\n")
+    _save_state(run.out, run.model, run.optimizer, run.scheduler, _state(run))
     return metrics
+
+
+def _results(progress: Progress) -> dict[str, Any]:
+    """eval_results.json: the best epoch, its metrics, and every evaluation so far."""
+    return {
+        "best_epoch": progress.best_epoch,
+        "best": progress.best_metrics,
+        "history": progress.history,
+    }
 
 
 def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
@@ -809,17 +934,23 @@ def _save_best(out: Path, model, tokenizer, results: dict[str, Any]) -> None:
 
 
 def finetune(
-    config: FinetuneConfig, resume: bool = False, log: Callable[[str], None] | None = None
+    config: FinetuneConfig,
+    resume: bool = False,
+    log: Callable[[str], None] | None = None,
+    explicit: Collection[str] | None = None,
 ) -> FinetuneResult:
     """Fine-tune `config.model` on `config.train_file`; the best epoch's model ends up in `out_dir`.
 
-    With `resume=True`, continue from `out_dir/training_state/` (the options saved there are used,
-    except `epochs`, `max_steps`, `device` and `threads`, which may be raised or changed).
+    With `resume=True`, continue from `out_dir/training_state/` (saved after every epoch, and every
+    `save_steps` optimizer steps) with the options saved there. Of `config`'s fields, those named
+    in `explicit` (all when None) are compared with them: RESUME_MAY_CHANGE ones are taken, a
+    different SAME_RUN one (task, data, columns, model) is a FinetuneError, and any other
+    difference is logged as ignored.
     """
     out = Path(config.out_dir)
     saved_state = None
     if resume:
-        config, saved_state = _resume_config(out, config)
+        config, saved_state = _resume_config(out, config, explicit, log or _log_to_stderr)
     elif out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FinetuneError(
             f"{out} already exists and is not empty; "
@@ -837,12 +968,18 @@ def finetune(
         if run.progress.step >= run.total_steps:
             break
         end_epoch(run, epoch, train_epoch(run, epoch))
-    return FinetuneResult(out, run.progress.best_metrics, run.progress.history)
+    progress = run.progress
+    return FinetuneResult(out, progress.best_metrics, progress.history, progress.best_epoch)
 
 
-def _resume_config(out: Path, config: FinetuneConfig) -> tuple[FinetuneConfig, dict[str, Any]]:
-    """The options saved in `out/training_state/` (with this run's epochs, max_steps, device and
-    threads) and the saved trainer state."""
+def _resume_config(
+    out: Path,
+    config: FinetuneConfig,
+    explicit: Collection[str] | None,
+    log: Callable[[str], None],
+) -> tuple[FinetuneConfig, dict[str, Any]]:
+    """The options saved in `out/training_state/`, with the changes `config` may make (see
+    `finetune`), and the saved trainer state."""
     state_file = out / STATE_DIR / STATE_FILE
     if not state_file.is_file():
         raise FinetuneError(
@@ -851,8 +988,19 @@ def _resume_config(out: Path, config: FinetuneConfig) -> tuple[FinetuneConfig, d
     state = json.loads(state_file.read_text(encoding="utf-8"))
     known = {f.name for f in fields(FinetuneConfig)}
     saved = FinetuneConfig(**{k: v for k, v in state["config"].items() if k in known})
-    for name in ("epochs", "max_steps", "device", "threads"):
-        setattr(saved, name, getattr(config, name))
+    for name in [f.name for f in fields(FinetuneConfig) if f.name != "out_dir"]:
+        new, old = getattr(config, name), getattr(saved, name)
+        if (explicit is not None and name not in explicit) or new == old:
+            continue
+        if name in RESUME_MAY_CHANGE:
+            setattr(saved, name, new)
+        elif name in SAME_RUN:
+            raise FinetuneError(
+                f"--resume continues the run saved in {out}, which has {flag(name)} {old!r}; got "
+                f"{new!r}: leave {flag(name)} as it was, or start a new run with another --out"
+            )
+        else:
+            log(f"note: {flag(name)} {new!r} is ignored on --resume: the run keeps {old!r}")
     saved.out_dir = str(out)
     return saved, state
 

@@ -2,13 +2,18 @@
 
 `huggingface_hub` is optional (`pip install bloomlm[hub]`) and imported only here, only when a name is not a
 local folder. Offline (`HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE`, or `local_files_only=True`) only the local hub
-cache is consulted, so nothing waits on the network.
+cache is consulted, so nothing waits on the network. Online, the hub is first asked one small
+question with a deadline of HUB_PROBE_SECONDS: a machine that turns out to be offline is then
+treated as such (the hub cache, else a one-line error) instead of waiting through the download's
+timeouts and retries.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
+import threading
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -49,6 +54,7 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".msgpack", ".h5", ".index.json")
 # Hub repo ids: "name" or "org/name" (the rule huggingface_hub's validate_repo_id applies).
 _REPO_ID = re.compile(r"[\w\-.]+(/[\w\-.]+)?")
 _TRUE_VALUES = {"1", "true", "yes", "on"}
+HUB_PROBE_SECONDS = 3.0
 
 # Models shipped inside the package (src/bloomlm/assets/<name>/), so the CLI and the README work offline.
 # A local folder of the same name wins, as it does for hub ids.
@@ -95,6 +101,10 @@ def resolve_model_dir(
     offline_reason = _offline_reason(hub_kwargs)
     if offline_reason is not None:
         why_offline = f"{not_local} The hub was not contacted: {offline_reason}"
+        return _from_hub_cache(hub, name, wanted_files, hub_kwargs, why_offline)
+    silent = _hub_silence(hub)
+    if silent is not None:
+        why_offline = f"{not_local} The Hugging Face hub is unreachable ({silent})"
         return _from_hub_cache(hub, name, wanted_files, hub_kwargs, why_offline)
     return _download(hub, name, wanted_files, hub_kwargs, not_local)
 
@@ -149,6 +159,34 @@ def _offline_reason(hub_kwargs: dict[str, Any]) -> str | None:
     return None
 
 
+def _hub_silence(hub: ModuleType) -> str | None:
+    """Why the hub does not answer within HUB_PROBE_SECONDS, or None when it answers (with any
+    HTTP status: only silence matters). Runs in a thread so a slow name lookup is bounded too."""
+    import urllib.error
+    import urllib.request
+
+    constants = importlib.import_module(f"{hub.__name__}.constants")
+    endpoint = getattr(constants, "ENDPOINT", "https://huggingface.co")  # HF_ENDPOINT, if set
+    outcome: list[str | None] = []
+
+    def probe() -> None:
+        try:
+            request = urllib.request.Request(endpoint.rstrip("/") + "/api/status", method="HEAD")
+            urllib.request.urlopen(request, timeout=HUB_PROBE_SECONDS).close()
+            outcome.append(None)
+        except urllib.error.HTTPError:  # it answered
+            outcome.append(None)
+        except Exception as err:  # URLError, timeouts, name lookup failures
+            outcome.append(f"{endpoint}: {getattr(err, 'reason', err)}")
+
+    thread = threading.Thread(target=probe, daemon=True)
+    thread.start()
+    thread.join(HUB_PROBE_SECONDS)
+    if not outcome:
+        return f"{endpoint} did not answer within {HUB_PROBE_SECONDS:g} s"
+    return outcome[0]
+
+
 def _snapshot_kwargs(hub_kwargs: dict[str, Any]) -> dict[str, Any]:
     token = hub_kwargs.get("token")
     if token is None:
@@ -181,7 +219,7 @@ def _from_hub_cache(
     ) as err:  # LocalEntryNotFoundError and friends: nothing cached for this repo/revision
         raise CheckpointNotFoundError(
             f"{why_offline}, and '{repo_id}' is not in the local hub cache. Download it while online, "
-            "or pass the path of a folder holding the files."
+            "or pass the path of a folder holding the files (HF_HUB_OFFLINE=1 skips the network)."
         ) from err
     return _local_folder(snapshot, hub_kwargs.get("subfolder") or "", wanted_files)
 

@@ -55,6 +55,7 @@ from bloomlm.tokenizer_files import (
     config_to_save,
     json_text,
     make_save_folder,
+    portable_tokenizer_json,
     read_init_kwargs,
     recorded_defaults,
     resolve_tokenizer_folder,
@@ -540,7 +541,7 @@ class BloomTokenizerFast(PreTrainedTokenizerFastAPI):
         texts = {
             TOKENIZER_CONFIG_FILE: json_text(config),
             SPECIAL_TOKENS_MAP_FILE: json_text(special_tokens_map_to_save(special)),
-            TOKENIZER_FILE: self._tokenizer.to_str(pretty=True),
+            TOKENIZER_FILE: portable_tokenizer_json(self._tokenizer.to_str(pretty=True)),
         }
         return write_texts(folder, texts)
 

@@ -239,6 +239,26 @@ def special_tokens_map_to_save(special_tokens: Mapping[str, Any]) -> dict[str, A
     return saved_map
 
 
+def portable_tokenizer_json(text: str) -> str:
+    """`text` (a tokenizer.json) in the form every `tokenizers` since 0.13 reads: BPE merges as
+    "a b" strings.
+
+    tokenizers 0.20 and later write each merge as a pair ["a", "b"], which the tokenizers releases
+    transformers 4.37 needs cannot parse ("data did not match any variant of untagged enum
+    ModelWrapper"). A merge whose parts hold a space has no string form, so such a file is left
+    as it is (BLOOM's byte-level tokens never hold one).
+    """
+    data = json.loads(text)
+    model = data.get("model")
+    merges = model.get("merges") if isinstance(model, dict) else None
+    if not merges or not all(isinstance(merge, list) for merge in merges):
+        return text
+    if any(" " in part for merge in merges for part in merge):
+        return text
+    model["merges"] = [" ".join(merge) for merge in merges]
+    return json.dumps(data, indent=2, ensure_ascii=False)
+
+
 def json_text(content: Mapping[str, Any]) -> str:
     """How the JSON companions are written: sorted keys, 2-space indent, UTF-8, final newline."""
     return json.dumps(content, indent=2, sort_keys=True, ensure_ascii=False) + "\n"

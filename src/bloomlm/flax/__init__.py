@@ -10,3 +10,14 @@ files.py       flax_model.msgpack (and shards) in and out of a folder
 losses.py      the heads' losses (`bloomlm.flax_losses`)
 generate.py    jitted greedy / sampling / beam search
 """
+
+try:  # jax and flax are an optional extra: say how to get them instead of a bare ImportError
+    import flax  # noqa: F401
+    import jax  # noqa: F401
+except ImportError as err:
+    if err.name not in ("jax", "jaxlib", "flax"):
+        raise
+    raise ImportError(
+        f"bloomlm's Flax classes need jax and flax ({err.name} is not installed): "
+        'pip install "bloomlm[flax]"'
+    ) from err

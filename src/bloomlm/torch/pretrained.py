@@ -294,6 +294,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
         state_dict = kwargs.pop("state_dict", None)
         quantize = kwargs.pop("quantize", None)
+        from_flax = kwargs.pop("from_flax", False)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
         device = _device_from_map(kwargs.get("device_map"))
@@ -302,12 +303,17 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         for key in LOADING_KEYWORDS:
             kwargs.pop(key, None)
 
-        wanted = [CONFIG_NAME, *checkpoint_names.PYTORCH_WEIGHT_FILES]
+        weight_files = checkpoint_names.FLAX_WEIGHT_FILES if from_flax else ()
+        wanted = [CONFIG_NAME, *(weight_files or checkpoint_names.PYTORCH_WEIGHT_FILES)]
         folder = None  # transformers' from_pretrained(None, config=..., state_dict=...): no files
         if pretrained_model_name_or_path is not None:
             folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
         elif config is None or state_dict is None:
             raise ValueError(f"{cls.__name__}.from_pretrained(None) needs config= and state_dict=")
+        if from_flax and state_dict is None:  # transformers' keyword: the folder's Flax weights
+            from bloomlm.torch.from_flax import flax_state_dict
+
+            state_dict = flax_state_dict(folder)
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         dtype = _resolve_dtype(torch_dtype, config)
 
