@@ -6,14 +6,13 @@ One file (`model.safetensors` / `pytorch_model.bin`) or shards plus a JSON index
     {"metadata": {"total_size": <bytes>}, "weight_map": {"<parameter name>": "<shard file>"}}
 
 Reading never runs pickled code (`torch.load(weights_only=True)`), and a damaged file is reported by name.
-Writing is atomic: each file goes to a temporary name in the same folder and is renamed into place only
-once every file of the save is complete, so a failed save leaves the folder as it was.
+A save is one commit (`bloomlm.files.folder_save`): the folder shows the old weights until every new
+file is written and synced, then the new ones, never a mix; a failed save leaves it as it was.
 This module knows files, not models: matching names to modules is the caller's job.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -27,6 +26,8 @@ import numpy as np
 import safetensors
 import safetensors.torch
 import torch
+
+from bloomlm import files
 
 # The file names live in bloomlm.checkpoint_names (the Flax side uses them); importable here too.
 from bloomlm.checkpoint_names import (  # noqa: F401 (re-exported)
@@ -58,38 +59,25 @@ def save_state_dict(
     Shards are filled in key order and a new one starts when the next tensor would pass `max_shard_size`
     (a tensor larger than that gets a shard of its own). Tied duplicates should be removed by the caller;
     tensors that still share memory are copied so each is written in full.
-    Afterwards, weight files of an earlier save that this one did not overwrite are deleted, so the folder
-    never holds two disagreeing checkpoints; other files are left alone.
+    The save is one commit (`bloomlm.files.folder_save`): the folder's PyTorch weight files are
+    replaced all at once, those of an earlier save that this one does not write included (they
+    would disagree, and `model.safetensors` would shadow a fresh `.bin`); other files stay.
     """
     target = Path(folder)
     if target.exists() and not target.is_dir():
         raise ValueError(f"cannot save weights into {target}: it is a file, a folder is needed")
-    target.mkdir(parents=True, exist_ok=True)
     tensors = _standalone_tensors(state_dict)
     weights_name = SAFE_WEIGHTS_NAME if safe_serialization else WEIGHTS_NAME
     shards = _split_into_shards(tensors, parse_size(max_shard_size), weights_name)
     index_name = SAFE_WEIGHTS_INDEX_NAME if safe_serialization else WEIGHTS_INDEX_NAME
-    written = [target / name for name in shards] + (
-        [target / index_name] if len(shards) > 1 else []
-    )
-
-    # Every file is written to its temporary name first; the renames happen together when the stack
-    # closes without error (an error deletes all temporaries instead), so a failed save changes nothing.
-    with contextlib.ExitStack() as stack:
-        if (
-            len(shards) > 1
-        ):  # entered first, so renamed last: the index never points at missing shards
-            index_text = json.dumps(_build_index(shards), indent=2, sort_keys=True) + "\n"
-            stack.enter_context(atomic_path(target / index_name)).write_text(
-                index_text, encoding="utf-8"
-            )
+    names = [*shards, index_name] if len(shards) > 1 else list(shards)
+    with files.folder_save(target, is_weight_file_name) as staging:
         for name, shard in shards.items():
-            _write_weight_file(
-                shard, stack.enter_context(atomic_path(target / name)), safe_serialization
-            )
-
-    _remove_stale_weight_files(target, keep={path.name for path in written})
-    return written
+            _write_weight_file(shard, staging / name, safe_serialization)
+        if len(shards) > 1:
+            index_text = json.dumps(_build_index(shards), indent=2, sort_keys=True) + "\n"
+            files.write_text(staging / index_name, index_text)
+    return [target / name for name in names]
 
 
 def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,19 +141,17 @@ def _write_weight_file(
     if safe_serialization:
         # transformers refuses safetensors files without format metadata.
         safetensors.torch.save_file(tensors, str(path), metadata={"format": "pt"})
+        files.wrote(path)
     else:
-        torch.save(tensors, path)
+        # Through a file object, torch's write errors are OSErrors (with a path, a RuntimeError
+        # without the cause); folder_save finds a full disk behind torch's own cleanup error.
+        with files.new_file(path) as file:
+            torch.save(tensors, file)
 
 
-def _remove_stale_weight_files(folder: Path, keep: set[str]) -> None:
-    """Delete PyTorch weight files from an earlier save (old shards, a single file now sharded, the other
-    format). Left behind they would win: `model.safetensors` is read before a fresh `pytorch_model.bin`."""
-    for path in folder.iterdir():
-        if path.name not in keep and _is_weight_file_name(path.name) and path.is_file():
-            path.unlink()
-
-
-def _is_weight_file_name(name: str) -> bool:
+def is_weight_file_name(name: str) -> bool:
+    """Whether `name` is a PyTorch weight file of a transformers folder (single file, index or
+    shard, safetensors or .bin): the files a weights save replaces."""
     shard = any(is_shard_file_name(name, weights) for weights in (SAFE_WEIGHTS_NAME, WEIGHTS_NAME))
     return name in WEIGHT_FILE_CANDIDATES or shard
 
@@ -229,6 +215,9 @@ def _locate_weights(
                 return [path], None
             weight_map = read_index(path)
             return _shard_paths(path, weight_map), weight_map
+        if path.is_symlink() or path.exists():  # a device, a folder, a dangling link: say which
+            link = f", a link to {os.readlink(path)}" if path.is_symlink() else ""
+            raise CheckpointError(f"weight file {path} is not a regular file{link}")
     raise CheckpointNotFoundError(_nothing_found_message(folder, candidates, use_safetensors))
 
 
@@ -411,6 +400,8 @@ def _stream_safetensors(
     with file:
         try:
             (header_length,) = struct.unpack("<Q", file.read(8))
+            if header_length > path.stat().st_size - 8:  # checked before reading that many bytes
+                raise ValueError(f"its header length {header_length} passes the end of the file")
             header = json.loads(file.read(header_length))
             entries = {name: info for name, info in header.items() if name != "__metadata__"}
             for name, info in entries.items():

@@ -292,13 +292,14 @@ class BloomConfig(PretrainedConfigAPI):
         return config
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        from bloomlm.files import atomic_write_text
+        """Write `config.json` into the folder, as one commit (`bloomlm.files.folder_save`)."""
+        from bloomlm import files
 
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / CONFIG_NAME, self.to_json_string(use_diff=True))
+        with files.folder_save(folder, files.owns_names(CONFIG_NAME)) as staging:
+            files.write_text(staging / CONFIG_NAME, self.to_json_string(use_diff=True))
 
     # -- python protocol ---------------------------------------------------------------------------
 
@@ -319,6 +320,51 @@ class BloomConfig(PretrainedConfigAPI):
 
     def __reduce__(self):  # pickling, e.g. for multiprocessing data loaders
         return (BloomConfig.from_dict, (self.to_dict(),))
+
+
+# -- model size -------------------------------------------------------------------------------
+
+MAX_PARAMETERS = 10**13
+# The deepest transformers ever trained have about 1,000 layers (DeepNet); BLOOM-176B has 70.
+MAX_LAYERS = 10_000
+# BLOOM-176B's shape: the yardstick for naming which field made a size absurd.
+_BLOOM_176B = {"vocab_size": 250880, "hidden_size": 14336, "n_layer": 70}
+
+
+def check_model_size(config: BloomConfig) -> int:
+    """The parameter count of the largest model `config` describes (the trunk plus its largest
+    head: an untied LM head, or a task head), computed from the config alone; a ValueError naming
+    the field, at once, when it is absurd (over MAX_LAYERS layers, over MAX_PARAMETERS
+    parameters), before anything is built.
+
+    Called where models are built (both frameworks) and by `bloomlm info`: a config.json asking
+    for 10**9 layers or a hidden size of 10**12 must fail here, not hang building modules or fail
+    in an allocator.
+    """
+    vocab, hidden, layers = config.vocab_size, config.hidden_size, config.n_layer
+    if not all(isinstance(v, int) and v > 0 for v in (vocab, hidden, layers)):
+        return 0  # validate() names the field that is not a positive integer
+    if layers > MAX_LAYERS:
+        raise ValueError(
+            f"BloomConfig.n_layer={layers} is absurd: more than {MAX_LAYERS:,} layers (BLOOM-176B "
+            "has 70); check config.json"
+        )
+    # Per block: fused QKV 3C*C + 3C, dense C*C + C, MLP 4C*C + 4C and 4C*C + C, two LayerNorms 4C.
+    block = 12 * hidden * hidden + 13 * hidden
+    lm_head = 0 if config.tie_word_embeddings else vocab * hidden
+    head = max(lm_head, config.num_labels * (hidden + 1), 2 * hidden + 2)  # the largest head
+    # Embeddings and their LayerNorm, the blocks, the final LayerNorm, a head.
+    parameters = vocab * hidden + 2 * hidden + layers * block + 2 * hidden + head
+    if parameters > MAX_PARAMETERS:
+        # Name the field furthest above BLOOM-176B's value.
+        field = max(_BLOOM_176B, key=lambda name: getattr(config, name) / _BLOOM_176B[name])
+        raise ValueError(
+            f"BloomConfig.{field}={getattr(config, field)} is absurd: the model would have "
+            f"{parameters:.3g} parameters ({4 * parameters:.3g} bytes in float32), more than "
+            f"{MAX_PARAMETERS:.0e} (BLOOM-176B: {field}={_BLOOM_176B[field]}, 1.76e+11 "
+            "parameters); check config.json"
+        )
+    return parameters
 
 
 def load_model_config(

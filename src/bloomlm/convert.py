@@ -2,7 +2,8 @@
 
 `convert_checkpoint` rewrites a model folder in another weight format (safetensors, PyTorch .bin,
 Flax msgpack), dtype or shard size, tokenizer and generation config included; the new folder is
-built in a staging folder beside it and renamed into place, so a failure leaves nothing behind.
+built aside and committed in one step (`bloomlm.files.folder_save`), so a failure or a crash
+leaves no folder, never a partial one.
 `parameter_count`, `model_summary` and `memory_estimate` answer "how big is this model" from its
 config alone.
 
@@ -13,7 +14,6 @@ that need them (none for `info`), so the command line starts fast.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -56,16 +56,16 @@ def convert_checkpoint(
     and after the tokenizer are written (2 steps); `on_progress(bytes written, bytes expected)`
     while the weights are written (a few times a second, and once at the end).
     """
-    from bloomlm.files import staging_dir  # its tempfile import costs `bloomlm --help` time
+    from bloomlm import files
     from bloomlm.hub import resolve_model_dir
 
     resolved = resolve_model_dir(source, ["config.json"])
     destination = Path(out)
     _check_convert_options(destination, to, dtype)
     architecture = architecture_of(BloomConfig.from_pretrained(resolved))
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    staging = staging_dir(destination.parent, destination.name)
-    try:
+    # One commit for the whole folder; `require_empty` checks again under the lock, so of two
+    # converts to one folder the second fails instead of replacing the first one's result.
+    with files.folder_save(destination, files.owns_everything, require_empty=True) as staging:
         with _watch_bytes(staging, on_progress) as expect:
             _convert_weights(resolved, staging, architecture, to, dtype, max_shard_size, expect)
         if on_step is not None:
@@ -73,16 +73,14 @@ def convert_checkpoint(
         _copy_tokenizer(resolved, staging)
         if on_step is not None:
             on_step()
-        if destination.exists():
-            destination.rmdir()  # empty, checked above
-        os.replace(staging, destination)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
     return architecture
 
 
 def _check_convert_options(destination: Path, to: str, dtype: str) -> None:
     if destination.exists() and (not destination.is_dir() or any(destination.iterdir())):
+        from bloomlm import files
+
+        files.clean_leftovers(destination)  # of a convert into it that was interrupted
         raise FileExistsError(
             f"{destination} already exists; convert writes a new folder and never overwrites one"
         )
@@ -213,7 +211,9 @@ def _copy_tokenizer(source: Path, staging: Path) -> None:
         BloomTokenizerFast.from_pretrained(source).save_pretrained(staging)
     generation = source / "generation_config.json"
     if generation.is_file() and not (staging / generation.name).exists():
-        shutil.copy2(generation, staging / generation.name)
+        from bloomlm import files
+
+        files.write_bytes(staging / generation.name, generation.read_bytes())
 
 
 # -- info ------------------------------------------------------------------------------------------
@@ -222,6 +222,9 @@ def _copy_tokenizer(source: Path, staging: Path) -> None:
 def parameter_count(config: BloomConfig, architecture: str = "BloomForCausalLM") -> int:
     """Parameters of `architecture`(config), as `num_parameters()` counts them (a tied LM head
     once), from the shapes alone: no framework is imported, so this is instant at any size."""
+    from bloomlm.config import check_model_size
+
+    check_model_size(config)  # an absurd config is refused before any arithmetic on it
     hidden, vocab = config.hidden_size, config.vocab_size
     # Per block: 2 LayerNorms (4h), fused QKV (3h^2 + 3h), attention output (h^2 + h),
     # MLP up (4h^2 + 4h) and down (4h^2 + h).

@@ -20,8 +20,9 @@ and after each epoch. `finetune()` runs four stages, each a function of its own:
 
 The output folder is a normal model folder (config, weights, tokenizer files) holding the best
 epoch's model, plus `training_state/` (the latest epoch's weights, optimizer, scheduler and
-counters) that `resume=True` continues from. Both are written to a temporary folder and renamed
-into place, so a crash never leaves a half-written model behind.
+counters) that `resume=True` continues from. Each is saved as one commit
+(`bloomlm.files.folder_save`), so a crash leaves the previous best model and the previous state,
+never half of one.
 
 Inference with the trained heads lives in `bloomlm.tasks`, the metrics in `bloomlm.metrics`; their
 names stay importable from here too.
@@ -35,7 +36,6 @@ import json
 import math
 import os
 import random
-import shutil
 import sys
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -45,8 +45,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from bloomlm.config import BloomConfig
-from bloomlm.files import _swap_into_place, atomic_write_text, staging_dir
+from bloomlm import checkpoint, files
+from bloomlm.config import CONFIG_NAME, BloomConfig
+from bloomlm.files import atomic_write_text
+from bloomlm.generation import GENERATION_CONFIG_NAME
 from bloomlm.metrics import accuracy_and_macro_f1, perplexity, squad_scores, token_f1
 from bloomlm.tasks import MAX_ANSWER_TOKENS as MAX_ANSWER_TOKENS  # re-exported: its old home
 from bloomlm.tasks import answer_question as answer_question  # re-exported: its old home
@@ -54,6 +56,7 @@ from bloomlm.tasks import best_span, char_span_to_tokens, encode_question
 from bloomlm.tasks import classify as classify  # re-exported: its old home
 from bloomlm.tasks import tag as tag  # re-exported: its old home
 from bloomlm.tokenizer import AutoTokenizer, BloomTokenizerFast
+from bloomlm.tokenizer_files import SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 from bloomlm.torch.model import (
     BloomForCausalLM,
     BloomForQuestionAnswering,
@@ -72,6 +75,7 @@ STATE_DIR = "training_state"
 STATE_FILE = "trainer_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 RESULTS_FILE = "eval_results.json"
+TOKENIZER_FILES = (TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, SPECIAL_TOKENS_MAP_FILE)
 IGNORE_INDEX = -100
 # Options a resumed run may change; the ones that define its data must stay as they were saved.
 RESUME_MAY_CHANGE = ("epochs", "max_steps", "save_steps", "device", "threads")
@@ -906,31 +910,29 @@ def _results(progress: Progress) -> dict[str, Any]:
 
 
 def _save_state(out: Path, model, optimizer, scheduler, state: dict[str, Any]) -> None:
-    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters) via staging."""
-    staging = staging_dir(out, STATE_DIR)
-    try:
+    """Write `out/training_state/` (latest weights, optimizer, scheduler, counters), one commit."""
+    with files.folder_save(out / STATE_DIR, files.owns_everything) as staging:
         model.save_pretrained(staging)
         optimizer_state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}
-        torch.save(optimizer_state, staging / OPTIMIZER_FILE)
-        (staging / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n", encoding="utf-8")
-        _swap_into_place(staging, out / STATE_DIR)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        with files.new_file(staging / OPTIMIZER_FILE) as file:
+            torch.save(optimizer_state, file)
+        files.write_text(staging / STATE_FILE, json.dumps(state, indent=2) + "\n")
+
+
+def _owned_by_best_save(name: str) -> bool:
+    """What saving the best model replaces in `out`: the model's, tokenizer's and results' files.
+    `training_state/` (its own save) and anything else in the folder are kept."""
+    model_files = (CONFIG_NAME, GENERATION_CONFIG_NAME, RESULTS_FILE, *TOKENIZER_FILES)
+    return name in model_files or checkpoint.is_weight_file_name(name)
 
 
 def _save_best(out: Path, model, tokenizer, results: dict[str, Any]) -> None:
-    """Write the best model as a normal model folder in `out`, keeping `out/training_state/`."""
-    staging = staging_dir(out.parent, out.name)
-    try:
+    """Write the best model as a normal model folder in `out` (one commit), keeping
+    `out/training_state/`."""
+    with files.folder_save(out, _owned_by_best_save) as staging:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
-        results_text = json.dumps(results, indent=2) + "\n"
-        (staging / RESULTS_FILE).write_text(results_text, encoding="utf-8")
-        if (out / STATE_DIR).is_dir():
-            os.replace(out / STATE_DIR, staging / STATE_DIR)
-        _swap_into_place(staging, out)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        files.write_text(staging / RESULTS_FILE, json.dumps(results, indent=2) + "\n")
 
 
 def finetune(

@@ -17,7 +17,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from bloomlm.files import atomic_write_text, read_json_object
+from bloomlm import files
+from bloomlm.files import read_json_object
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -214,7 +215,7 @@ class GenerationConfig:
     def save_pretrained(
         self, save_directory: str | os.PathLike, config_file_name: str = GENERATION_CONFIG_NAME
     ) -> None:
-        """Validate, then write `generation_config.json` atomically (temp file + rename)."""
+        """Validate, then write `generation_config.json` as one commit (`files.folder_save`)."""
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             self.validate()
@@ -226,8 +227,8 @@ class GenerationConfig:
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(folder / config_file_name, self.to_json_string())
+        with files.folder_save(folder, files.owns_names(config_file_name)) as staging:
+            files.write_text(staging / config_file_name, self.to_json_string())
 
     # -- python protocol ----------------------------------------------------------------------------
 

@@ -36,6 +36,7 @@ from typing import Any
 
 from tokenizers import AddedToken, Encoding, Tokenizer
 
+from bloomlm import files
 from bloomlm.encoding import (
     TENSOR_TYPES,
     BatchEncoding,
@@ -157,10 +158,18 @@ def _make_backend(
     if tokenizer_object is not None:
         backend = tokenizer_object
     else:
-        backend = Tokenizer.from_file(os.fspath(tokenizer_file))
+        backend = _read_tokenizer_file(tokenizer_file)
     if add_prefix_space:
         _with_prefix_space(backend)
     return backend
+
+
+def _read_tokenizer_file(path: str | os.PathLike) -> Tokenizer:
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as err:  # tokenizers raises a bare Exception that does not name the file
+        message = f"{os.fspath(path)} is not a tokenizer file tokenizers can read ({err})"
+        raise ValueError(message) from err
 
 
 def _with_prefix_space(backend: Tokenizer) -> None:
@@ -499,6 +508,7 @@ class BloomTokenizerFast(PreTrainedTokenizerFastAPI):
     # -- loading and saving ------------------------------------------------------------------------
 
     @classmethod
+    @files.consistent_load  # a save committing meanwhile makes it read the folder again
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomTokenizerFast:
         """Load from a folder with tokenizer.json (+ tokenizer_config.json, special_tokens_map.json)
         or a hub id.
@@ -517,7 +527,7 @@ class BloomTokenizerFast(PreTrainedTokenizerFastAPI):
 
         hub_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in HUB_KEYWORDS}
         folder = resolve_tokenizer_folder(name_or_path, hub_kwargs)
-        backend = Tokenizer.from_file(str(folder / TOKENIZER_FILE))
+        backend = _read_tokenizer_file(folder / TOKENIZER_FILE)
         init_kwargs = read_init_kwargs(
             folder, kwargs, as_auto_tokenizer=as_auto_tokenizer, make_token=_added_token_from_fields
         )
@@ -1199,6 +1209,7 @@ class AutoTokenizer:
         )
 
     @classmethod
+    @files.consistent_load  # a save committing meanwhile makes it read the folder again
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomTokenizerFast:
         for key in _AUTO_ONLY_KEYWORDS:
             kwargs.pop(key, None)

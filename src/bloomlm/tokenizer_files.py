@@ -21,7 +21,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from bloomlm.files import atomic_write_text, read_json_object
+from bloomlm import files
+from bloomlm.files import read_json_object
 
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
@@ -274,7 +275,9 @@ def make_save_folder(save_directory: str | os.PathLike) -> Path:
 
 
 def write_texts(folder: Path, texts: Mapping[str, str]) -> tuple[str, ...]:
-    """Write each name -> text of `texts` into `folder`, each atomically; the paths, in order."""
-    for name, text in texts.items():
-        atomic_write_text(folder / name, text)
+    """Write each name -> text of `texts` into `folder`, all in one commit (`files.folder_save`:
+    the tokenizer's files change together, the folder's other files stay); the paths, in order."""
+    with files.folder_save(folder, files.owns_names(*texts)) as staging:
+        for name, text in texts.items():
+            files.write_text(staging / name, text)
     return tuple(str(folder / name) for name in texts)

@@ -1,17 +1,18 @@
 """Flax weights in a model folder, as transformers' Flax models read and write them.
 
-    flax_model.msgpack                      the nested parameter tree (flax.serialization msgpack)
-    flax_model-00001-of-00003.msgpack ...   or shards, each a flat {"transformer/h/0/...": array} dict,
-    flax_model.msgpack.index.json           with {"metadata": {"total_size": bytes}, "weight_map": {path: shard}}
+    flax_model.msgpack                  the nested parameter tree (flax.serialization msgpack)
+    flax_model-00001-of-00003.msgpack   or shards, each a flat {"transformer/h/0/...": array},
+    flax_model.msgpack.index.json       with {"metadata": {"total_size": bytes},
+                                              "weight_map": {path: shard}}
 
-A folder with PyTorch weights instead is read through `bloomlm.checkpoint` and `weights.torch_to_flax`.
-Every reader returns flat `{path tuple: array}` in transformers' (unstacked) layout. Writing is atomic:
-all files go to temporary names and are renamed into place only once every one of them is complete.
+A folder with PyTorch weights instead is read through `bloomlm.checkpoint` and
+`weights.torch_to_flax`. Every reader returns flat `{path tuple: array}` in transformers'
+(unstacked) layout. A save is one commit (`bloomlm.files.folder_save`): the old files until every
+new one is written, then the new ones.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 from pathlib import Path
@@ -20,12 +21,14 @@ import numpy as np
 from flax import serialization
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from bloomlm import files as bloomlm_files
 from bloomlm.checkpoint_names import (
     BASE_PREFIX,
     FLAX_WEIGHT_FILES,
     FLAX_WEIGHTS_INDEX_NAME,
     FLAX_WEIGHTS_NAME,
     fit_base_prefix,
+    is_shard_file_name,
     shard_file_name,
 )
 from bloomlm.checkpoint_names import PYTORCH_WEIGHT_FILES as PYTORCH_WEIGHT_NAMES
@@ -47,8 +50,9 @@ def read_weights(
 ) -> dict[tuple[str, ...], np.ndarray]:
     """The checkpoint in `folder` for a model whose parameter paths are `expected`.
 
-    msgpack unless `from_pt` (or there is none); PyTorch weights are converted, logging that once when
-    `from_pt` was not asked for. The `transformer` prefix is added or stripped to suit the model.
+    msgpack unless `from_pt` (or there is none); PyTorch weights are converted, logging that once
+    when `from_pt` was not asked for. The `transformer` prefix is added or stripped to suit the
+    model.
     """
     has_flax = any((folder / name).is_file() for name in FLAX_WEIGHT_FILES)
     has_torch = any((folder / name).is_file() for name in PYTORCH_WEIGHT_NAMES)
@@ -86,7 +90,8 @@ def read_msgpack(folder: Path) -> dict[tuple[str, ...], np.ndarray]:
         try:
             tree = serialization.msgpack_restore(path.read_bytes())
         except Exception as err:  # msgpack raises many exception types for damaged bytes
-            message = f"{path} is truncated or corrupt ({type(err).__name__}: {err}); re-download or re-save"
+            reason = f"{type(err).__name__}: {err}"
+            message = f"{path} is truncated or corrupt ({reason}); re-download or re-save"
             raise CheckpointError(message) from err
         if not isinstance(tree, dict):
             raise CheckpointError(f"{path} does not hold a parameter tree")
@@ -123,37 +128,44 @@ def _msgpack_files(folder: Path) -> list[Path]:
 def write_msgpack(
     folder: Path, flat: dict[str, np.ndarray], max_shard_bytes: int, extra: dict[str, bytes]
 ) -> None:
-    """Write flat {"a/b/c": array} params (sharded past `max_shard_bytes`) plus `extra` files, atomically.
-
-    Stale msgpack files of an earlier save (other shards, an index) are removed afterwards.
-    """
+    """Write flat {"a/b/c": array} params (sharded past `max_shard_bytes`) plus `extra` files
+    ({name: bytes}), as one commit (`bloomlm.files.folder_save`): the folder's Flax weight files
+    of an earlier save (other shards, an index) are replaced with them; its other files stay."""
     shards = _split_shards(flat, max_shard_bytes)
-    files = dict(extra)
-    if len(shards) == 1:
-        files[FLAX_WEIGHTS_NAME] = serialization.msgpack_serialize(
-            unflatten_dict(shards[0], sep="/")
-        )
-    else:
-        names = [shard_file_name(FLAX_WEIGHTS_NAME, i + 1, len(shards)) for i in range(len(shards))]
-        weight_map = {path: name for name, shard in zip(names, shards) for path in shard}
-        index = {
-            "metadata": {"total_size": sum(a.nbytes for a in flat.values())},
-            "weight_map": weight_map,
-        }
-        files[FLAX_WEIGHTS_INDEX_NAME] = (
-            json.dumps(index, indent=2, sort_keys=True) + "\n"
-        ).encode()
-        files.update(
-            {name: serialization.msgpack_serialize(shard) for name, shard in zip(names, shards)}
-        )
-    _write_files_atomically(folder, files)
-    for stale in folder.glob("flax_model*.msgpack*"):
-        if stale.name not in files:
-            stale.unlink()
+
+    def owns(name: str) -> bool:
+        return name in extra or is_flax_weight_file_name(name)
+
+    with bloomlm_files.folder_save(folder, owns) as staging:
+        for name, data in extra.items():
+            bloomlm_files.write_bytes(staging / name, data)
+        if len(shards) == 1:
+            data = serialization.msgpack_serialize(unflatten_dict(shards[0], sep="/"))
+            bloomlm_files.write_bytes(staging / FLAX_WEIGHTS_NAME, data)
+        else:
+            _write_shards(staging, shards, sum(a.nbytes for a in flat.values()))
+
+
+def _write_shards(staging: Path, shards: list[dict[str, np.ndarray]], total_size: int) -> None:
+    """transformers' shard files, each serialised in turn (one shard's bytes in memory), then
+    their index."""
+    names = [shard_file_name(FLAX_WEIGHTS_NAME, i + 1, len(shards)) for i in range(len(shards))]
+    for name, shard in zip(names, shards):
+        bloomlm_files.write_bytes(staging / name, serialization.msgpack_serialize(shard))
+    weight_map = {path: name for name, shard in zip(names, shards) for path in shard}
+    index = {"metadata": {"total_size": total_size}, "weight_map": weight_map}
+    index_text = json.dumps(index, indent=2, sort_keys=True) + "\n"
+    bloomlm_files.write_text(staging / FLAX_WEIGHTS_INDEX_NAME, index_text)
+
+
+def is_flax_weight_file_name(name: str) -> bool:
+    """Whether `name` is a Flax weight file (msgpack, index or shard): what a save replaces."""
+    return name in FLAX_WEIGHT_FILES or is_shard_file_name(name, FLAX_WEIGHTS_NAME)
 
 
 def _split_shards(flat: dict[str, np.ndarray], max_bytes: int) -> list[dict[str, np.ndarray]]:
-    """transformers' greedy split in key order: a new shard when the next array would pass the limit."""
+    """transformers' greedy split in key order: a new shard when the next array would pass the
+    limit."""
     shards, current, size = [], {}, 0
     for path, array in flat.items():
         if current and size + array.nbytes > max_bytes:
@@ -162,12 +174,3 @@ def _split_shards(flat: dict[str, np.ndarray], max_bytes: int) -> list[dict[str,
         current[path] = array
         size += array.nbytes
     return [*shards, current]
-
-
-def _write_files_atomically(folder: Path, files: dict[str, bytes]) -> None:
-    from bloomlm.files import atomic_path
-
-    # Each file goes to a temporary name; the renames happen as the stack unwinds, after every write succeeded.
-    with contextlib.ExitStack() as stack:
-        for name, data in files.items():
-            stack.enter_context(atomic_path(folder / name)).write_bytes(data)

@@ -27,8 +27,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax.traverse_util import flatten_dict, unflatten_dict
 
+from bloomlm import files as bloomlm_files
+from bloomlm import load_report
 from bloomlm.checkpoint_names import BASE_PREFIX, FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
-from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
+from bloomlm.config import CONFIG_NAME, BloomConfig, check_model_size, load_model_config
 from bloomlm.errors import CheckpointError
 from bloomlm.flax import checks, files, sharding, weights
 from bloomlm.flax import model as modules
@@ -67,6 +69,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
                 f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
             )
         config.validate()
+        check_model_size(config)  # an absurd size fails here, before any module is traced
         self.config = config
         self.dtype = _as_dtype(dtype, "dtype")
         self.param_dtype = _as_dtype(param_dtype, "param_dtype")
@@ -259,7 +262,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         """Write `config.json` and `flax_model.msgpack` (or shards + index) as transformers' Flax does.
 
         The tree is always transformers' (scanned layers are unstacked), so transformers can read it.
-        Files are written to temporary names and renamed only when all are complete.
+        One commit (`bloomlm.files.folder_save`): the folder holds the old model until every new
+        file is written and synced, then the new one; files the model does not write are kept.
         """
         from bloomlm.files import parse_size
 
@@ -270,7 +274,6 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
-        folder.mkdir(parents=True, exist_ok=True)
         params = jax.device_get(_to_dict(self.params if params is None else params))
         if weights.is_stacked(params):
             params = weights.unstack_layers(params, self.config.n_layer)
@@ -282,6 +285,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
 
     # Over 40 lines because its signature names each of transformers' Flax loading keywords.
     @classmethod
+    @bloomlm_files.consistent_load  # a save committing meanwhile makes it read the folder again
     def from_pretrained(
         cls,
         pretrained_model_name_or_path: str | os.PathLike,
@@ -376,35 +380,33 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
     def _fit_checkpoint(
         self, state: dict, ignore_mismatched_sizes: bool, source: str
     ) -> tuple[dict, dict]:
-        """Checkpoint leaves -> this model's tree; missing leaves initialised, unexpected ones dropped."""
+        """Checkpoint leaves -> this model's tree; a missing task head and (with
+        `ignore_mismatched_sizes`) leaves of another shape are initialised, unused leaves dropped;
+        a missing trunk leaf is an error. Reported as transformers does (`bloomlm.load_report`)."""
         expected = self._flat_expected_shapes()
+        name = type(self).__name__
         missing = [p for p in expected if p not in state]
+        load_report.check_needed_weights(_joined(missing), name, source, sep="/")
         unexpected = [p for p in state if p not in expected]
         mismatched = []
         for path in [p for p in state if p in expected]:
-            if tuple(state[path].shape) != tuple(expected[path].shape):
+            got, want = tuple(state[path].shape), tuple(expected[path].shape)
+            if got != want:
                 if not ignore_mismatched_sizes:
                     raise CheckpointError(
-                        f"checkpoint weight {'/'.join(path)} has shape {tuple(state[path].shape)} but the model built "
-                        f"from config.json expects {tuple(expected[path].shape)}; check the config (vocab_size, "
+                        f"checkpoint weight {'/'.join(path)} has shape {got} but the model built "
+                        f"from config.json expects {want}; check the config (vocab_size, "
                         "hidden_size, n_head, num_labels) or pass ignore_mismatched_sizes=True"
                     )
-                mismatched.append(
-                    ("/".join(path), tuple(state[path].shape), tuple(expected[path].shape))
-                )
-                missing.append(path)
+                mismatched.append(("/".join(path), got, want))
+        load_report.report_loading(name, source, _joined(missing), _joined(unexpected), mismatched)
+        missing += [tuple(key.split("/")) for key, _, _ in mismatched]
         params = {p: a for p, a in state.items() if p in expected and p not in missing}
-        name = type(self).__name__
         if missing:
             seed = int(jax.random.randint(self.key, (), 0, 2**31 - 1))
             shapes = unflatten_dict({p: expected[p] for p in missing})
             fresh = _initial_params(shapes, self.config.initializer_range, seed)
             params.update(flatten_dict(fresh))
-            message = "%s: weights not in %s, newly initialised: %s"
-            logger.warning(message, name, source, _joined(missing))
-        if unexpected:
-            message = "%s: weights in %s that this model does not use: %s"
-            logger.warning(message, name, source, _joined(unexpected))
         info = {"missing_keys": _joined(missing), "unexpected_keys": _joined(unexpected)}
         info["mismatched_keys"] = mismatched
         return unflatten_dict(params), info

@@ -19,10 +19,10 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from bloomlm import checkpoint, checkpoint_names
-from bloomlm.config import CONFIG_NAME, BloomConfig, load_model_config
+from bloomlm import checkpoint, checkpoint_names, files, load_report
+from bloomlm.config import CONFIG_NAME, BloomConfig, check_model_size, load_model_config
 from bloomlm.errors import CheckpointError
-from bloomlm.generation import attach_generation_config
+from bloomlm.generation import GENERATION_CONFIG_NAME, attach_generation_config
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 from bloomlm.outputs import BaseModelOutputWithPastAndCrossAttentions, ModelOutput
 from bloomlm.torch import checks
@@ -60,6 +60,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
                 f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
             )
         config.validate()
+        check_model_size(config)  # an absurd size fails here, before any module is built
         self.config = config
         self.name_or_path = config.name_or_path
         self.gradient_checkpointing = False
@@ -248,13 +249,17 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         is_main_process: bool = True,
         **kwargs: Any,
     ) -> None:
-        """Write `config.json` and the weights as transformers 4.37 does (it reads what we write)."""
+        """Write `config.json` and the weights as transformers 4.37 does (it reads what we write).
+
+        One commit (`bloomlm.files.folder_save`): the folder holds the old model until everything
+        new is written and synced, then the new one; the files a model does not write (a
+        tokenizer's, your own) are kept.
+        """
         folder = Path(save_directory)
         if folder.exists() and not folder.is_dir():
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
         if not is_main_process:
             return
-        folder.mkdir(parents=True, exist_ok=True)
         if state_dict is None:
             state_dict = self.state_dict()
         if self.config.tie_word_embeddings:
@@ -264,18 +269,28 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         config = BloomConfig.from_dict(self.config.to_dict())
         config.architectures = [type(self).__name__]
         config.torch_dtype = str(self.dtype).removeprefix("torch.")
-        config.save_pretrained(folder)
-        checkpoint.save_state_dict(
-            state_dict, folder, safe_serialization=safe_serialization, max_shard_size=max_shard_size
-        )
         generation_config = getattr(self, "_generation_config", None)
-        if generation_config is not None and hasattr(generation_config, "save_pretrained"):
-            generation_config.save_pretrained(folder)
+        if not hasattr(generation_config, "save_pretrained"):
+            generation_config = None
+        owned = {CONFIG_NAME} | ({GENERATION_CONFIG_NAME} if generation_config else set())
+
+        def owns(name: str) -> bool:
+            return name in owned or checkpoint.is_weight_file_name(name)
+
+        with files.folder_save(folder, owns) as staging:
+            config.save_pretrained(staging)
+            checkpoint.save_state_dict(
+                state_dict, staging, safe_serialization=safe_serialization,
+                max_shard_size=max_shard_size,
+            )  # fmt: skip
+            if generation_config is not None:
+                generation_config.save_pretrained(staging)
 
     # -- loading --------------------------------------------------------------------------------------
 
     # Over 40 lines because it takes transformers' many loading keywords, each by name.
     @classmethod
+    @files.consistent_load  # a save committing meanwhile makes it read the folder again
     def from_pretrained(
         cls, pretrained_model_name_or_path: str | os.PathLike | None, *model_args, **kwargs: Any
     ):
@@ -332,7 +347,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             )  # int8 slots on meta; each float weight is quantized as it is read
         converting = bool(quantize) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
         tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, stream=converting)
-        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes)
+        source = str(pretrained_model_name_or_path)
+        info = model._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes, source=source)
         if quantize:
             tie_int8_(model)
         if device is not None:
@@ -347,8 +363,11 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         tensors: Iterable[tuple[str, torch.Tensor]],
         dtype: torch.dtype,
         ignore_mismatched_sizes: bool,
+        *,
+        source: str = "the given state_dict",
     ) -> dict[str, list]:
-        """Move checkpoint tensors into this meta-device model; initialise whatever is missing.
+        """Move checkpoint tensors into this meta-device model; initialise a missing task head
+        (a missing trunk weight is an error, see `bloomlm.load_report`) and report as transformers.
 
         An int8 slot (a quantized model) takes the float tensor quantized on arrival; with streamed
         `tensors` (checkpoint.iter_state_dict) that happens block by block, so memory never holds a whole
@@ -371,15 +390,26 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
                 assigned.update(_converted(key, tensor, expected[key].dtype, dtype))
         self.load_state_dict(assigned, strict=False, assign=True)
         tied = self._tied_keys(expected)
-        missing = [k for k in expected if k not in assigned and k not in tied]
-        self._materialise([k for k in missing if not k.endswith(".scale")], dtype)
         mismatched_keys = [checkpoint_names.fit_base_prefix(m[0], is_head) for m in mismatched]
-        self._materialise([k for k in mismatched_keys if k not in missing], dtype)
+        # Re-initialised for their shape, not missing (transformers lists them apart).
+        resized = {*mismatched_keys, *(k.removesuffix("weight") + "scale" for k in mismatched_keys)}
+        skipped = tied | resized
+        missing = [k for k in expected if k not in assigned and k not in skipped]
+        missing_keys = [
+            k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)
+        ]
+        name = type(self).__name__
+        load_report.check_needed_weights(missing_keys, name, source)  # before any allocation
+        self._materialise([k for k in missing if not k.endswith(".scale")], dtype)
+        self._materialise(mismatched_keys, dtype)
         self.tie_weights()
+        is_saved_class = name in (self.config.architectures or [])
+        shapes = [(key, torch.Size(got), torch.Size(want)) for key, got, want in mismatched]
+        load_report.report_loading(
+            name, source, missing_keys, unexpected, shapes, warn_unexpected=is_saved_class
+        )
         return {
-            "missing_keys": [
-                k for k in missing if not (k.endswith(".scale") and k[:-5] + "weight" in missing)
-            ],
+            "missing_keys": missing_keys,
             "unexpected_keys": unexpected,
             "mismatched_keys": mismatched,
             "error_msgs": [],
