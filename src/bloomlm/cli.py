@@ -611,7 +611,9 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     if args.interactive:
         raise UsageError("--tensor-parallel reads its prompts before it starts: drop -i")
     if args.device and not args.device.startswith("cpu"):
-        raise UsageError("--tensor-parallel runs CPU processes (gloo): drop --device")
+        raise UsageError(
+            "--tensor-parallel places each process itself (gloo on CPU): drop --device"
+        )
     ways = args.tensor_parallel
     check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
     argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
@@ -1233,7 +1235,7 @@ def _add_generate(commands: Any) -> None:
     _checked(
         parser.add_argument(
             "--tensor-parallel", type=int, metavar="N",
-            help="split the model over N local processes (torch.distributed, gloo)",
+            help="split the model over N local processes (torch.distributed: gloo on CPU)",
         ),
         _at_least(1),
     )  # fmt: skip
