@@ -162,12 +162,12 @@ def _time_torch(system: str, variant: str, task: str, folder: Path, reps: int) -
         if task.startswith("prefill"):
             batch, length = (int(x) for x in task.split("-")[1].split("x"))
             ids = torch.from_numpy(_prompt(batch, length))
-            kwargs = {"num_logits_to_keep": 1} if system == "bloomlm" else {}
 
             def run():
-                if system == "bloomlm":  # what bloomlm's generate does: fill a preallocated cache
-                    kwargs["past_key_values"] = model._new_static_cache(batch, length + 1)
-                model(ids, **kwargs)
+                if system == "bloomlm":  # what bloomlm's generate does: its decoder's prefill
+                    model.make_decoder(batch, length + 1).prefill(ids)
+                else:
+                    model(ids)
 
         else:
             batch = int(task.split("-")[1])

@@ -158,7 +158,7 @@ def test_a_tied_head_is_listed_once_and_loads_either_way(load_pair, tmp_path):
     assert "lm_head.weight" not in state and "lm_head.weight" in theirs.state_dict()
     assert set(theirs.state_dict()) - set(state) == {"lm_head.weight"}
     safetensors.torch.save_file(state, tmp_path / "model.safetensors")
-    model = bloomlm.BloomForCausalLM(ours.config)
+    model = bloomlm.BloomForCausalLM(ours.config).eval()  # eval: the same attention path as `ours`
     model.load_state_dict(safetensors.torch.load_file(tmp_path / "model.safetensors"))  # strict
     assert model.lm_head.weight is model.transformer.word_embeddings.weight
     input_ids = make_inputs(128)[0]

@@ -25,6 +25,7 @@ from transformers.generation import logits_process as hf_lp
 from bloomlm.generation import GENERATION_CONFIG_NAME, GenerationConfig, load_generation_config
 from bloomlm.streamers import TextIteratorStreamer, TextStreamer
 from bloomlm.torch import generate as gen
+from bloomlm.torch.engine import ForwardDecoder, StepOutput
 from bloomlm.torch.generate import generate
 
 TOKENIZER_DIR = Path(__file__).parent / "fixtures" / "bloom-style-tokenizer"
@@ -95,8 +96,10 @@ def theirs(checkpoint) -> transformers.BloomForCausalLM:
 
 @pytest.fixture(scope="module", params=MODEL_KINDS)
 def model(request, checkpoint, theirs):
+    """What our `generate` drives: transformers' model through the engine's forward-call adapter
+    (ForwardDecoder), or ours through its own Decoder."""
     if request.param == "transformers":
-        return theirs
+        return ForwardDecoder.wrap(theirs)
     from bloomlm import BloomForCausalLM
 
     return BloomForCausalLM.from_pretrained(checkpoint).eval()
@@ -642,34 +645,49 @@ def test_fake_model_beam_search_reorders_the_cache():
     ).any()  # beams did move
 
 
-def test_static_cache_hook_is_used_and_reordered():
-    reorders = []
+def test_a_model_making_its_own_decoder_is_driven_through_the_protocol():
+    """generate asks the model for a decoder (no probing of its forward): one prefill with the
+    prompt, then one step per token with the last token only, and a reorder per beam step."""
+    calls = []
 
-    class Cache:
-        def reorder_(self, beam_idx):
-            reorders.append(beam_idx.tolist())
+    class Recording:
+        def __init__(self, rows, capacity):
+            calls.append(("make", rows, capacity))
 
-    class StaticModel(_CountingModel):
-        def _new_static_cache(self, batch_size, max_length):
-            self.made = (batch_size, max_length)
-            self.cache = Cache()
-            return self.cache
+        def prefill(self, ids, mask, **flags):
+            calls.append(("prefill", ids.tolist(), mask.tolist()))
+            return StepOutput(torch.nn.functional.one_hot((ids[:, -1:] + 1) % 10, 10).float())
 
-        def forward(
-            self,
-            input_ids,
-            past_key_values=None,
-            attention_mask=None,
-            use_cache=True,
-            return_dict=True,
-        ):
-            assert past_key_values is self.cache
-            logits = torch.nn.functional.one_hot((input_ids + 1) % self.vocab, self.vocab).float()
-            return SimpleNamespace(logits=logits, past_key_values=past_key_values)
+        def step(self, ids, **flags):
+            calls.append(("step", ids.tolist()))
+            return StepOutput(torch.nn.functional.one_hot((ids + 1) % 10, 10).float())
 
-    model = StaticModel()
-    out = generate(model, torch.tensor([[1, 2]]), max_new_tokens=3, num_beams=2)
-    assert out.tolist() == [[1, 2, 3, 4, 5]] and model.made == (2, 5) and len(reorders) == 3
+        def crop(self, length):
+            calls.append(("crop", length))
+
+        def reorder(self, rows, masks=True):
+            calls.append(("reorder", rows.tolist(), masks))
+
+        def legacy_cache(self):
+            return None
+
+    class Source:
+        config = SimpleNamespace(
+            eos_token_id=None, pad_token_id=None, bos_token_id=0, vocab_size=10
+        )
+        generation_config = None
+
+        def make_decoder(self, rows, capacity, *, compile=None):
+            return Recording(rows, capacity)
+
+    out = generate(Source(), torch.tensor([[1, 2]]), max_new_tokens=3)
+    assert out.tolist() == [[1, 2, 3, 4, 5]]
+    assert calls == [("make", 1, 5), ("crop", 0), ("prefill", [[1, 2]], [[1, 1]]), ("step", [[3]]),
+                     ("step", [[4]])]  # fmt: skip
+    calls.clear()
+    generate(Source(), torch.tensor([[1, 2]]), max_new_tokens=3, num_beams=2)
+    assert [c[0] for c in calls].count("reorder") == 3 and calls[0] == ("make", 2, 5)
+    assert all(c[2] is False for c in calls if c[0] == "reorder")  # the mask stays in place
 
 
 # --------------------------------------------------------------------------------------------------

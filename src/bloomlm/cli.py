@@ -22,7 +22,9 @@ import torch.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import re
 import sys
 import time
@@ -342,7 +344,7 @@ def _from_pretrained(model_class: Any, name: str, kwargs: dict[str, Any]) -> Any
     from bloomlm.errors import CheckpointNotFoundError
 
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        with warnings.catch_warnings(record=True) as caught, _held_log_records() as records:
             warnings.simplefilter("always")
             model, info = model_class.from_pretrained(name, output_loading_info=True, **kwargs)
     except CheckpointNotFoundError:
@@ -353,7 +355,30 @@ def _from_pretrained(model_class: Any, name: str, kwargs: dict[str, Any]) -> Any
         raise CommandError(_untrained_message(name, model_class.__name__, missing))
     for warning in caught:  # the folder is usable: pass on what the library warned about
         warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
+    for record in records:
+        logging.getLogger(record.name).handle(record)
     return model
+
+
+@contextlib.contextmanager
+def _held_log_records() -> Iterator[list[logging.LogRecord]]:
+    """Hold back what bloomlm logs while loading (transformers' "newly initialised" warning), so
+    a refusal prints alone; the caller passes the records on when the folder is usable."""
+    records: list[logging.LogRecord] = []
+
+    class Hold(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            records.append(record)
+
+    library_logger = logging.getLogger("bloomlm")
+    handler, propagate = Hold(), library_logger.propagate
+    library_logger.addHandler(handler)
+    library_logger.propagate = False
+    try:
+        yield records
+    finally:
+        library_logger.removeHandler(handler)
+        library_logger.propagate = propagate
 
 
 def _untrained_message(name: str, class_name: str, missing: list[str]) -> str:
@@ -394,6 +419,12 @@ def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
 
 
 # -- generate --------------------------------------------------------------------------------------
+
+# `--compile auto` compiles the decode step only for runs of at least this many decode steps
+# (batches x --max-new-tokens): below it, compiling costs more time than it saves (README,
+# "Compiled decoding").
+COMPILE_MIN_STEPS = 4096
+DEFAULT_MODEL_LEN = 2048  # the usable length when neither --max-model-len nor the config says
 
 
 # Plain classes rather than dataclasses here: importing `dataclasses` (and `inspect`) would cost
@@ -474,6 +505,7 @@ class _Generator:
 
     def __init__(self, model: Any, tokenizer: Any, folder: dict[str, Any], stats: _Stats) -> None:
         self.model, self.tokenizer, self.folder, self.stats = model, tokenizer, folder, stats
+        self.engine: dict[str, Any] = {}  # generate()'s engine keywords (_engine_options)
 
     def keywords(self, request: _Request) -> dict[str, Any]:
         """generate() keywords for `request`."""
@@ -493,8 +525,14 @@ class _Generator:
         if request.stop:
             criteria.append(_StopStrings(self.tokenizer, request.stop, length, self.eos_ids()))
         started = time.perf_counter()
+        rows = inputs["input_ids"].shape[0]
         sequences = self.model.generate(
-            **inputs, stopping_criteria=criteria, **self.keywords(request), **extra
+            **inputs,
+            stopping_criteria=criteria,
+            generator=_seeded_generators(request.seed, self.model.device, rows),
+            **self.keywords(request),
+            **self.engine,
+            **extra,
         )
         self.stats.seconds += time.perf_counter() - started
         new = sequences[:, length:]
@@ -570,7 +608,29 @@ class _StreamPrinter:
             self.shown = end
 
 
+def _engine_options(args: argparse.Namespace, model: Any, prompts: int) -> dict[str, Any]:
+    """`generate()`'s engine keywords: the usable length (a longer request fails at once) and
+    whether to compile the decode step (`--compile auto`: when the run is long enough to pay)."""
+    usable = args.max_model_len or getattr(model.config, "seq_length", None) or DEFAULT_MODEL_LEN
+    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
+    steps = -(-prompts // args.batch_size) * new_tokens
+    compile = {"on": True, "off": False}.get(args.compile, steps >= COMPILE_MIN_STEPS)
+    return {"max_model_len": usable, "compile": compile}
+
+
+def _seeded_generators(seed: int | None, device: Any, count: int) -> Any:
+    """With a seed, one generator per prompt, each seeded alike: a prompt's sampled text is then
+    the same whatever the batch it runs in (None without a seed: torch's global generator)."""
+    if seed is None:
+        return None
+    import torch
+
+    return [torch.Generator(device=device).manual_seed(seed) for _ in range(count)]
+
+
 def _generate(args: argparse.Namespace) -> int:
+    import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
+
     if args.tensor_parallel:
         return _generate_tensor_parallel(args)
     lines = [] if args.interactive else _nonempty(_read_lines(args, args.prompt), args)
@@ -583,6 +643,7 @@ def _generate(args: argparse.Namespace) -> int:
     model, tokenizer = _load("BloomForCausalLM", args)
     stats = _Stats(loaded_in=time.perf_counter() - started)
     generator = _Generator(model, tokenizer, _folder_settings(args.model), stats)
+    generator.engine = _engine_options(args, model, max(1, len(requests)))
     if args.interactive:
         _interactive(args, generator)
     elif _streams(args, requests):
@@ -616,7 +677,9 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
         )
     ways = args.tensor_parallel
     check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
+    # The processes run eager steps: the compiled decode step is not built for split weights.
     argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
+    argv = _without_option(argv, "--compile") + ["--compile", "off"]
     if args.threads is None:  # the cores shared by the processes
         argv += ["--threads", str(max(1, (os.cpu_count() or 1) // ways))]
     with tempfile.TemporaryDirectory() as folder:
@@ -1190,6 +1253,28 @@ def _max_length_option(parser: argparse.ArgumentParser, default: int, what: str)
     )
 
 
+def _engine_arguments(parser: argparse.ArgumentParser) -> None:
+    engine = parser.add_argument_group("engine")
+    _checked(
+        engine.add_argument(
+            "--max-model-len",
+            type=int,
+            metavar="N",
+            help="most tokens per sequence, prompt included; a longer request is an error at "
+            f"once (default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
+        ),
+        _at_least(1),
+    )
+    engine.add_argument(
+        "--compile",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="compile the decode step (torch.compile); auto: only for runs of at least "
+        f"{COMPILE_MIN_STEPS} decode steps (batches x max-new-tokens), where it pays "
+        "(default: auto)",
+    )
+
+
 def _add_generate(commands: Any) -> None:
     parser = commands.add_parser(
         "generate",
@@ -1214,6 +1299,7 @@ def _add_generate(commands: Any) -> None:
     )
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
     _decoding_options(parser)
+    _engine_arguments(parser)
     output = parser.add_argument_group("output")
     _checked(
         output.add_argument("--batch-size", type=int, default=8, help="prompts per batch"),
@@ -1286,7 +1372,10 @@ def _decoding_options(parser: argparse.ArgumentParser) -> None:
     )
     _checked(
         group.add_argument(
-            "--seed", type=int, help="fix the random seed: sampling repeats exactly"
+            "--seed",
+            type=int,
+            help="fix the random seed: sampling repeats exactly (each prompt draws from its own "
+            "generator: the same text whatever --batch-size)",
         ),
         _at_least(0),
     )

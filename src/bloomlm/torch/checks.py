@@ -23,38 +23,44 @@ def check_inputs(
             "pass input_ids (batch, seq_len) or inputs_embeds (batch, seq_len, hidden_size)"
         )
     if input_ids is not None:
-        if not isinstance(input_ids, torch.Tensor):
-            raise TypeError(
-                f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
-            )
-        if input_ids.dim() != 2:
-            raise ValueError(
-                f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
-            )
-        if input_ids.dtype not in _INT_DTYPES:
-            raise TypeError(f"input_ids must hold integers (torch.long), got {input_ids.dtype}")
-        if input_ids.numel() == 0:
-            raise ValueError(
-                f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token"
-            )
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(
-                f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})"
-            )
+        _check_input_ids(config, input_ids)
     else:
-        if not isinstance(inputs_embeds, torch.Tensor):
-            raise TypeError(
-                f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}"
-            )
-        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
-            raise ValueError(
-                f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), "
-                f"got {tuple(inputs_embeds.shape)}"
-            )
-        if inputs_embeds.shape[1] == 0:
-            raise ValueError("inputs_embeds is empty; pass at least one position")
+        _check_inputs_embeds(config, inputs_embeds)
+
+
+def _check_input_ids(config: BloomConfig, input_ids: torch.Tensor) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(
+            f"input_ids must be a torch.Tensor of token ids, got {type(input_ids).__name__}"
+        )
+    if input_ids.dim() != 2:
+        raise ValueError(
+            f"input_ids must have shape (batch, seq_len), got {tuple(input_ids.shape)}"
+        )
+    if input_ids.dtype not in _INT_DTYPES:
+        raise TypeError(f"input_ids must hold integers (torch.long), got {input_ids.dtype}")
+    if input_ids.numel() == 0:
+        raise ValueError(
+            f"input_ids is empty (shape {tuple(input_ids.shape)}); pass at least one token"
+        )
+    low, high = int(input_ids.min()), int(input_ids.max())
+    if low < 0 or high >= config.vocab_size:
+        bad = low if low < 0 else high
+        raise ValueError(
+            f"token id {bad} is outside the vocabulary: ids must lie in [0, {config.vocab_size})"
+        )
+
+
+def _check_inputs_embeds(config: BloomConfig, inputs_embeds: torch.Tensor) -> None:
+    if not isinstance(inputs_embeds, torch.Tensor):
+        raise TypeError(f"inputs_embeds must be a torch.Tensor, got {type(inputs_embeds).__name__}")
+    if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != config.hidden_size:
+        raise ValueError(
+            f"inputs_embeds must have shape (batch, seq_len, {config.hidden_size}), "
+            f"got {tuple(inputs_embeds.shape)}"
+        )
+    if inputs_embeds.shape[1] == 0:
+        raise ValueError("inputs_embeds is empty; pass at least one position")
 
 
 def check_past(
@@ -99,18 +105,25 @@ def check_past(
     return past_length
 
 
-def check_static_cache(cache, batch_size: int, seq_length: int) -> int:
-    """Validate a preallocated cache against this call; return how many positions it already holds."""
-    if cache.batch_size != batch_size:
+def check_kv_cache(cache, batch_size: int, seq_length: int) -> int:
+    """Validate a KVCache given to a public forward; return how many columns each row holds."""
+    if cache.rows != batch_size:
         raise ValueError(
-            f"the StaticCache was made for batch size {cache.batch_size}, the inputs have {batch_size}"
+            f"the KVCache was made for {cache.rows} rows, the inputs have batch size {batch_size}"
         )
-    if cache.length + seq_length > cache.max_length:
+    lengths = set(cache.lengths)
+    if len(lengths) != 1:
         raise ValueError(
-            f"the StaticCache holds {cache.max_length} positions: {cache.length} are filled and {seq_length} "
-            "more do not fit; make it with a larger max_length"
+            f"a forward call needs every KVCache row at the same length, got {sorted(lengths)}; "
+            "use a Decoder's step_rows for rows at different lengths"
         )
-    return cache.length
+    past_length = lengths.pop()
+    if past_length + seq_length > cache.limit:
+        raise ValueError(
+            f"the KVCache holds at most {cache.limit} columns: {past_length} are filled and "
+            f"{seq_length} more do not fit; make it with a larger limit"
+        )
+    return past_length
 
 
 def check_attention_mask(
@@ -185,6 +198,7 @@ def sequence_problem_type(
     config: BloomConfig, num_labels: int, labels: torch.Tensor, batch_size: int
 ) -> str:
     """The loss to use for these labels, decided per call (the config is read, never written)."""
+    # Over 40 lines: one shape and dtype rule per problem type, each with its own message.
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     problem_type = config.problem_type

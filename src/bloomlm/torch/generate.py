@@ -1,12 +1,20 @@
 """Text generation for BLOOM causal LMs: greedy, sampling, beam search and beam sampling.
 
 Token for token the same as transformers 4.37.2's `generate` (same logits filters in the same order,
-same beam bookkeeping, same random draws for a given `torch.manual_seed`). The loop knows the model
-only through its forward call:
+same beam bookkeeping, same random draws for a given `torch.manual_seed`). The loops know the model
+only through the engine's step protocol (`torch/engine.py`):
 
-    out = model(input_ids=new_ids, past_key_values=past, attention_mask=mask, use_cache=True, return_dict=True)
-    out.logits          # [N, T, V]
-    out.past_key_values # BLOOM's tuples, or the model's own cache object (see `_Stepper`)
+    decoder = model.make_decoder(rows, max_length, compile=...)
+    out = decoder.prefill(prompt_ids, prompt_mask)   # out.logits [N, 1, V]: the last position only
+    out = decoder.step(next_ids [N, 1])               # then one token per row per step
+    decoder.reorder(beam_idx)                         # beams
+
+bloomlm's BloomForCausalLM makes its own decoder (a preallocated KV cache, compiled step on
+request); any other model with BLOOM's forward signature (transformers' in the parity tests) is
+driven through `ForwardDecoder`. The ids and mask live in buffers preallocated to max_length
+(a step writes one column); the filters see the view of the columns so far. Steps run under
+`no_grad`, so what `generate` returns is an ordinary tensor, never a copy made to leave
+`inference_mode`.
 
 Notation: B prompts, N rows decoded together (B * num_beams, or B * num_return_sequences when
 sampling), L tokens so far, V vocabulary. Every logits filter is a small pure function of
@@ -29,7 +37,7 @@ import torch
 
 from bloomlm.generation import GenerationConfig
 from bloomlm.outputs import ModelOutput
-from bloomlm.torch.cache import reorder_legacy_cache
+from bloomlm.torch.engine import StepOutput, decoder_source, sample_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -215,8 +223,19 @@ def build_logits_processors(
     config: GenerationConfig, prompt_length: int, custom: Sequence[LogitsFn] = ()
 ) -> list[LogitsFn]:
     """The processors transformers' `_get_logits_processor` builds for `config`, in its order."""
-    # Over 40 lines: one branch per GenerationConfig setting, kept in transformers' order.
     eos = _eos_list(config.eos_token_id)
+    chain = _token_processors(config, eos) + _length_processors(config, prompt_length, eos)
+    if config.remove_invalid_values is True:
+        chain.append(lambda ids, scores: remove_inf_nan(scores))
+    chain += _late_processors(config, prompt_length)
+    chain.extend(custom)
+    if config.renormalize_logits is True:
+        chain.append(lambda ids, scores: log_normalize(scores))
+    return chain
+
+
+def _token_processors(config: GenerationConfig, eos: list[int] | None) -> list[LogitsFn]:
+    """Sequence bias, repetition penalty, repeated n-grams, bad words."""
     chain: list[LogitsFn] = []
     if config.sequence_bias is not None:
         chain.append(partial(apply_sequence_bias, sequence_bias=config.sequence_bias))
@@ -225,13 +244,19 @@ def build_logits_processors(
     if config.no_repeat_ngram_size:
         chain.append(partial(ban_repeated_ngrams, ngram_size=config.no_repeat_ngram_size))
     if config.bad_words_ids is not None:
-        chain.append(
-            partial(apply_sequence_bias, sequence_bias=bad_words_bias(config.bad_words_ids, eos))
-        )
+        bias = bad_words_bias(config.bad_words_ids, eos)
+        chain.append(partial(apply_sequence_bias, sequence_bias=bias))
+    return chain
+
+
+def _length_processors(
+    config: GenerationConfig, prompt_length: int, eos: list[int] | None
+) -> list[LogitsFn]:
+    """Minimum lengths (eos banned until reached), forced first and last tokens."""
+    chain: list[LogitsFn] = []
     if config.min_length and eos is not None:
-        chain.append(
-            _when(lambda ids: ids.shape[-1] < config.min_length, partial(ban_tokens, token_ids=eos))
-        )
+        ban_eos = partial(ban_tokens, token_ids=eos)
+        chain.append(_when(lambda ids: ids.shape[-1] < config.min_length, ban_eos))
     if config.min_new_tokens and eos is not None:
         min_total = prompt_length + config.min_new_tokens
         chain.append(
@@ -241,40 +266,33 @@ def build_logits_processors(
         bos = [config.forced_bos_token_id]
         chain.append(_when(lambda ids: ids.shape[-1] == 1, partial(force_tokens, token_ids=bos)))
     if config.forced_eos_token_id is not None:
-        forced_eos = _eos_list(config.forced_eos_token_id)
+        forced_eos = partial(force_tokens, token_ids=_eos_list(config.forced_eos_token_id))
         last = config.max_length - 1
-        chain.append(
-            _when(lambda ids: ids.shape[-1] == last, partial(force_tokens, token_ids=forced_eos))
-        )
-    if config.remove_invalid_values is True:
-        chain.append(lambda ids, scores: remove_inf_nan(scores))
+        chain.append(_when(lambda ids: ids.shape[-1] == last, forced_eos))
+    return chain
+
+
+def _late_processors(config: GenerationConfig, prompt_length: int) -> list[LogitsFn]:
+    """The exponential eos boost and token suppression, which transformers applies last."""
+    chain: list[LogitsFn] = []
     if config.exponential_decay_length_penalty is not None:
         start, factor = config.exponential_decay_length_penalty
         start += prompt_length
-        chain.append(
-            lambda ids, scores: (
-                boost_eos_exponentially(
-                    scores, _eos_list(config.eos_token_id), ids.shape[-1] - start, factor
-                )
-                if ids.shape[-1] > start
-                else scores
-            )
-        )
+        eos = _eos_list(config.eos_token_id)
+
+        def boost(ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+            if ids.shape[-1] <= start:
+                return scores
+            return boost_eos_exponentially(scores, eos, ids.shape[-1] - start, factor)
+
+        chain.append(boost)
     if config.suppress_tokens is not None:
         chain.append(lambda ids, scores: ban_tokens(scores, config.suppress_tokens))
     if config.begin_suppress_tokens is not None:
-        begin = (
-            prompt_length
-            if (prompt_length > 1 or config.forced_bos_token_id is None)
-            else prompt_length + 1
-        )
-        tokens = list(config.begin_suppress_tokens)
-        chain.append(
-            _when(lambda ids: ids.shape[1] == begin, partial(ban_tokens, token_ids=tokens))
-        )
-    chain.extend(custom)
-    if config.renormalize_logits is True:
-        chain.append(lambda ids, scores: log_normalize(scores))
+        late_start = prompt_length == 1 and config.forced_bos_token_id is not None
+        begin = prompt_length + 1 if late_start else prompt_length
+        ban = partial(ban_tokens, token_ids=list(config.begin_suppress_tokens))
+        chain.append(_when(lambda ids: ids.shape[1] == begin, ban))
     return chain
 
 
@@ -391,13 +409,9 @@ class BeamSearchScorer:
         prompt_len: int,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """next_* [B, K] candidates sorted best first -> (beam scores, tokens, source rows), each [N]."""
-        # Over 40 lines: transformers' BeamSearchScorer.process rule for rule (same hypotheses).
         cur_len = input_ids.shape[-1] + 1
-        num_beams = self.num_beams
-        scores_out: list[float] = []
-        tokens_out: list[int] = []
-        rows_out: list[int] = []
-        for b, (tokens, scores, indices) in enumerate(
+        chosen: list[tuple[float, int, int]] = []  # (score, token, source row) per new beam
+        for b, candidates in enumerate(
             zip(next_tokens.tolist(), next_scores.tolist(), next_indices.tolist())
         ):
             if self.done[b]:
@@ -406,39 +420,50 @@ class BeamSearchScorer:
                         "beam search finished a prompt early: eos_token_id and pad_token_id must be set"
                     )
                 # transformers points finished prompts' rows at row 0; only padding is kept from them
-                scores_out += [0.0] * num_beams
-                tokens_out += [pad_token_id] * num_beams
-                rows_out += [0] * num_beams
+                chosen += [(0.0, pad_token_id, 0)] * self.num_beams
                 continue
-            kept = 0
-            for rank, (token, score, index) in enumerate(zip(tokens, scores, indices)):
-                row = b * num_beams + index
-                if eos_token_ids is not None and token in eos_token_ids:
-                    if (
-                        rank >= num_beams
-                    ):  # an eos outside the top num_beams candidates is not a hypothesis
-                        continue
-                    hyp_indices = beam_indices[row] + (row,) if beam_indices is not None else None
-                    self.hyps[b].add(
-                        input_ids[row].clone(), score, hyp_indices, cur_len - prompt_len
-                    )
-                else:
-                    scores_out.append(score)
-                    tokens_out.append(token)
-                    rows_out.append(row)
-                    kept += 1
-                if kept == num_beams:
-                    break
-            if kept < num_beams:
-                raise ValueError(
-                    f"at most {num_beams} of the candidates {tokens} may be eos tokens {eos_token_ids}"
-                )
-            self.done[b] = self.done[b] or self.hyps[b].is_done(max(scores), cur_len, prompt_len)
+            track = (input_ids, eos_token_ids, beam_indices, cur_len - prompt_len)
+            chosen += self._choose(b, *candidates, *track)
+            best = max(candidates[1])
+            self.done[b] = self.done[b] or self.hyps[b].is_done(best, cur_len, prompt_len)
+        scores, tokens, rows = zip(*chosen)
         device = input_ids.device
         return (
-            torch.tensor(scores_out, dtype=next_scores.dtype, device=device),
-            torch.tensor(tokens_out, dtype=next_tokens.dtype, device=device),
-            torch.tensor(rows_out, dtype=next_indices.dtype, device=device),
+            torch.tensor(scores, dtype=next_scores.dtype, device=device),
+            torch.tensor(tokens, dtype=next_tokens.dtype, device=device),
+            torch.tensor(rows, dtype=next_indices.dtype, device=device),
+        )
+
+    def _choose(
+        self,
+        b: int,
+        tokens: list[int],
+        scores: list[float],
+        indices: list[int],
+        input_ids: torch.Tensor,
+        eos_token_ids: list[int] | None,
+        beam_indices: tuple | None,
+        generated_len: int,
+    ) -> list[tuple[float, int, int]]:
+        """Prompt b's next beams, best first: eos candidates among the top num_beams become
+        hypotheses; the first num_beams others continue."""
+        num_beams = self.num_beams
+        kept: list[tuple[float, int, int]] = []
+        for rank, (token, score, index) in enumerate(zip(tokens, scores, indices)):
+            row = b * num_beams + index
+            if eos_token_ids is not None and token in eos_token_ids:
+                if (
+                    rank >= num_beams
+                ):  # an eos outside the top num_beams candidates is not a hypothesis
+                    continue
+                hyp_indices = beam_indices[row] + (row,) if beam_indices is not None else None
+                self.hyps[b].add(input_ids[row].clone(), score, hyp_indices, generated_len)
+            else:
+                kept.append((score, token, row))
+            if len(kept) == num_beams:
+                return kept
+        raise ValueError(
+            f"at most {num_beams} of the candidates {tokens} may be eos tokens {eos_token_ids}"
         )
 
     def finalize(
@@ -467,26 +492,36 @@ class BeamSearchScorer:
                 hyps.beams, key=lambda beam: beam[0]
             )  # stable: equal scores keep insertion order
             best += [ranked.pop() for _ in range(self.num_beam_hyps_to_keep)]
-        lengths = [len(hyp) for _, hyp, _ in best]
-        out_len = min(max(lengths) + 1, max_length)
-        if min(lengths) != max(lengths) and pad_token_id is None:
-            raise ValueError(
-                "beam hypotheses of different lengths need a `pad_token_id` to pad them"
-            )
-        fill = pad_token_id if pad_token_id is not None else 0
-        sequences = input_ids.new_full((len(best), out_len), fill)
-        track = len(best) > 0 and best[0][2] is not None
-        indices = input_ids.new_full((len(best), out_len), -1) if track else None
-        for i, (_, hyp, hyp_indices) in enumerate(best):
-            sequences[i, : lengths[i]] = hyp
-            if indices is not None:
-                indices[i, : len(hyp_indices)] = torch.tensor(hyp_indices, dtype=indices.dtype)
-            if lengths[i] < out_len:
-                sequences[i, lengths[i]] = eos_token_ids[0]
-        scores = torch.tensor(
-            [score for score, _, _ in best], dtype=torch.float32, device=input_ids.device
-        )
-        return sequences, scores, indices
+        return _pad_hypotheses(best, input_ids, max_length, pad_token_id, eos_token_ids)
+
+
+def _pad_hypotheses(
+    best: list[tuple[float, torch.Tensor, tuple | None]],
+    input_ids: torch.Tensor,
+    max_length: int,
+    pad_token_id: int | None,
+    eos_token_ids: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The chosen hypotheses as one padded tensor (eos after each shorter one), their scores, and
+    their beam indices when tracked."""
+    lengths = [len(hyp) for _, hyp, _ in best]
+    out_len = min(max(lengths) + 1, max_length)
+    if min(lengths) != max(lengths) and pad_token_id is None:
+        raise ValueError("beam hypotheses of different lengths need a `pad_token_id` to pad them")
+    fill = pad_token_id if pad_token_id is not None else 0
+    sequences = input_ids.new_full((len(best), out_len), fill)
+    track = len(best) > 0 and best[0][2] is not None
+    indices = input_ids.new_full((len(best), out_len), -1) if track else None
+    for i, (_, hyp, hyp_indices) in enumerate(best):
+        sequences[i, : lengths[i]] = hyp
+        if indices is not None:
+            indices[i, : len(hyp_indices)] = torch.tensor(hyp_indices, dtype=indices.dtype)
+        if lengths[i] < out_len:
+            sequences[i, lengths[i]] = eos_token_ids[0]
+    scores = torch.tensor(
+        [score for score, _, _ in best], dtype=torch.float32, device=input_ids.device
+    )
+    return sequences, scores, indices
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,64 +556,33 @@ class GenerateBeamDecoderOnlyOutput(ModelOutput):
 
 
 # --------------------------------------------------------------------------------------------------
-# The model step
+# The loop's state
 # --------------------------------------------------------------------------------------------------
 
 
-class _Stepper:
-    """Runs the model on the tokens it has not seen yet and keeps the cache and the attention mask.
+class _Sequences:
+    """The ids and attention mask of every row, preallocated to max_length; a step writes one
+    column (no growth per step). `current` is the view [N, length] the logits filters see."""
 
-    The attention mask covers past + new tokens; a column of ones is appended after every step.
-    A model with `_new_static_cache(batch_size, max_length)` gets its preallocated cache, which it
-    updates in place and which reorders itself (`reorder_`); otherwise the cache is BLOOM's tuple of
-    (key [N*H, D, S], value [N*H, S, D]) per layer.
-    """
+    def __init__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_length: int):
+        rows, self.length = input_ids.shape
+        self.prompt_length = self.length
+        self.ids = input_ids.new_zeros(rows, max_length)
+        self.ids[:, : self.length] = input_ids
+        self.mask = attention_mask.new_ones(rows, max_length)
+        self.mask[:, : self.length] = attention_mask
 
-    def __init__(self, model: Any, attention_mask: torch.Tensor, config: GenerationConfig):
-        self.model = model
-        self.attention_mask = attention_mask
-        self.use_cache = bool(config.use_cache)
-        self.past: Any = None
-        # the preallocated cache serves the fast path, which returns no attention maps
-        if self.use_cache and not config.output_attentions and hasattr(model, "_new_static_cache"):
-            self.past = model._new_static_cache(attention_mask.shape[0], config.max_length)
-        self.seen = 0
-        self.extra = {}
-        if config.output_attentions:
-            self.extra["output_attentions"] = True
-        if config.output_hidden_states:
-            self.extra["output_hidden_states"] = True
+    @property
+    def current(self) -> torch.Tensor:
+        return self.ids[:, : self.length]
 
-    def __call__(self, input_ids: torch.Tensor) -> Any:
-        new_ids = input_ids[:, self.seen :] if self.use_cache else input_ids
-        out = self.model(
-            input_ids=new_ids,
-            past_key_values=self.past,
-            attention_mask=self.attention_mask,
-            use_cache=self.use_cache,
-            return_dict=True,
-            **self.extra,
-        )
-        if self.use_cache:
-            self.past = out.past_key_values
-            self.seen = input_ids.shape[1]
-        self.attention_mask = torch.cat(
-            [self.attention_mask, self.attention_mask.new_ones((input_ids.shape[0], 1))], 1
-        )
-        return out
+    def append(self, tokens: torch.Tensor) -> None:
+        self.ids[:, self.length] = tokens
+        self.length += 1
 
-    def legacy_past(self) -> Any:
-        """The cache in BLOOM's tuple layout, as transformers returns it."""
-        return self.past.to_legacy() if hasattr(self.past, "to_legacy") else self.past
-
-    def reorder(self, beam_idx: torch.Tensor) -> None:
-        """Make row i of the cache a copy of row beam_idx[i] (the attention mask stays, as in transformers)."""
-        if self.past is None:
-            return
-        if hasattr(self.past, "reorder_"):
-            self.past.reorder_(beam_idx)
-            return
-        self.past = reorder_legacy_cache(self.past, beam_idx)
+    def reorder(self, rows: torch.Tensor) -> None:
+        """Row i becomes row rows[i] (the mask stays, as in transformers' beam search)."""
+        self.ids[:, : self.length] = self.ids[rows, : self.length]
 
 
 class _Recorder:
@@ -590,13 +594,13 @@ class _Recorder:
         self.attentions = () if on and config.output_attentions else None
         self.hidden_states = () if on and config.output_hidden_states else None
 
-    def add(self, scores: torch.Tensor, model_out: Any) -> None:
+    def add(self, scores: torch.Tensor, out: StepOutput) -> None:
         if self.scores is not None:
             self.scores += (scores,)
         if self.attentions is not None:
-            self.attentions += (model_out.attentions,)
+            self.attentions += (out.attentions,)
         if self.hidden_states is not None:
-            self.hidden_states += (model_out.hidden_states,)
+            self.hidden_states += (out.hidden_states,)
 
 
 class _StoppingCriteria:
@@ -640,39 +644,60 @@ class _LoopTokens:
         return tokens
 
 
+@dataclasses.dataclass
+class _Loop:
+    """Everything a decoding loop uses: the decoder (the model), the sequences so far, the
+    filters, the stopping rule, the recorder, and the per-row random generators if any."""
+
+    config: GenerationConfig
+    decoder: Any  # a Decoder or ForwardDecoder (torch/engine.py)
+    seqs: _Sequences
+    tokens: _LoopTokens
+    processors: list[LogitsFn]
+    warpers: list[LogitsFn]
+    stop: _StoppingCriteria
+    record: _Recorder
+    generators: list[torch.Generator] | None
+
+    def feed(self) -> StepOutput:
+        """Run the model on the tokens it has not seen (the whole sequence without a cache)."""
+        config, seqs = self.config, self.seqs
+        outputs = dict(output_attentions=self.record.attentions is not None,
+                       output_hidden_states=self.record.hidden_states is not None)  # fmt: skip
+        if config.use_cache and seqs.length > seqs.prompt_length:
+            return self.decoder.step(seqs.ids[:, seqs.length - 1 : seqs.length], **outputs)
+        self.decoder.crop(0)
+        return self.decoder.prefill(seqs.current, seqs.mask[:, : seqs.length], **outputs)
+
+    def filter(self, scores: torch.Tensor) -> torch.Tensor:
+        """The logits processors, then (when sampling) the warpers, on scores [N, V]."""
+        scores = _run_chain(self.processors, self.seqs.current, scores)
+        if self.config.do_sample:
+            scores = _run_chain(self.warpers, self.seqs.current, scores)
+        return scores
+
+
 # --------------------------------------------------------------------------------------------------
 # Decoding loops
 # --------------------------------------------------------------------------------------------------
 
 
-def _greedy_or_sample(
-    step: _Stepper,
-    input_ids: torch.Tensor,
-    config: GenerationConfig,
-    tokens: _LoopTokens,
-    processors: list[LogitsFn],
-    warpers: list[LogitsFn],
-    stop: _StoppingCriteria,
-    streamer: Any,
-) -> GenerateDecoderOnlyOutput | torch.Tensor:
-    # Over 40 lines: the whole decode loop (step, process, pick, record, stop) read in one place.
-    eos, pad = tokens.eos, tokens.pad
-    eos_tensor = torch.tensor(eos, device=input_ids.device) if eos is not None else None
-    record = _Recorder(config)
-    unfinished = torch.ones(input_ids.shape[0], dtype=torch.long, device=input_ids.device)
+def _greedy_or_sample(loop: _Loop, streamer: Any) -> GenerateDecoderOnlyOutput | torch.Tensor:
+    seqs, eos, pad = loop.seqs, loop.tokens.eos, loop.tokens.pad
+    eos_tensor = torch.tensor(eos, device=seqs.ids.device) if eos is not None else None
+    unfinished = torch.ones(seqs.ids.shape[0], dtype=torch.long, device=seqs.ids.device)
     while True:
-        out = step(input_ids)
-        scores = _run_chain(processors, input_ids, out.logits[:, -1, :])
-        if config.do_sample:
-            scores = _run_chain(warpers, input_ids, scores)
-        record.add(scores, out)
-        if config.do_sample:
-            next_tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+        out = loop.feed()
+        scores = loop.filter(out.logits[:, -1, :])
+        loop.record.add(scores, out)
+        if loop.config.do_sample:
+            probs = torch.softmax(scores, dim=-1)
+            next_tokens = sample_tokens(probs, loop.generators).squeeze(1)
         else:
             next_tokens = torch.argmax(scores, dim=-1)
         if eos_tensor is not None:  # finished rows keep receiving padding
             next_tokens = next_tokens * unfinished + pad * (1 - unfinished)
-        input_ids = torch.cat([input_ids, next_tokens[:, None]], dim=-1)
+        seqs.append(next_tokens)
         if streamer is not None:
             streamer.put(next_tokens.cpu())
         all_done = False
@@ -680,94 +705,78 @@ def _greedy_or_sample(
             is_eos = next_tokens.tile(eos_tensor.shape[0], 1).eq(eos_tensor.unsqueeze(1)).any(dim=0)
             unfinished = unfinished * (~is_eos).long()
             all_done = unfinished.max() == 0
-        if stop(input_ids, record.scores) or all_done:
+        if loop.stop(seqs.current, loop.record.scores) or all_done:
             break
-    if not config.return_dict_in_generate:
-        return input_ids
+    if not loop.config.return_dict_in_generate:
+        return seqs.current.contiguous()
+    record = loop.record
     return GenerateDecoderOnlyOutput(
-        sequences=input_ids,
-        scores=record.scores,
-        attentions=record.attentions,
-        hidden_states=record.hidden_states,
-        past_key_values=step.legacy_past(),
-    )
+        sequences=seqs.current.contiguous(), scores=record.scores, attentions=record.attentions,
+        hidden_states=record.hidden_states, past_key_values=loop.decoder.legacy_cache(),
+    )  # fmt: skip
 
 
-def _beam_search(
-    step: _Stepper,
-    input_ids: torch.Tensor,
-    batch_size: int,
-    config: GenerationConfig,
-    tokens: _LoopTokens,
-    processors: list[LogitsFn],
-    warpers: list[LogitsFn],
-    stop: _StoppingCriteria,
-) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
-    # Over 40 lines: the whole beam loop (step, process, candidates, score, reorder) in one place.
-    num_beams = config.num_beams
-    eos, pad = tokens.eos, tokens.pad
+def _beam_search(loop: _Loop, batch_size: int) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
+    config, seqs, record = loop.config, loop.seqs, loop.record
+    num_beams, eos, pad = config.num_beams, loop.tokens.eos, loop.tokens.pad
     scorer = BeamSearchScorer(batch_size, config)
-    record = _Recorder(config)
     track = record.scores is not None
-    beam_indices = tuple(() for _ in range(input_ids.shape[0])) if track else None
-    prompt_len = input_ids.shape[-1]
-    beam_scores = torch.zeros((batch_size, num_beams), dtype=torch.float, device=input_ids.device)
+    beam_indices = tuple(() for _ in range(seqs.ids.shape[0])) if track else None
+    beam_scores = torch.zeros((batch_size, num_beams), dtype=torch.float, device=seqs.ids.device)
     if not config.do_sample:
         beam_scores[
             :, 1:
         ] = -1e9  # the beams start identical: only the first may expand at step one
     beam_scores = beam_scores.view(-1)
     while True:
-        out = step(input_ids)
-        log_probs = torch.nn.functional.log_softmax(out.logits[:, -1, :], dim=-1)  # [N, V]
-        processed = _run_chain(processors, input_ids, log_probs)
-        if config.do_sample:
-            processed = _run_chain(warpers, input_ids, processed)
+        out = loop.feed()
+        processed = loop.filter(torch.nn.functional.log_softmax(out.logits[:, -1, :], dim=-1))
         record.add(processed, out)
-        vocab_size = processed.shape[-1]
-        candidates = (processed + beam_scores[:, None].expand_as(processed)).view(
-            batch_size, num_beams * vocab_size
-        )
-        cand_scores, flat_ids = _beam_candidates(candidates, num_beams, config.do_sample, eos)
-        cand_rows = torch.div(flat_ids, vocab_size, rounding_mode="floor")
-        cand_tokens = flat_ids % vocab_size
+        cand_scores, cand_tokens, cand_rows = _beam_candidates(processed, beam_scores, loop)
         beam_scores, beam_tokens, beam_idx = scorer.process(
-            input_ids, cand_scores, cand_tokens, cand_rows, pad, eos, beam_indices, prompt_len
-        )
-        input_ids = torch.cat([input_ids[beam_idx, :], beam_tokens.unsqueeze(-1)], dim=-1)
-        step.reorder(beam_idx)
+            seqs.current, cand_scores, cand_tokens, cand_rows, pad, eos, beam_indices,
+            seqs.prompt_length,
+        )  # fmt: skip
+        seqs.reorder(beam_idx)
+        seqs.append(beam_tokens)
+        loop.decoder.reorder(beam_idx, masks=False)  # transformers keeps the mask in place
         if beam_indices is not None:
             beam_indices = tuple(beam_indices[i] + (i,) for i in beam_idx.tolist())
-        if scorer.is_done or stop(input_ids, record.scores):
+        if scorer.is_done or loop.stop(seqs.current, record.scores):
             break
     sequences, sequence_scores, indices = scorer.finalize(
-        input_ids, beam_scores, stop.max_length, pad, eos, beam_indices, prompt_len
+        seqs.current, beam_scores, loop.stop.max_length, pad, eos, beam_indices, seqs.prompt_length
     )
     if not config.return_dict_in_generate:
         return sequences
     return GenerateBeamDecoderOnlyOutput(
-        sequences=sequences,
-        sequences_scores=sequence_scores if config.output_scores else None,
-        scores=record.scores,
-        beam_indices=indices,
-        attentions=record.attentions,
-        hidden_states=record.hidden_states,
-        past_key_values=step.legacy_past(),
-    )
+        sequences=sequences, sequences_scores=sequence_scores if config.output_scores else None,
+        scores=record.scores, beam_indices=indices, attentions=record.attentions,
+        hidden_states=record.hidden_states, past_key_values=loop.decoder.legacy_cache(),
+    )  # fmt: skip
 
 
 def _beam_candidates(
-    candidates: torch.Tensor, num_beams: int, do_sample: bool, eos: list[int] | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per batch row, next-token candidates over all its beams [B, num_beams * V], best first:
-    (scores, flat ids). Sampling draws 2 * num_beams; search keeps the top ones, room for eos."""
-    if do_sample:
-        flat_ids = torch.multinomial(torch.softmax(candidates, dim=-1), num_samples=2 * num_beams)
+    processed: torch.Tensor, beam_scores: torch.Tensor, loop: _Loop
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per prompt, next-token candidates over all its beams, best first: (scores, tokens, beam
+    index), each [B, K]. Sampling draws 2 * num_beams; search keeps the top ones, room for eos."""
+    config, eos = loop.config, loop.tokens.eos
+    num_beams, vocab_size = config.num_beams, processed.shape[-1]
+    candidates = (processed + beam_scores[:, None].expand_as(processed)).view(
+        -1, num_beams * vocab_size
+    )
+    if config.do_sample:
+        probs = torch.softmax(candidates, dim=-1)
+        generators = loop.generators[::num_beams] if loop.generators is not None else None
+        flat_ids = sample_tokens(probs, generators, num_samples=2 * num_beams)
         scores, order = torch.sort(torch.gather(candidates, -1, flat_ids), descending=True, dim=1)
-        return scores, torch.gather(flat_ids, -1, order)
-    width = max(2, 1 + (len(eos) if eos else 0)) * num_beams
-    scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
-    return scores, flat_ids
+        flat_ids = torch.gather(flat_ids, -1, order)
+    else:
+        width = max(2, 1 + (len(eos) if eos else 0)) * num_beams
+        scores, flat_ids = torch.topk(candidates, width, dim=1, largest=True, sorted=True)
+    rows = torch.div(flat_ids, vocab_size, rounding_mode="floor")
+    return scores, flat_ids % vocab_size, rows
 
 
 # --------------------------------------------------------------------------------------------------
@@ -799,6 +808,10 @@ def generate(
     streamer: Any = None,
     negative_prompt_ids: torch.Tensor | None = None,
     negative_prompt_attention_mask: torch.Tensor | None = None,
+    *,
+    compile: bool | str | None = None,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    max_model_len: int | None = None,
     **kwargs: Any,
 ) -> torch.Tensor | GenerateDecoderOnlyOutput | GenerateBeamDecoderOnlyOutput:
     """transformers 4.37's `generate` for a BLOOM causal LM: same arguments, same tokens.
@@ -808,44 +821,82 @@ def generate(
     lists of callables `(input_ids, scores)`, run after the built-in ones as in transformers.
     Returns the sequences [B * num_return_sequences, L'] or, with `return_dict_in_generate=True`,
     a `GenerateDecoderOnlyOutput` / `GenerateBeamDecoderOnlyOutput`.
+
+    `model` is bloomlm's BloomForCausalLM, or any model with BLOOM's forward signature (driven
+    through `ForwardDecoder`). bloomlm's own keywords: `compile` (True or a torch.compile mode:
+    run the decode step compiled; default: the model's `from_pretrained(compile=...)`),
+    `generator` (one torch.Generator per prompt, so each prompt's draws are its own and its text
+    does not depend on the rest of the batch; default: the global generator, transformers'
+    draws), `max_model_len` (the most tokens a row may reach, prompt included: a longer request
+    is a ValueError before anything runs).
     """
-    # Over 40 lines: transformers' signature and its argument resolution, then one dispatch.
+    # Over 40 lines: transformers' signature and docstring; the body resolves, checks, dispatches.
     _reject_unsupported_arguments(
         prefix_allowed_tokens_fn, synced_gpus, assistant_model, negative_prompt_ids
     )
-    del (
-        negative_prompt_attention_mask
-    )  # only meaningful with negative_prompt_ids, which is rejected
+    del negative_prompt_attention_mask  # only meaningful with negative_prompt_ids, rejected above
+    source = decoder_source(model)
     user_max_length = kwargs.get("max_length")
-    config, model_kwargs = _resolve_config(model, generation_config, kwargs)
-    input_ids, attention_mask = _prepare_inputs(model, inputs, model_kwargs, config)
+    config, model_kwargs = _resolve_config(source, generation_config, kwargs)
+    input_ids, attention_mask = _prepare_inputs(source, inputs, model_kwargs, config)
     _finish_lengths(config, input_ids.shape[-1], user_max_length)
+    _check_usable_length(config, input_ids.shape[-1], max_model_len)
     _check_streamer(streamer, config, input_ids.shape[0])
-
-    batch_size, prompt_len = input_ids.shape
-    tokens = _LoopTokens.resolve(model, config)
-    processors = build_logits_processors(config, prompt_len, logits_processor or ())
-    warpers = build_logits_warpers(config) if config.do_sample else []
-    stop = _StoppingCriteria(config, stopping_criteria or ())
-    expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
-    with torch.inference_mode():
+    loop = _make_loop(source, config, input_ids, attention_mask, logits_processor,
+                      stopping_criteria, generator, compile)  # fmt: skip
+    with torch.no_grad():  # not inference_mode: what is returned is an ordinary tensor
         if streamer is not None:
             streamer.put(input_ids.cpu())
-        input_ids = input_ids.repeat_interleave(expand, dim=0)
-        step = _Stepper(model, attention_mask.repeat_interleave(expand, dim=0), config)
         try:
             if config.num_beams > 1:
-                result = _beam_search(
-                    step, input_ids, batch_size, config, tokens, processors, warpers, stop
-                )
-            else:
-                result = _greedy_or_sample(
-                    step, input_ids, config, tokens, processors, warpers, stop, streamer
-                )
+                return _beam_search(loop, input_ids.shape[0])
+            return _greedy_or_sample(loop, streamer)
         finally:
             if streamer is not None:  # also on error, so a consumer thread is never left waiting
                 streamer.end()
-    return _outside_inference_mode(result)
+
+
+def _make_loop(
+    source: Any,
+    config: GenerationConfig,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    logits_processor: Sequence[LogitsFn] | None,
+    stopping_criteria: Sequence[Callable] | None,
+    generator: torch.Generator | Sequence[torch.Generator] | None,
+    compile: bool | str | None,
+) -> _Loop:
+    """Expand the prompts to their rows (beams, or returned sequences) and set up the loop."""
+    batch_size, prompt_len = input_ids.shape
+    expand = config.num_beams if config.num_beams > 1 else config.num_return_sequences
+    generators = _row_generators(generator, batch_size, expand)
+    tokens = _LoopTokens.resolve(source, config)
+    processors = build_logits_processors(config, prompt_len, logits_processor or ())
+    warpers = build_logits_warpers(config) if config.do_sample else []
+    stop = _StoppingCriteria(config, stopping_criteria or ())
+    rows_ids, rows_mask = (t.repeat_interleave(expand, dim=0) for t in (input_ids, attention_mask))
+    seqs = _Sequences(rows_ids, rows_mask, config.max_length)
+    decoder = source.make_decoder(batch_size * expand, config.max_length, compile=compile)
+    record = _Recorder(config)
+    return _Loop(config, decoder, seqs, tokens, processors, warpers, stop, record, generators)
+
+
+def _row_generators(
+    generator: torch.Generator | Sequence[torch.Generator] | None, batch_size: int, expand: int
+) -> list[torch.Generator] | None:
+    """One generator per row: prompt b's for each of its `expand` rows."""
+    if generator is None:
+        return None
+    if isinstance(generator, torch.Generator):
+        generators = [generator] * batch_size
+    else:
+        generators = list(generator)
+    if len(generators) != batch_size or not all(isinstance(g, torch.Generator) for g in generators):
+        raise ValueError(
+            f"`generator` must be a torch.Generator or a list of one per prompt ({batch_size}), "
+            f"got {generator!r}"
+        )
+    return [g for g in generators for _ in range(expand)]
 
 
 def _reject_unsupported_arguments(
@@ -918,58 +969,24 @@ def _model_generation_config(model: Any) -> GenerationConfig:
     return _as_ours(config)
 
 
-def _model_device(model: Any) -> torch.device | None:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return (
-        next((p.device for p in model.parameters()), None) if hasattr(model, "parameters") else None
-    )
-
-
 def _prepare_inputs(
     model: Any, inputs: torch.Tensor | None, model_kwargs: dict[str, Any], config: GenerationConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check the prompt and its mask; build the mask as transformers does when none is given."""
-    # Over 40 lines: one check per way transformers accepts (or rejects) a prompt and its mask.
     input_ids = model_kwargs.pop("input_ids", None)
     attention_mask = model_kwargs.pop("attention_mask", None)
     if "inputs_embeds" in model_kwargs:
         raise ValueError("`inputs_embeds` is not supported by bloomlm's generate; pass `input_ids`")
     if model_kwargs:
         raise ValueError(
-            f"generate() got unknown arguments {sorted(model_kwargs)}: allowed are `input_ids`, `attention_mask` "
-            "and the GenerationConfig fields"
+            f"generate() got unknown arguments {sorted(model_kwargs)}: allowed are `input_ids`, "
+            "`attention_mask`, the GenerationConfig fields, `compile`, `generator` and "
+            "`max_model_len`"
         )
     if inputs is not None and input_ids is not None:
         raise ValueError("pass the prompt once: either `inputs` or `input_ids`, not both")
-    input_ids = inputs if inputs is not None else input_ids
-    if input_ids is None:  # start from a lone bos token
-        if attention_mask is not None:
-            raise ValueError("`attention_mask` was given without `input_ids`; pass both or neither")
-        if config.bos_token_id is None:
-            raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided")
-        input_ids = torch.full(
-            (1, 1), config.bos_token_id, dtype=torch.long, device=_model_device(model)
-        )
-    if (
-        not isinstance(input_ids, torch.Tensor)
-        or input_ids.dim() != 2
-        or input_ids.is_floating_point()
-    ):
-        raise ValueError(
-            "`input_ids` must be an integer tensor of shape [batch, length], got "
-            + (
-                f"{input_ids.dtype} of shape {list(input_ids.shape)}"
-                if isinstance(input_ids, torch.Tensor)
-                else repr(input_ids)
-            )
-        )
-    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
-        raise ValueError(
-            f"`input_ids` must hold at least one token per row, got shape {list(input_ids.shape)}"
-        )
-    input_ids = input_ids.long()
+    input_ids = _prompt_ids(model, inputs if inputs is not None else input_ids, attention_mask,
+                            config)  # fmt: skip
     if attention_mask is None:
         attention_mask = _default_attention_mask(
             input_ids, config.pad_token_id, config.eos_token_id
@@ -990,6 +1007,46 @@ def _prepare_inputs(
             "results, please set `padding_side='left'` when initializing the tokenizer."
         )
     return input_ids, attention_mask
+
+
+def _prompt_ids(
+    model: Any, input_ids: Any, attention_mask: Any, config: GenerationConfig
+) -> torch.Tensor:
+    """The checked prompt [B, L] as int64, or a lone bos token when none is given."""
+    if input_ids is None:  # start from a lone bos token
+        if attention_mask is not None:
+            raise ValueError("`attention_mask` was given without `input_ids`; pass both or neither")
+        if config.bos_token_id is None:
+            raise ValueError("`bos_token_id` has to be defined when no `input_ids` are provided")
+        device = getattr(model, "device", None)  # None for a model without parameters
+        return torch.full((1, 1), config.bos_token_id, dtype=torch.long, device=device)
+    if (
+        not isinstance(input_ids, torch.Tensor)
+        or input_ids.dim() != 2
+        or input_ids.is_floating_point()
+    ):
+        got = (
+            f"{input_ids.dtype} of shape {list(input_ids.shape)}"
+            if isinstance(input_ids, torch.Tensor)
+            else repr(input_ids)
+        )
+        raise ValueError(
+            f"`input_ids` must be an integer tensor of shape [batch, length], got {got}"
+        )
+    if input_ids.shape[0] == 0 or input_ids.shape[1] == 0:
+        raise ValueError(
+            f"`input_ids` must hold at least one token per row, got shape {list(input_ids.shape)}"
+        )
+    vocab_size = getattr(model.config, "vocab_size", None)
+    if vocab_size is not None:
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(
+                f"token id {bad} in `input_ids` is outside the vocabulary: ids must lie in "
+                f"[0, {vocab_size})"
+            )
+    return input_ids.long()
 
 
 def _default_attention_mask(
@@ -1044,6 +1101,23 @@ def _finish_lengths(config: GenerationConfig, prompt_len: int, user_max_length: 
         )
 
 
+def _check_usable_length(
+    config: GenerationConfig, prompt_len: int, max_model_len: int | None
+) -> None:
+    """A request longer than the usable length fails now, before any memory is allocated."""
+    if max_model_len is None:
+        return
+    if isinstance(max_model_len, bool) or not isinstance(max_model_len, int) or max_model_len < 1:
+        raise ValueError(f"`max_model_len` must be a positive integer, got {max_model_len!r}")
+    if config.max_length > max_model_len:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus the tokens to generate make "
+            f"{config.max_length}, "
+            f"more than the usable length max_model_len={max_model_len}; lower max_new_tokens "
+            "or raise max_model_len"
+        )
+
+
 def _check_streamer(streamer: Any, config: GenerationConfig, batch_size: int) -> None:
     if streamer is None:
         return
@@ -1058,23 +1132,6 @@ def _check_streamer(streamer: Any, config: GenerationConfig, batch_size: int) ->
         raise ValueError(
             "`streamer` must have `put(token_ids)` and `end()` methods, like TextStreamer"
         )
-
-
-def _outside_inference_mode(value: Any) -> Any:
-    """Copy the returned tensors so callers may edit them in place (inference tensors refuse that)."""
-    if isinstance(value, torch.Tensor):
-        return value.clone()
-    if isinstance(value, tuple):
-        return tuple(_outside_inference_mode(v) for v in value)
-    if isinstance(value, (GenerateDecoderOnlyOutput, GenerateBeamDecoderOnlyOutput)):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
-        past = fields.pop(
-            "past_key_values"
-        )  # left as is: it can be large, and the model reads it fine
-        return type(value)(
-            **{k: _outside_inference_mode(v) for k, v in fields.items()}, past_key_values=past
-        )
-    return value
 
 
 __all__ = ["GenerateBeamDecoderOnlyOutput", "GenerateDecoderOnlyOutput", "generate"]

@@ -8,9 +8,9 @@ Notation in shape comments: B batch, T new tokens, S past + new tokens (key leng
 D head_dim, C hidden_size = H * D.
 
 Parameter names are transformers' (the checkpoint schema), so its folders load unchanged. Loading,
-saving and the shared plumbing (flags, head mask, embeddings, the heads' trunk call and outputs)
-live in `pretrained.py`; input checks in `checks.py`, the cache in `cache.py`, the heads' losses in
-`losses.py`; this file holds the math.
+saving and the shared plumbing (flags, head mask, the heads' trunk call) live in `pretrained.py`,
+input checks in `checks.py`, the KV cache and attention bias in `cache.py`, the decoding engine in
+`engine.py`, the heads' losses in `losses.py`; this file holds the math.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ import warnings
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 
-from bloomlm.alibi import alibi_slopes
 from bloomlm.config import BloomConfig
 from bloomlm.generation import GenerationConfigMixin
 from bloomlm.outputs import (
@@ -33,7 +33,18 @@ from bloomlm.outputs import (
     TokenClassifierOutput,
 )
 from bloomlm.torch import checks
-from bloomlm.torch.cache import LayerPast, StaticCache, reorder_legacy_cache
+from bloomlm.torch.cache import (  # noqa: F401
+    AttentionInputs,
+    CacheWrite,
+    KVCache,
+    LayerPast,
+    attention_bias,
+    build_alibi,
+    build_causal_mask,
+    call_cache,
+    reorder_legacy_cache,
+)
+from bloomlm.torch.engine import Decoder, StepOutput
 from bloomlm.torch.hf_compat import CausalLMAPI
 from bloomlm.torch.losses import (
     causal_lm_loss,
@@ -44,53 +55,25 @@ from bloomlm.torch.losses import (
 from bloomlm.torch.pretrained import BloomPreTrainedModel, _BloomHead
 
 # --------------------------------------------------------------------------------------------------
-# Position bias and masks
+# Attention paths (the bias builders live in cache.py, beside the cache they read)
 # --------------------------------------------------------------------------------------------------
 
 
-def build_alibi(
-    attention_mask: torch.Tensor,
-    n_head: int,
-    dtype: torch.dtype,
-    slopes: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """ALiBi bias (B * H, 1, S): slope[h] * position of key s, counted over kept tokens only.
-    `slopes` [H]: given under tensor parallelism (a rank's slice of the global heads' slopes)."""
-    batch_size, key_length = attention_mask.shape
-    if slopes is None:
-        slopes = torch.from_numpy(alibi_slopes(n_head))
-    slopes = slopes.to(attention_mask.device)
-    positions = ((attention_mask.cumsum(dim=-1) - 1) * attention_mask)[:, None, :]  # (B, 1, S)
-    alibi = slopes[None, :, None] * positions  # (B, H, S)
-    return alibi.reshape(batch_size * n_head, 1, key_length).to(dtype)
+def attention_implementation(
+    requested: str | None, output_attentions: bool, head_mask: torch.Tensor | None, training: bool
+) -> str:
+    """The attention path of one call: "eager" (transformers' math) or "sdpa" (one fused call).
 
-
-def build_causal_mask(attention_mask: torch.Tensor, query_length: int) -> torch.Tensor:
-    """Boolean mask (B, 1, T, S), True where a query may NOT look: future keys and padding.
-
-    With a cache of P = S - T tokens, query t sits at position P + t and sees keys 0 .. P + t.
+    Eager where only it serves the call: attention probabilities, a head mask, and training by
+    default (attention dropout then draws transformers' masks). Otherwise `requested`
+    (`from_pretrained(attn_implementation=...)`, stored as `config._attn_implementation`), by
+    default "sdpa". Both paths give transformers' gradients (see `BloomAttention`).
     """
-    batch_size, key_length = attention_mask.shape
-    past_length = key_length - query_length
-    device = attention_mask.device
-    query_pos = torch.arange(past_length, key_length, device=device)[:, None]
-    key_pos = torch.arange(key_length, device=device)[None, :]
-    future = key_pos > query_pos  # (T, S)
-    padding = attention_mask[:, None, None, :] == 0  # (B, 1, 1, S)
-    return future[None, None] | padding
-
-
-def attention_bias(
-    alibi: torch.Tensor, causal_mask: torch.Tensor, n_head: int, dtype: torch.dtype
-) -> torch.Tensor:
-    """ALiBi and masking as one additive bias (B, H, T, S) for the fused attention path.
-
-    Masked entries get dtype's lowest value, not -inf: a query that sees nothing (a padding row)
-    then gets uniform weights, as in transformers' eager path, instead of NaN.
-    """
-    batch_size = causal_mask.shape[0]
-    bias = alibi.view(batch_size, n_head, 1, -1).to(dtype)
-    return bias.masked_fill(causal_mask, torch.finfo(dtype).min)
+    if output_attentions or head_mask is not None:
+        return "eager"
+    if requested is None:
+        return "eager" if training else "sdpa"
+    return requested
 
 
 def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
@@ -102,12 +85,13 @@ def bloom_gelu(x: torch.Tensor) -> torch.Tensor:
     return F.gelu(x, approximate="tanh")
 
 
-def tp_linear(x: torch.Tensor, layer: nn.Linear, pretraining_tp: int) -> torch.Tensor:
+def tp_linear(x: torch.Tensor, layer: nn.Module, pretraining_tp: int) -> torch.Tensor:
     """`layer(x)`, summed in `pretraining_tp` column slices when that is > 1: the order Megatron's
     TP ranks added them (`slow_but_exact` reproduces the pre-training rounding). Unlike transformers
-    4.37 it also adds the bias, so it equals `layer(x)` up to rounding.
+    4.37 it also adds the bias, so it equals `layer(x)` up to rounding. A layer that is not an
+    nn.Linear (a quantized one: any module mapping [.., C] -> [.., out]) is simply called.
     """
-    if pretraining_tp == 1:
+    if pretraining_tp == 1 or not isinstance(layer, nn.Linear):
         return layer(x)
     in_features = layer.weight.shape[-1]
     slice_width = in_features / pretraining_tp
@@ -128,13 +112,14 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
 
 
 class BloomAttention(nn.Module):
-    def __init__(self, config: BloomConfig):
+    def __init__(self, config: BloomConfig, layer_idx: int = 0):
         super().__init__()
         self.num_heads = config.n_head
         self.head_dim = config.hidden_size // config.n_head
         self.hidden_dropout = config.hidden_dropout
         self.tp_slices = config.pretraining_tp if config.slow_but_exact else 1
         self.inv_norm_factor = self.head_dim**-0.5
+        self.layer_idx = layer_idx  # the cache slot this layer writes
         self.query_key_value = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=True)
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.attention_dropout = nn.Dropout(config.attention_dropout)
@@ -143,54 +128,41 @@ class BloomAttention(nn.Module):
         self,
         hidden_states: torch.Tensor,
         residual: torch.Tensor,
-        alibi: torch.Tensor | None,
-        attention_mask: torch.Tensor,
-        layer_past: LayerPast | StaticCache | None = None,
+        inputs: AttentionInputs,
         head_mask: torch.Tensor | None = None,
-        use_cache: bool = False,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, LayerPast | StaticCache | None, torch.Tensor | None]:
-        """Two paths, one result. With `alibi` given, transformers' eager math, needed to return
-        attention probabilities or apply a head mask. With `alibi=None`, `attention_mask` is the
-        ready additive bias (ALiBi + masking, `attention_bias`); one fused SDPA call does the rest.
-        """
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Two paths, one result: transformers' eager math (needed for attention probabilities
+        or a head mask), or one fused SDPA call with the ready additive bias."""
         B, T, _ = hidden_states.shape
         # The fused projection is laid out per head: (..., H, 3, D), not (..., 3, H, D).
         qkv = self.query_key_value(hidden_states).view(B, T, self.num_heads, 3, self.head_dim)
         query, key, value = (qkv[..., i, :].transpose(1, 2) for i in range(3))  # (B, H, T, D) each
-        key, value, present = self._extend_cache(key, value, layer_past, use_cache)  # (B, H, S, D)
-        if alibi is None:
-            dropout_p = self.attention_dropout.p if self.training else 0.0
-            context = F.scaled_dot_product_attention(
-                query, key, value, attn_mask=attention_mask, dropout_p=dropout_p,
-                scale=self.inv_norm_factor,
-            )  # fmt: skip
-            probs = None
+        if inputs.write is not None:
+            key, value = inputs.write.update(self.layer_idx, key, value)  # (B, H, S, D)
+        if inputs.eager:
+            context, probs = self._attend_eager(query, key, value, inputs, head_mask)
         else:
-            context, probs = self._attend_eager(query, key, value, alibi, attention_mask, head_mask)
+            context, probs = self._attend_fused(query, key, value, inputs), None
         context = context.transpose(1, 2).reshape(B, T, -1)  # (B, T, C)
         output = tp_linear(context, self.dense, self.tp_slices)
         output = dropout_add(output, residual, self.hidden_dropout, self.training)
-        return output, present, (probs if output_attentions else None)
+        return output, (probs if output_attentions else None)
 
-    def _extend_cache(self, key, value, layer_past, use_cache):
-        """Past + new keys and values (B, H, S, D) and the cache to hand back: a StaticCache written
-        in place, or BLOOM's tuple layout, converted here at the boundary."""
-        if isinstance(layer_past, StaticCache):
-            key, value = layer_past.update(self.layer_idx, key, value)
-            return key, value, layer_past
-        B, H, _, D = key.shape
-        if layer_past is not None:
-            past_key, past_value = layer_past  # (B*H, D, P), (B*H, P, D)
-            P = past_key.shape[-1]
-            key = torch.cat((past_key.view(B, H, D, P).transpose(-1, -2), key), dim=2)
-            value = torch.cat((past_value.view(B, H, P, D), value), dim=2)
-        if not use_cache:
-            return key, value, None
-        S = key.shape[2]
-        return key, value, (key.transpose(-1, -2).reshape(B * H, D, S), value.reshape(B * H, S, D))
+    def _attend_fused(self, query, key, value, inputs):
+        """One SDPA call with the additive bias; context (B, H, T, D)."""
+        dropout_p = self.attention_dropout.p if self.training else 0.0
+        args = dict(attn_mask=inputs.bias, dropout_p=dropout_p, scale=self.inv_norm_factor)
+        if not query.requires_grad:
+            return F.scaled_dot_product_attention(query, key, value, **args)
+        # transformers' gradients: a query that sees no key (left padding) has constant scores
+        # in the eager path, so no gradient reaches its q or the keys (zero the query); and the
+        # fused CPU kernel's backward drops such a row's value gradient (the math kernel keeps it).
+        query = query * ~inputs.blocked.all(dim=-1, keepdim=True)
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(query, key, value, **args)
 
-    def _attend_eager(self, query, key, value, alibi, causal_mask, head_mask):
+    def _attend_eager(self, query, key, value, inputs, head_mask):
         """transformers' eager math on (B, H, *, D) inputs; returns context (B, H, T, D), probs."""
         B, H, T, D = query.shape
         S = key.shape[2]
@@ -198,10 +170,11 @@ class BloomAttention(nn.Module):
         key = key.transpose(-1, -2).reshape(B * H, D, S)
         # scores = alibi + (q . k) / sqrt(D), softmax in float32 whatever the weights' dtype:
         # float16's smallest value (-65504) could not mask, and half-precision sums lose the tail.
-        scores = alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor).view(B, H, T, S)
+        scores = inputs.alibi.baddbmm(query, key, beta=1.0, alpha=self.inv_norm_factor)
+        scores = scores.view(B, H, T, S)
         if scores.dtype == torch.float16:
             scores = scores.float()
-        scores = scores.masked_fill(causal_mask, torch.finfo(scores.dtype).min)
+        scores = scores.masked_fill(inputs.blocked, torch.finfo(scores.dtype).min)
         probs = F.softmax(scores, dim=-1, dtype=torch.float32).to(value.dtype)
         probs = self.attention_dropout(probs)
         if head_mask is not None:
@@ -225,10 +198,10 @@ class BloomMLP(nn.Module):
 
 
 class BloomBlock(nn.Module):
-    def __init__(self, config: BloomConfig):
+    def __init__(self, config: BloomConfig, layer_idx: int = 0):
         super().__init__()
         self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
-        self.self_attention = BloomAttention(config)
+        self.self_attention = BloomAttention(config, layer_idx)
         self.post_attention_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layer_norm_epsilon
         )
@@ -239,22 +212,18 @@ class BloomBlock(nn.Module):
     def forward(
         self,
         hidden_states: torch.Tensor,
-        alibi: torch.Tensor,
-        attention_mask: torch.Tensor,
-        layer_past: LayerPast | None = None,
+        inputs: AttentionInputs,
         head_mask: torch.Tensor | None = None,
-        use_cache: bool = False,
         output_attentions: bool = False,
-    ) -> tuple[torch.Tensor, LayerPast | None, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         normed = self.input_layernorm(hidden_states)
         residual = normed if self.post_ln_residual else hidden_states
-        attn_output, present, probs = self.self_attention(
-            normed, residual, alibi, attention_mask, layer_past, head_mask, use_cache,
-            output_attentions,
-        )  # fmt: skip
+        attn_output, probs = self.self_attention(
+            normed, residual, inputs, head_mask, output_attentions
+        )
         normed = self.post_attention_layernorm(attn_output)
         residual = normed if self.post_ln_residual else attn_output
-        return self.mlp(normed, residual), present, probs
+        return self.mlp(normed, residual), probs
 
 
 # --------------------------------------------------------------------------------------------------
@@ -269,14 +238,12 @@ class BloomModel(BloomPreTrainedModel):
         super().__init__(config)
         self.embed_dim = config.hidden_size
         self.num_heads = config.n_head  # the heads computed here: H / N under tensor parallelism
-        self.alibi_slopes: torch.Tensor | None = None  # tensor parallelism: slopes of those heads
+        self.alibi_slopes: torch.Tensor | None = None  # tensor parallelism: those heads' slopes
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layer_norm_epsilon
         )
-        self.h = nn.ModuleList([BloomBlock(config) for _ in range(config.n_layer)])
-        for i, block in enumerate(self.h):
-            block.self_attention.layer_idx = i  # the StaticCache slot this layer writes
+        self.h = nn.ModuleList([BloomBlock(config, i) for i in range(config.n_layer)])
         self.ln_f = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_epsilon)
         self.post_init()
 
@@ -289,7 +256,7 @@ class BloomModel(BloomPreTrainedModel):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: tuple[LayerPast, ...] | StaticCache | None = None,
+        past_key_values: tuple[LayerPast, ...] | KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -299,88 +266,85 @@ class BloomModel(BloomPreTrainedModel):
         return_dict: bool | None = None,
         **deprecated_arguments,
     ) -> BaseModelOutputWithPastAndCrossAttentions | tuple:
-        # Over 40 lines: the one pass down the blocks, collecting what each flag asks for.
+        """`past_key_values`: BLOOM's tuples (converted to a KVCache once here and back at the
+        end), or a KVCache, written in place and returned as is."""
         self._pop_deprecated(deprecated_arguments)
         flags = self._resolve_flags(use_cache, output_attentions, output_hidden_states, return_dict)
         use_cache, output_attentions, output_hidden_states, return_dict = flags
         if self.gradient_checkpointing and self.training:
             use_cache = False  # the recomputed blocks cannot hand back a cache
-        # The eager path exposes the probabilities and head masks, and gives transformers'
-        # gradients: a padding query sees only masked keys, and there the fused kernel's backward
-        # (an additive bias instead of masked_fill) lets gradient into its q and k. The fused path
-        # serves inference.
-        eager = output_attentions or head_mask is not None or torch.is_grad_enabled()
-        hidden_states, alibi, mask = self._embed(
-            input_ids, past_key_values, attention_mask, inputs_embeds, eager
+        hidden_states = self._embed(input_ids, inputs_embeds)
+        cache, valid, write = call_cache(
+            self.config, past_key_values, attention_mask, hidden_states, use_cache, self.num_heads
         )
-        static_cache = past_key_values if isinstance(past_key_values, StaticCache) else None
-        if past_key_values is None or static_cache is not None:
-            past_key_values = (static_cache,) * len(self.h)  # a StaticCache serves every layer
-
-        presents = () if use_cache else None
-        all_attentions = () if output_attentions else None
-        all_hidden_states = () if output_hidden_states else None
-        head_masks = self._layer_head_masks(head_mask)
-        for block, layer_past, layer_head_mask in zip(self.h, past_key_values, head_masks):
-            if output_hidden_states:
-                all_hidden_states += (hidden_states,)
-            args = (hidden_states, alibi, mask, layer_past, layer_head_mask, use_cache)
-            if self.gradient_checkpointing and self.training:
-                outputs = checkpoint(block, *args, output_attentions, use_reentrant=False)
-            else:
-                outputs = block(*args, output_attentions)
-            hidden_states, present, probs = outputs
-            if use_cache:
-                presents += (present,)
-            if output_attentions:
-                all_attentions += (probs,)
-        if static_cache is not None:
-            static_cache.advance(hidden_states.shape[1])
-            presents = static_cache if use_cache else None
-        hidden_states = self.ln_f(hidden_states)
-        if output_hidden_states:
-            all_hidden_states += (hidden_states,)
-
+        inputs = self._attention_inputs(hidden_states, valid, write, output_attentions, head_mask)
+        hidden_states, all_hidden_states, all_attentions = self.run_blocks(
+            hidden_states, inputs, head_mask, output_attentions, output_hidden_states
+        )
+        legacy = cache is not past_key_values  # a KVCache given is handed back as is
+        presents = (cache.to_legacy() if legacy else cache) if use_cache else None
         output = BaseModelOutputWithPastAndCrossAttentions(
             hidden_states, presents, all_hidden_states, all_attentions
         )  # last_hidden_state, past_key_values, hidden_states, attentions
         return output if return_dict else output.to_tuple()
 
-    def _embed(
+    def run_blocks(
         self,
-        input_ids: torch.LongTensor | None,
-        past_key_values: tuple[LayerPast, ...] | StaticCache | None,
-        attention_mask: torch.Tensor | None,
-        inputs_embeds: torch.Tensor | None,
-        eager: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """Checked inputs to the blocks' (hidden states, alibi, mask): the embeddings after their
-        LayerNorm, and the position bias and masks built once, not once per layer: ALiBi and the
-        causal mask for the eager path, (None, one additive bias) for the fused path."""
+        hidden_states: torch.Tensor,
+        inputs: AttentionInputs,
+        head_mask: torch.Tensor | None = None,
+        output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:
+        """The blocks and ln_f: (last hidden state, every hidden state, every layer's attention
+        probabilities), the last two None unless asked for."""
+        all_attentions = () if output_attentions else None
+        all_hidden_states = () if output_hidden_states else None
+        recompute = self.gradient_checkpointing and self.training
+        for block, layer_head_mask in zip(self.h, self._layer_head_masks(head_mask)):
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            args = (hidden_states, inputs, layer_head_mask, output_attentions)
+            if recompute:
+                hidden_states, probs = checkpoint(block, *args, use_reentrant=False)
+            else:
+                hidden_states, probs = block(*args)
+            if output_attentions:
+                all_attentions += (probs,)
+        hidden_states = self.ln_f(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        return hidden_states, all_hidden_states, all_attentions
+
+    def decode(
+        self, input_ids: torch.Tensor, valid: torch.Tensor, write: CacheWrite,
+        output_attentions: bool = False, output_hidden_states: bool = False,
+        slopes: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, tuple | None, tuple | None]:  # fmt: skip
+        """The engine's cached pass, unchecked (its callers checked the ids once): `input_ids`
+        [n, T] written through `write`, `valid` [n, S] the key columns; returns `run_blocks`'."""
+        states = self.word_embeddings_layernorm(self.word_embeddings(input_ids))
+        inputs = self._attention_inputs(states, valid, write, output_attentions, None, slopes)
+        return self.run_blocks(states, inputs, None, output_attentions, output_hidden_states)
+
+    def _attention_inputs(
+        self, hidden_states, valid, write, output_attentions, head_mask, slopes=None
+    ):
+        requested = getattr(self.config, "_attn_implementation", None)
+        path = attention_implementation(requested, output_attentions, head_mask, self.training)
+        slopes = self.alibi_slopes if slopes is None else slopes
+        return AttentionInputs.build(valid, hidden_states.shape[1], self.num_heads,
+                                     hidden_states.dtype, eager=path == "eager", write=write,
+                                     slopes=slopes)  # fmt: skip
+
+    def _embed(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None
+    ) -> torch.Tensor:
+        """The checked inputs' embeddings after their LayerNorm."""
         checks.check_inputs(self.config, input_ids, inputs_embeds)
-        batch_size, seq_length = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
-        if isinstance(past_key_values, StaticCache):
-            past_length = checks.check_static_cache(past_key_values, batch_size, seq_length)
-        else:
-            past_length = checks.check_past(
-                self.config, past_key_values, batch_size, self.num_heads
-            )
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
-        hidden_states = self.word_embeddings_layernorm(inputs_embeds)
-
-        if attention_mask is None:
-            shape = (batch_size, past_length + seq_length)
-            attention_mask = torch.ones(shape, device=hidden_states.device)
-        else:
-            checks.check_attention_mask(attention_mask, batch_size, past_length, seq_length)
-            attention_mask = attention_mask.to(hidden_states.device)
-        dtype = hidden_states.dtype
-        alibi = build_alibi(attention_mask, self.num_heads, dtype, self.alibi_slopes)
-        causal_mask = build_causal_mask(attention_mask, seq_length)
-        if eager:
-            return hidden_states, alibi, causal_mask
-        return hidden_states, None, attention_bias(alibi, causal_mask, self.num_heads, dtype)
+        return self.word_embeddings_layernorm(inputs_embeds)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -389,9 +353,11 @@ class BloomModel(BloomPreTrainedModel):
 
 
 class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
-    """Next-token logits from an LM head tied to the input embeddings; `generate` for text."""
+    """Next-token logits from an LM head tied to the input embeddings; `generate` for text, and
+    the decoding engine's model side (`make_decoder`, `decode`, `static_step`)."""
 
     _tied_weights_keys = ["lm_head.weight"]
+    compile_decoding: bool | str = False  # make_decoder's default; from_pretrained(compile=...)
 
     def __init__(self, config: BloomConfig):
         super().__init__(config)
@@ -408,7 +374,7 @@ class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
-        past_key_values: tuple[LayerPast, ...] | None = None,
+        past_key_values: tuple[LayerPast, ...] | KVCache | None = None,
         attention_mask: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
@@ -444,10 +410,41 @@ class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
 
         return generate(self, *args, **kwargs)
 
-    def _new_static_cache(self, batch_size: int, max_length: int) -> StaticCache:
-        """A preallocated cache for `generate`: written in place, no concatenation per step."""
-        n_head = self.transformer.num_heads  # a rank's heads under tensor parallelism
-        return StaticCache(self.config, batch_size, max_length, self.dtype, self.device, n_head)
+    # -- the decoding engine's model side (torch/engine.py drives these) -------------------------
+
+    def make_decoder(
+        self, rows: int, capacity: int, *, compile: bool | str | None = None
+    ) -> Decoder:
+        """A Decoder for `rows` sequences of at most `capacity` tokens each; `compile`: True or a
+        torch.compile mode (default: `from_pretrained(compile=...)`)."""
+        compile = self.compile_decoding if compile is None else compile
+        return Decoder(self, rows, capacity, compile=compile)
+
+    def decode(
+        self, input_ids: torch.Tensor, write: CacheWrite, valid: torch.Tensor, *,
+        num_logits: int = 1, hidden: bool = False, output_attentions: bool = False,
+        output_hidden_states: bool = False,
+    ) -> StepOutput:  # fmt: skip
+        """`BloomModel.decode`, then logits of the last `num_logits` positions only: the LM head
+        never sees the rest of a prompt."""
+        last, all_hidden, attentions = self.transformer.decode(
+            input_ids, valid, write, output_attentions, output_hidden_states
+        )
+        last = last[:, -num_logits:]
+        return StepOutput(self.lm_head(last), last if hidden else None, attentions, all_hidden)
+
+    def static_step(
+        self, input_ids: torch.Tensor, starts: torch.Tensor, valid: torch.Tensor,
+        keys: torch.Tensor, values: torch.Tensor, slopes: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """The fixed-shape decode step the engine compiles: one token per row (`input_ids`
+        [N, 1]) written at column starts[n] of the cache buffers (keys, values [L, N, H, S, D],
+        valid [N, S], all updated in place), attending over the whole capacity; -> logits [N, V]."""
+        rows = torch.arange(input_ids.shape[0], device=input_ids.device)
+        valid[rows, starts] = True
+        write = CacheWrite(keys, values, slice(None), keys.shape[3], starts=starts)
+        last, _, _ = self.transformer.decode(input_ids, valid, write, slopes=slopes)
+        return self.lm_head(last[:, 0])
 
     def _reorder_cache(
         self, past: tuple[LayerPast, ...], beam_idx: torch.LongTensor

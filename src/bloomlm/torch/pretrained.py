@@ -312,6 +312,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         from_flax = kwargs.pop("from_flax", False)
         if quantize not in (None, "int8"):
             raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
+        engine = _engine_options(kwargs)  # compile=, attn_implementation=
         device = _device_from_map(kwargs.get("device_map"))
         mesh = _tensor_parallel_mesh(kwargs, quantize, state_dict, device)  # tp_plan, device_mesh
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
@@ -337,8 +338,11 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         if mesh is not None:
             from bloomlm.torch import tensor_parallel
 
+            if engine[0]:
+                raise ValueError("compile= cannot be combined with tp_plan= or device_mesh=")
             info = tensor_parallel.load(model, folder, dtype, mesh, use_safetensors)
             model.eval()
+            _apply_engine_options(model, *engine)
             attach_generation_config(model, folder)
             return (model, info) if output_loading_info else model
         if quantize:
@@ -354,6 +358,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         if device is not None:
             model.to(device)
         model.eval()
+        _apply_engine_options(model, *engine)
         if folder is not None:
             attach_generation_config(model, folder)
         return (model, info) if output_loading_info else model
@@ -590,6 +595,29 @@ def _tensor_parallel_mesh(
     from bloomlm.torch.tensor_parallel import resolve_mesh
 
     return resolve_mesh(tp_plan, device_mesh)
+
+
+def _engine_options(kwargs: dict[str, Any]) -> tuple[bool | str, str | None]:
+    """Pop and check `compile` (the decode step compiled: True or a torch.compile mode) and
+    `attn_implementation` ("eager" or "sdpa"; default: chosen per call, see model.py)."""
+    compile = kwargs.pop("compile", False)
+    if not isinstance(compile, (bool, str)):
+        raise ValueError(f"compile must be True, False or a torch.compile mode, got {compile!r}")
+    attn_implementation = kwargs.pop("attn_implementation", None)
+    if attn_implementation not in (None, "eager", "sdpa"):
+        raise ValueError(
+            f"attn_implementation must be 'eager' or 'sdpa', got {attn_implementation!r}"
+        )
+    return compile, attn_implementation
+
+
+def _apply_engine_options(
+    model: nn.Module, compile: bool | str, attn_implementation: str | None
+) -> None:
+    if attn_implementation is not None:
+        model.config._attn_implementation = attn_implementation  # read per call, never saved
+    if compile:
+        model.compile_decoding = compile  # BloomForCausalLM.make_decoder's default
 
 
 def _device_from_map(device_map: Any) -> torch.device | None:
