@@ -21,11 +21,13 @@ convert them (`bloomlm convert SRC DST --to safetensors`): read whole on every r
 cost N full copies. With `pretraining_tp > 1` and `slow_but_exact`, the row-parallel layers are
 plain (the ranks' all-reduce fixes the summation order instead).
 
-Each rank's attention runs on its H/N heads: the tensor-parallel code sets the attention's local
-head count and the model's ALiBi slopes, sliced from the GLOBAL head index (rank r's head j is
-global head r * H/N + j; slopes of the local count would be wrong), and the KV cache holds the
-local heads. Attention probabilities (`output_attentions`) are gathered over the heads and a
-`head_mask` is sliced to the rank's heads, so outputs have the single-process shapes.
+Each rank's attention runs on its H/N heads: `parallelize` sets the attention's local head count
+and the model's `num_heads` and `alibi_slopes`, sliced from the GLOBAL head index (rank r's head j
+is global head r * H/N + j; slopes of the local count would be wrong); the engine's KVCache and
+Decoder read both, so the cache holds the local heads ([L, N, H/N, S, D]; BLOOM's tuples
+[B * H/N, D, S] at the API). Attention probabilities (`output_attentions`) are gathered over the
+heads and a `head_mask` is sliced to the rank's heads, so outputs have the single-process shapes.
+The compiled decode step (`compile=`) is not offered with tensor parallelism (steps run eager).
 
 gloo (CPU) is tested here with 2 and 4 processes; NCCL (CUDA, one GPU per rank: LOCAL_RANK) takes
 the same code path and is untested unless run on two or more GPUs.
