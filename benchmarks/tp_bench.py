@@ -192,7 +192,7 @@ def computed_176b() -> list[dict]:
 def table(results: dict) -> str:
     shape, lines = results["shape"], []
     lines.append(f"Command: `python benchmarks/tp_bench.py{' --quick' if shape == 'tiny' else ''}`")
-    lines.append(f"Machine: {results['machine']}; load average at start {results['load']}")
+    lines.append(f"Machine: {results['machine']}; load average at start {results['load']:.1f}")
     lines.append(f"Shape: {shape} {SHAPES[shape]}, random weights, fp32, batch 1, prompt {PROMPT}, "
                  f"{NEW_TOKENS} new tokens (greedy). Raw numbers: `TP.json`.\n")  # fmt: skip
     lines += ["| torch processes | load (s) | memory taken by loading, per process (MB) "
@@ -224,14 +224,33 @@ def table(results: dict) -> str:
                  "read once per token, the KV cache and attention ignored (small at batch 1). The "
                  "16 GPUs of the published figure sit in two 8-GPU nodes, so part of its traffic "
                  "crosses the slower network between them.")  # fmt: skip
+    lines.append(NOTES)
     return "\n".join(lines) + "\n"
+
+
+NOTES = """
+Reading the numbers: one process maps the safetensors file and its pages count only once they are
+touched, so its load takes almost nothing and its peak (after decoding has read every weight) is
+the whole model. A tensor-parallel process reads its slices into its own memory: its load takes
+its share of the weights plus, while one tensor is being read, that tensor's slice a second time
+(the file's pages it touched; the largest is the vocab-parallel embedding's share), so about
+1/N of the weights plus one tensor. Decoding with more processes than the 2 cores is slower, as
+expected: every token waits on 2 all-reduces per layer between processes that share the cores,
+and DTensor adds its dispatch to every split layer. The JAX devices are simulated on the same
+2 cores, so their timings show the cost of the split, not a speed-up; the parameters per device
+fall as 1/N. No GPU was lent to the run that produced TP.md, so it has no measured GPU row.
+"""
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape; print only")
+    parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run")
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)  # a child process's job
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(json.loads(Path(args.table).read_text())), end="")
+        return
     if args.role:
         role, *rest = args.role
         if role == "torch":
