@@ -221,9 +221,9 @@ def table(results: dict) -> str:
     lines.append(f"\nAssumptions of the bound: HBM {A100_80GB_HBM / 1e12:.3f} TB/s (A100-80GB) and "
                  f"{A100_40GB_HBM / 1e12:.3f} TB/s (A100-40GB), NVLink {NVLINK_ONE_WAY / 1e9:.0f} "
                  f"GB/s each way, {COLLECTIVE_LATENCY * 1e6:.0f} us per all-reduce; every weight "
-                 "read once per token, the KV cache and attention ignored (small at batch 1). The "
-                 "16 GPUs of the published figure sit in two 8-GPU nodes, so part of its traffic "
-                 "crosses the slower network between them.")  # fmt: skip
+                 "read once per token, the KV cache and attention ignored (small at batch 1). An "
+                 "A100 node holds 8 GPUs, so 16 are two nodes, and part of the traffic behind the "
+                 "published 16-GPU figure crosses the slower network between them.")  # fmt: skip
     lines.append(NOTES)
     return "\n".join(lines) + "\n"
 
