@@ -146,6 +146,7 @@ def test_sharded_checkpoint_loads_a_share(ranks):
         loading = rank["loading"]
         assert loading["parameter_bytes"] == expected
         assert loading["qkv_local_shape"] == [3 * 128 // world, 128]
+        assert loading["gathered_state_dict_equal"]  # full_state_dict, e.g. to save on rank 0
 
 
 def test_a_missing_head_is_initialised_alike_on_every_rank(ranks):

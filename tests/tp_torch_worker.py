@@ -17,7 +17,7 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
 import bloomlm
-from bloomlm.torch.tensor_parallel import local_parameter_bytes
+from bloomlm.torch.tensor_parallel import full_state_dict, local_parameter_bytes
 
 MAIN_FIELDS = {
     "BloomModel": ("last_hidden_state",),
@@ -130,7 +130,11 @@ def check_loading(folder: str) -> dict:
     model = bloomlm.BloomForCausalLM.from_pretrained(folder, tp_plan="auto")
     seconds = time.perf_counter() - start
     local_qkv = model.transformer.h[0].self_attention.query_key_value.weight.to_local()
+    whole = bloomlm.BloomForCausalLM.from_pretrained(folder).state_dict()
+    gathered = full_state_dict(model)
     return {
+        "gathered_state_dict_equal": gathered.keys() == whole.keys()
+        and all(torch.equal(gathered[k], whole[k]) for k in whole),
         "parameter_bytes": local_parameter_bytes(model),
         "peak_rss_growth_mib": peak_rss_mib() - before,
         "seconds": seconds,

@@ -13,12 +13,13 @@ replicated). With `scan_layers=True` a stacked leaf gets a leading unsplit layer
 
 Parameters are made with `jax.make_array_from_callback`: each device's callback reads only its
 slice from the safetensors files (`bloomlm.checkpoint.SliceReader`), so no process holds the whole
-checkpoint. Flax msgpack files (and PyTorch `.bin`) cannot be read by slices: they are read
-whole and then placed (stated in the README).
+checkpoint. Flax msgpack files cannot be read by slices: they are read whole and then placed;
+PyTorch `.bin` files are refused with a ValueError saying to convert them (as in torch).
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -36,9 +37,10 @@ from bloomlm.flax import weights
 from bloomlm.sharding_plan import DATA_AXIS, TENSOR_PARALLEL_AXIS, check_tensor_parallel
 
 MODEL = TENSOR_PARALLEL_AXIS
+Rules = tuple[tuple[str, P], ...]
 
 # (pattern on the "/"-joined path, spec of the unstacked leaf); the first match wins.
-PARTITION_RULES: tuple[tuple[str, P], ...] = (
+PARTITION_RULES: Rules = (
     (r"(.*/)?word_embeddings/embedding", P(MODEL, None)),  # [V, C]: vocab-parallel
     (r".*/self_attention/query_key_value/kernel", P(None, MODEL)),  # [C, 3C]: whole heads
     (r".*/self_attention/query_key_value/bias", P(MODEL)),
@@ -49,7 +51,7 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"lm_head/kernel", P(None, MODEL)),  # [C, V]: vocab-parallel (untied head)
     (r".*", P()),  # LayerNorms, row-parallel biases, score / classifier / qa_outputs
 )
-CACHE_RULES: tuple[tuple[str, P], ...] = (
+CACHE_RULES: Rules = (
     (r".*/cached_(key|value)", P(DATA_AXIS, None, MODEL, None)),  # [B, S, H, D]
     (r".*", P()),  # cache_index
 )
@@ -69,7 +71,7 @@ def check_mesh(mesh: Any, config: BloomConfig) -> None:
 
 
 def spec_for(
-    path: str, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, rules=PARTITION_RULES
+    path: str, shape: tuple[int, ...], mesh: Mesh | AbstractMesh, rules: Rules = PARTITION_RULES
 ) -> P:
     """The rule's spec for one leaf: a leading None for a stacked (scan_layers) leaf, and an axis
     dropped where its mesh size does not divide the dimension (an uneven vocabulary or batch),
@@ -83,7 +85,7 @@ def spec_for(
     return P(*fitted)
 
 
-def shardings_for(tree: Mapping, mesh: Mesh | AbstractMesh, rules=PARTITION_RULES) -> dict:
+def shardings_for(tree: Mapping, mesh: Mesh | AbstractMesh, rules: Rules = PARTITION_RULES) -> dict:
     """A NamedSharding for every leaf (arrays or ShapeDtypeStructs) of a nested dict."""
     flat = flatten_dict(dict(tree), sep="/")
     return unflatten_dict(
@@ -93,7 +95,7 @@ def shardings_for(tree: Mapping, mesh: Mesh | AbstractMesh, rules=PARTITION_RULE
     )  # fmt: skip
 
 
-def place(tree: Mapping, mesh: Mesh, rules=PARTITION_RULES) -> dict:
+def place(tree: Mapping, mesh: Mesh, rules: Rules = PARTITION_RULES) -> dict:
     """`tree`'s arrays put on the mesh by the rules (for arrays already in memory)."""
     return jax.device_put(dict(tree), shardings_for(tree, mesh, rules))
 
@@ -137,7 +139,7 @@ def _empty(dtype):
 
 
 def read_weight_slices(
-    folder,
+    folder: str | os.PathLike,
     config: BloomConfig,
     expected: set[tuple[str, ...]],
     use_safetensors: bool | None,
