@@ -71,6 +71,7 @@ import functools
 import json
 import logging
 import os
+import random
 import re
 import shutil
 import signal
@@ -94,7 +95,7 @@ LOCK_SUFFIX = ".bloomlm-lock"
 _TOKEN = r"[0-9a-f]{16}"
 _LOCK_TIMEOUT_ENV = "BLOOMLM_SAVE_LOCK_TIMEOUT"
 _DEFAULT_LOCK_TIMEOUT = 600.0
-_LOAD_ATTEMPTS = 5
+_LOAD_ATTEMPTS = 12  # reads of a folder that keeps being replaced, before giving up
 _RENAME_EXCHANGE = 2  # linux/fs.h
 # Tests set this to exercise the two-rename fallback on a system that has RENAME_EXCHANGE.
 _use_exchange = os.environ.get("BLOOMLM_SAVE_NO_EXCHANGE", "") in ("", "0")
@@ -679,6 +680,12 @@ def _identity(path: Path) -> tuple[int, ...] | None:
     return (info.st_dev, info.st_ino, info.st_ctime_ns, info.st_mtime_ns)
 
 
+def _back_off(attempt: int) -> None:
+    """Wait before reading a folder again: saves in a row commit one after another, and a read
+    started right after one commit would race the next. Jittered, so readers do not align."""
+    time.sleep(random.uniform(0.5, 1.0) * min(0.5, 0.01 * 2**attempt))
+
+
 def consistent_load(load: Callable[..., Any]) -> Callable[..., Any]:
     """Decorate a `from_pretrained(cls, name_or_path, *args, **kwargs)` so that a save committing
     to the folder while it is read makes it read again (see the module docstring)."""
@@ -689,7 +696,7 @@ def consistent_load(load: Callable[..., Any]) -> Callable[..., Any]:
             return load(cls, name_or_path, *args, **kwargs)
         folder = Path(os.fspath(name_or_path), kwargs.get("subfolder") or "")
         recover_folder(folder)
-        for _ in range(_LOAD_ATTEMPTS):
+        for attempt in range(_LOAD_ATTEMPTS):
             before = _identity(folder)
             if before is None:  # a hub name, or missing: nothing local to guard
                 return load(cls, name_or_path, *args, **kwargs)
@@ -698,9 +705,11 @@ def consistent_load(load: Callable[..., Any]) -> Callable[..., Any]:
             except Exception:
                 if _identity(folder) == before:
                     raise
+                _back_off(attempt)
                 continue  # a save committed meanwhile; what failed may be a mix: read again
             if _identity(folder) == before:
                 return result
+            _back_off(attempt)
         raise CheckpointError(
             f"{folder} was replaced {_LOAD_ATTEMPTS} times while being loaded (saves to it "
             "are in progress); load it once they are done"
