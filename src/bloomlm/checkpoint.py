@@ -462,6 +462,62 @@ def _stream_safetensors(
             )
 
 
+class SliceReader:
+    """Parts of a safetensors checkpoint's tensors, read without the rest (tensor parallelism).
+
+    `shapes` gives every tensor's whole shape from the file headers; `read(name, slices)` reads
+    only `tensor[slices]`: each rank (each JAX device) of an N-way split asks for its own part, so
+    a process never holds the whole checkpoint. Sharded checkpoints work the same (each name is
+    read from its shard). A file is opened per read and its mapping dropped with it, so the pages
+    a read touched are not kept either: peak memory is what was kept plus one tensor's pages
+    (all of them when the slice cuts every row, as a row-parallel weight's does).
+
+    `.bin` checkpoints are pickles that can only be read whole: a ValueError says to convert them.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, use_safetensors: bool | None = None):
+        files, weight_map = _locate_weights(Path(folder), use_safetensors)
+        if any(path.suffix != ".safetensors" for path in files):
+            raise ValueError(
+                f"{folder} holds PyTorch .bin weights, which can only be read whole, not one "
+                "slice per rank; convert them once with `bloomlm convert SRC DST --to "
+                "safetensors` and load DST"
+            )
+        self._files: dict[str, Path] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.dtypes: dict[str, torch.dtype] = {}
+        for path in files:
+            for name, (shape, dtype) in _safetensors_header(path).items():
+                self._files[name] = path
+                self.shapes[name], self.dtypes[name] = shape, dtype
+        if weight_map is not None:
+            _check_index_covered(weight_map, self.shapes, files[0].parent)
+
+    def read(self, name: str, slices: tuple[slice, ...] | None = None) -> torch.Tensor:
+        """`tensor[slices]` (the whole tensor without `slices`), a new contiguous tensor."""
+        path = self._files[name]
+        try:
+            with safetensors.safe_open(str(path), framework="pt") as reader:
+                part = reader.get_slice(name)[slices] if slices else reader.get_tensor(name)
+                # A view of the file's mapping: copy the part so the mapping goes with the view.
+                return part.clone(memory_format=torch.contiguous_format)
+        except Exception as err:  # SafetensorError, OSError, ...: the file is unusable
+            raise CheckpointError(_corrupt_message(path, err)) from err
+
+
+def _safetensors_header(path: Path) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """{name: (shape, dtype)} of a safetensors file, from its header alone."""
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as reader:
+            entries = {}
+            for name in reader.keys():
+                part = reader.get_slice(name)
+                entries[name] = (tuple(part.get_shape()), _SAFETENSORS_DTYPES[part.get_dtype()])
+            return entries
+    except Exception as err:
+        raise CheckpointError(_corrupt_message(path, err)) from err
+
+
 def load_numpy_state_dict(
     folder: str | os.PathLike, *, use_safetensors: bool | None = None
 ) -> dict[str, np.ndarray]:

@@ -321,6 +321,8 @@ def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: A
         kwargs["torch_dtype"] = "float32"  # CPUs are fastest and most exact in float32
     if args.device:
         kwargs["device_map"] = args.device
+    if getattr(args, "tensor_parallel_rank", False):
+        kwargs["tp_plan"] = "auto"  # one process of `generate --tensor-parallel N`
     bar = _Progress(2, f"loading {args.model}")
     tokenizer = bloomlm.AutoTokenizer.from_pretrained(args.model, **tokenizer_kwargs)
     bar.update()
@@ -645,6 +647,8 @@ def _seeded_generators(seed: int | None, device: Any, count: int) -> Any:
 def _generate(args: argparse.Namespace) -> int:
     import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
 
+    if args.tensor_parallel:
+        return _generate_tensor_parallel(args)
     lines = [] if args.interactive else _nonempty(_read_lines(args, args.prompt), args)
     requests = [_request(args, line) for line in lines]
     if args.seed is not None:
@@ -668,6 +672,60 @@ def _generate(args: argparse.Namespace) -> int:
     if args.verbose:
         print(f"bloomlm generate: {stats.report()}", file=sys.stderr)
     return 0
+
+
+def _generate_tensor_parallel(args: argparse.Namespace) -> int:
+    """`--tensor-parallel N`: this command in N processes started through torch.distributed.run's
+    API, the model split over them (bloomlm.torch.tensor_parallel); every process picks the same
+    tokens and the first prints them. Piped prompts are read here and handed on in a file."""
+    import os
+    import tempfile
+
+    from bloomlm.config import BloomConfig
+    from bloomlm.sharding_plan import check_tensor_parallel
+    from bloomlm.torch.tensor_parallel import launch
+
+    if args.interactive:
+        raise UsageError("--tensor-parallel reads its prompts before it starts: drop -i")
+    if args.device and not args.device.startswith("cpu"):
+        raise UsageError(
+            "--tensor-parallel places each process itself (gloo on CPU): drop --device"
+        )
+    ways = args.tensor_parallel
+    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
+    # The processes run eager steps: the compiled decode step is not built for split weights.
+    argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
+    argv = _without_option(argv, "--compile") + ["--compile", "off"]
+    if args.threads is None:  # the cores shared by the processes
+        argv += ["--threads", str(max(1, (os.cpu_count() or 1) // ways))]
+    with tempfile.TemporaryDirectory() as folder:
+        if not args.prompt and args.file in (None, "-"):  # the processes cannot read this stdin
+            text, _ = _read_input(args.file, "--file")
+            (Path(folder) / "prompts.txt").write_text(text, encoding="utf-8")
+            argv += ["--file", str(Path(folder) / "prompts.txt")]
+        return max(launch(_generate_on_rank, ways, argv))
+
+
+def _without_option(argv: list[str], option: str) -> list[str]:
+    """`argv` without `option VALUE` / `option=VALUE`."""
+    kept, skip = [], False
+    for item in argv:
+        if skip or item.startswith(option + "="):
+            skip = False
+            continue
+        skip = item == option
+        if not skip:
+            kept.append(item)
+    return kept
+
+
+def _generate_on_rank(argv: list[str]) -> int:
+    """One process of `generate --tensor-parallel N`: all but the first print nothing."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":
+        sys.stdout = open(os.devnull, "w")
+    return main(argv)
 
 
 def _request(args: argparse.Namespace, line: _Line) -> _Request:
@@ -1082,12 +1140,19 @@ def _info(args: argparse.Namespace) -> int:
         raise CommandError(f"{args.path} has no config.json, so it is not a model folder")
     config = BloomConfig.from_pretrained(folder)
     architecture = architecture_of(config)
+    if args.tensor_parallel is not None:
+        from bloomlm.sharding_plan import check_tensor_parallel
+
+        check_tensor_parallel(config.n_head, args.tensor_parallel)
     n_params = parameter_count(config, architecture)
     dtypes = list(BYTES_PER_DTYPE) if args.dtype == "auto" else [args.dtype]
     summary = model_summary(config, n_params)
     memory = {d: memory_estimate(config, n_params, d, args.batch, args.length) for d in dtypes}
+    plans = _tensor_parallel_plans(config, args, architecture, dtypes)
     if args.json:
         estimate = {"batch": args.batch, "length": args.length, **memory}
+        if plans:
+            summary["tensor_parallel"] = plans
         print(_json_line(summary | {"memory_estimate": estimate}))
         return 0
     for key, value in summary.items():
@@ -1101,7 +1166,39 @@ def _info(args: argparse.Namespace) -> int:
     print(f"{'':<12}" + "".join(f"{d:>12}" for d in dtypes))
     for part in parts:
         print(f"{part:<12}" + "".join(f"{_human(memory[d][part]):>12}" for d in dtypes))
+    if plans:
+        _print_tensor_parallel_plan(plans, args)
     return 0
+
+
+def _tensor_parallel_plans(
+    config: Any, args: argparse.Namespace, architecture: str, dtypes: list[str]
+) -> dict[str, dict]:
+    """{dtype: bloomlm.sharding_plan.plan_summary} for --tensor-parallel N (float dtypes)."""
+    if args.tensor_parallel is None:
+        return {}
+    from bloomlm.sharding_plan import plan_summary
+
+    sizes = {d: BYTES_PER_DTYPE[d] for d in dtypes if d != "int8"}
+    ways, batch, length = args.tensor_parallel, args.batch, args.length
+    return {d: plan_summary(config, ways, n, batch, length, architecture) for d, n in sizes.items()}
+
+
+def _print_tensor_parallel_plan(plans: dict[str, dict], args: argparse.Namespace) -> None:
+    plan = next(iter(plans.values()))
+    print(
+        f"\ntensor parallel over {args.tensor_parallel} devices ({plan['local_heads']} heads each):"
+    )
+    for row in plan["rows"]:
+        split = "" if row["split_axis"] is None else f" (axis {row['split_axis']})"
+        shapes = f"{row['shape']} -> {row['local_shape']}"
+        count = " (tied: the embedding)" if row.get("tied") else f" x{row['count']}"
+        print(f"  {row['name']:<56} {row['kind'] + split:<16} {shapes}{count}")
+    print(f"bytes per device, batch {args.batch} x length {args.length}:")
+    print(f"{'':<12}" + "".join(f"{d:>12}" for d in plans))
+    for part in ("weights", "kv_cache", "total"):
+        values = [_human(plans[d]["bytes_per_device"][part]) for d in plans]
+        print(f"{part:<12}" + "".join(f"{v:>12}" for v in values))
 
 
 # -- finetune --------------------------------------------------------------------------------------
@@ -1432,6 +1529,14 @@ def _add_generate(commands: Any) -> None:
     output.add_argument(
         "--verbose", action="store_true", help="a final line on stderr: tokens, seconds, tokens/s"
     )
+    _checked(
+        parser.add_argument(
+            "--tensor-parallel", type=int, metavar="N",
+            help="split the model over N local processes (torch.distributed: gloo on CPU)",
+        ),
+        _at_least(1),
+    )  # fmt: skip
+    parser.add_argument("--tensor-parallel-rank", action="store_true", help=argparse.SUPPRESS)
     _debug_option(parser)
     parser.set_defaults(run=_generate, validate=_check_generate, command_parser=parser)
 
@@ -1657,6 +1762,13 @@ def _add_info(commands: Any) -> None:
         "--dtype", choices=DTYPES, default="auto", help="estimate for this dtype only (auto: all)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    _checked(
+        parser.add_argument(
+            "--tensor-parallel", type=int, metavar="N",
+            help="also the N-way tensor-parallel plan and the bytes on each device",
+        ),
+        _at_least(1),
+    )  # fmt: skip
     _debug_option(parser)
     parser.set_defaults(run=_info, command_parser=parser)
 

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 
-from bloomlm.flax import checks
+from bloomlm.flax import checks, sharding
 from bloomlm.flax.model import make_cache, module_for_key, module_key
 from bloomlm.flax.processors import LogitsProcessors
 from bloomlm.generation import GenerationConfig
@@ -340,7 +340,11 @@ def generate(
     batch, prompt_length = input_ids.shape
     attention_mask = checks.check_attention_mask(attention_mask, batch, prompt_length, None)
     max_length = _checked_max_length(config, prompt_length)
-    run = _jitted_generate(module_key(model.module))
+    mesh = getattr(model, "mesh", None)
+    run = _jitted_generate(module_key(model.module), mesh)
+    if mesh is not None:  # rows over the mesh's "data" axis
+        rows = sharding.batch_sharding(mesh, batch)
+        input_ids, attention_mask = jax.device_put((input_ids, attention_mask), rows)
     key = jax.random.PRNGKey(0) if prng_key is None else prng_key
     params = model.params if params is None else params
     num_beams, sampling = int(config.num_beams), bool(config.do_sample)
@@ -428,10 +432,11 @@ def _resolve_config(
 
 # Over 40 lines: the compiled function, holding the model step and both loops' entry points.
 @functools.lru_cache(maxsize=16)
-def _jitted_generate(key: tuple):
-    """One jitted generate per `module_key` (its module shared with the jitted forward); it
-    compiles once per (max_length, num_beams, sampling, number of eos ids, processors,
-    num_return)."""
+def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
+    """One jitted generate per `module_key` (its module shared with the jitted forward) and mesh;
+    it compiles once per (max_length, num_beams, sampling, number of eos ids, processors,
+    num_return). On a mesh the cache stays split by heads over "model" and by rows over "data"
+    at every step."""
     module = module_for_key(key)
     static = ("max_length", "num_beams", "sampling", "processors", "num_return")
 
@@ -447,13 +452,14 @@ def _jitted_generate(key: tuple):
         mask = jnp.ones((rows, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
         config, dtype, scan_layers = module.config, module.dtype, module.scan_layers
         cache = make_cache(config, rows, max_length, dtype, scan_layers, is_head=True)
+        cache = sharding.constrain_cache(cache, mesh)
 
         def tokens_to_logits(tokens, cache):
             variables = {"params": params, "cache": cache}
             out, mutated = module.apply(
                 variables, tokens, mask, True, False, False, mutable=["cache"]
             )
-            return out.logits[:, -1], mutated["cache"]
+            return out.logits[:, -1], sharding.constrain_cache(mutated["cache"], mesh)
 
         eos, pad = traced["eos"], traced["pad"]
         if num_beams > 1:

@@ -32,7 +32,7 @@ from bloomlm import load_report
 from bloomlm.checkpoint_names import BASE_PREFIX, FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
 from bloomlm.config import CONFIG_NAME, BloomConfig, check_model_size, load_model_config
 from bloomlm.errors import CheckpointError
-from bloomlm.flax import checks, files, weights
+from bloomlm.flax import checks, files, sharding, weights
 from bloomlm.flax import model as modules
 from bloomlm.flax.hf_compat import FlaxPreTrainedModelAPI
 from bloomlm.flax.model import make_cache  # noqa: F401 (re-exported: it lived here before)
@@ -82,6 +82,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         self._shape_tree = jax.eval_shape(
             lambda i: self.module.init(jax.random.PRNGKey(0), i, i)["params"], ids
         )
+        self.mesh = None  # a jax.sharding.Mesh once from_pretrained(..., mesh=) placed the model
         self._params = self.init_weights(self.key, self.input_shape) if _do_init else None
 
     # -- parameters -----------------------------------------------------------------------------------
@@ -106,7 +107,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
 
     @params.setter
     def params(self, params: Mapping) -> None:
-        self._params = self._checked_params(params)
+        params = self._checked_params(params)
+        self._params = params if self.mesh is None else sharding.place(params, self.mesh)
 
     def _checked_params(self, params: Mapping) -> dict:
         """`params` as this model's layout (stacking transformers' layer tree if scan_layers); shapes checked."""
@@ -174,7 +176,10 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
             if not isinstance(value, (int, np.integer)) or value < 1:
                 raise ValueError(f"init_cache: {name} must be a positive int, got {value!r}")
         layout = (self.dtype, self.scan_layers, self.is_head)
-        return modules.make_cache(self.config, batch_size, max_length, *layout)
+        cache = modules.make_cache(self.config, batch_size, max_length, *layout)
+        if self.mesh is None:
+            return cache
+        return sharding.place(cache, self.mesh, sharding.CACHE_RULES)
 
     # -- forward --------------------------------------------------------------------------------------
 
@@ -209,6 +214,9 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
             if cache_info.stacked != self.scan_layers:
                 cache = _restack(cache, config.n_layer, self.scan_layers)
         attention_mask = checks.check_attention_mask(attention_mask, batch_size, length, cache_info)
+        if self.mesh is not None:  # rows over the mesh's "data" axis
+            rows = sharding.batch_sharding(self.mesh, batch_size)
+            input_ids, attention_mask = jax.device_put((input_ids, attention_mask), rows)
         rngs = {}
         if train and dropout_rng is None and _has_dropout(config):
             raise ValueError(
@@ -231,7 +239,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
     @property
     def _forward(self):
         """The module's apply under jax.jit, shared by every model with the same module settings."""
-        return _jitted_forward(modules.module_key(self.module))
+        return _jitted_forward(modules.module_key(self.module), self.mesh)
 
     def _checked_call_params(self, params: Mapping | None) -> Mapping:
         if params is None:
@@ -292,6 +300,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         seed: int = 0,
         ignore_mismatched_sizes: bool = False,
         output_loading_info: bool = False,
+        mesh: jax.sharding.Mesh | None = None,
         **kwargs: Any,
     ):
         """Load a model folder (or hub name): `flax_model.msgpack` (or its shards), else PyTorch weights.
@@ -300,7 +309,9 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         a folder with no msgpack converts them as `from_pt=True` would, and says so once in the log.
         Parameters keep the checkpoint's dtype unless `param_dtype` is given; `dtype` is the computation
         dtype. Keywords naming config fields (`num_labels=3`, ...) override config.json.
-        With `_do_init=False` returns `(model, params)`, as transformers does.
+        With `_do_init=False` returns `(model, params)`, as transformers does. With a `mesh` (axes
+        "data" and "model"), parameters are sharded by `bloomlm.flax.sharding`'s rules, each
+        device's part read alone from safetensors files.
         """
         from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 
@@ -315,9 +326,10 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         layout = dict(param_dtype=param_dtype or jnp.float32, scan_layers=scan_layers)
         model = cls(config, input_shape, seed, dtype, _do_init=False, **layout)
-        state = files.read_weights(
-            folder, config, set(model._flat_expected_shapes()), from_pt, use_safetensors
-        )
+        if mesh is not None:
+            sharding.check_mesh(mesh, config)
+            model.mesh = mesh
+        state = model._checkpoint_state(folder, from_pt, use_safetensors)
         params, info = model._fit_checkpoint(
             state, ignore_mismatched_sizes, str(pretrained_model_name_or_path)
         )
@@ -328,9 +340,25 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         model._params = params
         return (model, info) if output_loading_info else model
 
+    def _checkpoint_state(self, folder: Path, from_pt: bool, use_safetensors: bool | None) -> dict:
+        """The checkpoint's leaves by (unstacked) path: arrays, or on a mesh, when the weights are
+        PyTorch safetensors, `sharding.CheckpointSlice`s each device reads its part of."""
+        expected = set(self._flat_expected_shapes())
+        has_flax = any((folder / name).is_file() for name in FLAX_WEIGHT_FILES)
+        if self.mesh is None or (has_flax and not from_pt):
+            return files.read_weights(folder, self.config, expected, from_pt, use_safetensors)
+        return sharding.read_weight_slices(
+            folder, self.config, expected, use_safetensors, files.UNUSED_PYTORCH
+        )
+
     def _as_model_params(self, params: dict, param_dtype: Any) -> dict:
         """Checkpoint arrays (transformers' layout, NumPy) as this model's parameters: cast to
-        `param_dtype` when given, layers stacked for scan_layers, on the device."""
+        `param_dtype` when given, layers stacked for scan_layers, on the device (the mesh)."""
+        if self.mesh is not None:
+            n_layer, flat = self.config.n_layer, flatten_dict(params)
+            return sharding.make_sharded_params(
+                flat, self.mesh, n_layer, self.scan_layers, param_dtype
+            )
         if param_dtype is not None:
             params = jax.tree_util.tree_map(
                 lambda a: a.astype(param_dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a,
@@ -438,8 +466,9 @@ class FlaxBloomForQuestionAnswering(FlaxBloomPreTrainedModel):
 
 
 @functools.lru_cache(maxsize=32)
-def _jitted_forward(key: tuple):
-    """The module's apply under jax.jit, one per `module_key` (its module shared with generate)."""
+def _jitted_forward(key: tuple, mesh: jax.sharding.Mesh | None = None):
+    """The module's apply under jax.jit, one per `module_key` (its module shared with generate)
+    and mesh (the returned cache keeps the mesh's head and row split)."""
     module = modules.module_for_key(key)
 
     def forward(
@@ -459,7 +488,8 @@ def _jitted_forward(key: tuple):
         outputs, mutated = module.apply(
             {**variables, "cache": cache}, *args, rngs=rngs, mutable=["cache"]
         )
-        return outputs.replace(past_key_values=_to_dict(mutated["cache"]))
+        cache = sharding.constrain_cache(_to_dict(mutated["cache"]), mesh)
+        return outputs.replace(past_key_values=cache)
 
     # Eager calls would compile op by op; under a user's own jit this inner jit is simply inlined.
     return jax.jit(forward, static_argnums=(5, 6, 7))

@@ -151,8 +151,10 @@ class KVCache:
         dtype: torch.dtype,
         device: torch.device | str | None = None,
         limit: int | None = None,
+        n_head: int | None = None,  # a rank's heads under tensor parallelism
     ) -> KVCache:
-        return cls(config.n_layer, rows, config.n_head, config.head_dim, capacity, dtype=dtype,
+        n_head = config.n_head if n_head is None else n_head
+        return cls(config.n_layer, rows, n_head, config.head_dim, capacity, dtype=dtype,
                    device=device, limit=limit)  # fmt: skip
 
     @property
@@ -409,15 +411,18 @@ def call_cache(
     attention_mask: torch.Tensor | None,
     hidden_states: torch.Tensor,
     use_cache: bool,
+    n_head: int | None = None,
 ) -> tuple[KVCache | None, torch.Tensor, CacheWrite | None]:
     """For one public forward call (hidden_states [B, T, C]): the cache it writes (None: no cache
     in or out), the key columns' mask [B, S], and the call's CacheWrite. BLOOM's tuples are
-    converted here, once per call, never in the layers."""
+    converted here, once per call, never in the layers. `n_head`: the heads the model computes
+    (a rank's H / N under tensor parallelism; default config.n_head)."""
     B, T = hidden_states.shape[:2]
+    n_head = config.n_head if n_head is None else n_head
     if isinstance(past_key_values, KVCache):
         past_length = checks.check_kv_cache(past_key_values, B, T)
     else:
-        past_length = checks.check_past(config, past_key_values, B)
+        past_length = checks.check_past(config, past_key_values, B, n_head)
     if attention_mask is None:
         attention_mask = torch.ones((B, past_length + T), device=hidden_states.device)
     else:
@@ -426,9 +431,10 @@ def call_cache(
     cache = past_key_values
     if isinstance(past_key_values, tuple | list):
         past_mask = attention_mask[:, :past_length]
-        cache = KVCache.from_legacy(past_key_values, past_mask, config.n_head, past_length + T)
+        cache = KVCache.from_legacy(past_key_values, past_mask, n_head, past_length + T)
     elif cache is None and use_cache:
-        cache = KVCache.for_config(config, B, T, hidden_states.dtype, hidden_states.device)
+        dtype, device = hidden_states.dtype, hidden_states.device
+        cache = KVCache.for_config(config, B, T, dtype, device, n_head=n_head)
     if cache is None:
         return None, attention_mask, None
     write = cache.open(slice(None), attention_mask[:, past_length:])

@@ -63,8 +63,11 @@ def _check_inputs_embeds(config: BloomConfig, inputs_embeds: torch.Tensor) -> No
         raise ValueError("inputs_embeds is empty; pass at least one position")
 
 
-def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
-    """Validate a BLOOM-layout cache; return its length (0 when there is none)."""
+def check_past(
+    config: BloomConfig, past_key_values, batch_size: int, n_head: int | None = None
+) -> int:
+    """Validate a BLOOM-layout cache; return its length (0 when there is none). `n_head`: the
+    heads the model computes (a rank's H / N under tensor parallelism; default config.n_head)."""
     if past_key_values is None:
         return 0
     if not isinstance(past_key_values, (tuple, list)):
@@ -76,7 +79,8 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
         raise ValueError(
             f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}"
         )
-    rows, head_dim = batch_size * config.n_head, config.head_dim
+    n_head = config.n_head if n_head is None else n_head
+    rows, head_dim = batch_size * n_head, config.head_dim
     past_length = None
     for i, layer in enumerate(past_key_values):
         if not isinstance(layer, (tuple, list)) or len(layer) != 2:
@@ -85,7 +89,7 @@ def check_past(config: BloomConfig, past_key_values, batch_size: int) -> int:
         if key.dim() != 3 or key.shape[0] != rows or key.shape[1] != head_dim:
             raise ValueError(
                 f"past_key_values[{i}] key must have shape (batch * n_head = {rows}, head_dim = {head_dim}, "
-                f"past_len), got {tuple(key.shape)} (batch size {batch_size}, n_head {config.n_head})"
+                f"past_len), got {tuple(key.shape)} (batch size {batch_size}, n_head {n_head})"
             )
         expected_value = (rows, key.shape[2], head_dim)
         if tuple(value.shape) != expected_value:

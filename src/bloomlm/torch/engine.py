@@ -125,10 +125,13 @@ class Decoder:
         self.rows = rows
         self.compiled = _CompiledStep.for_model(model, compile) if compile else None
         cache_rows = 1 << (rows - 1).bit_length() if self.compiled is not None else rows
-        config, device = model.config, model.device
+        config, device, base = model.config, model.device, model.base_model
+        # Under tensor parallelism the model computes its rank's heads, with their global slopes.
         self.cache = KVCache.for_config(config, cache_rows, bucket(1, capacity), model.dtype,
-                                        device, limit=capacity)  # fmt: skip
-        self.slopes = torch.from_numpy(alibi_slopes(config.n_head)).to(device)
+                                        device, limit=capacity, n_head=base.num_heads)  # fmt: skip
+        slopes = base.alibi_slopes
+        slopes = torch.from_numpy(alibi_slopes(config.n_head)) if slopes is None else slopes
+        self.slopes = slopes.to(device)
         self._step_ids = torch.zeros(cache_rows, 1, dtype=torch.long, device=device)
 
     @property

@@ -237,7 +237,8 @@ class BloomModel(BloomPreTrainedModel):
     def __init__(self, config: BloomConfig):
         super().__init__(config)
         self.embed_dim = config.hidden_size
-        self.num_heads = config.n_head
+        self.num_heads = config.n_head  # the heads computed here: H / N under tensor parallelism
+        self.alibi_slopes: torch.Tensor | None = None  # tensor parallelism: those heads' slopes
         self.word_embeddings = nn.Embedding(config.vocab_size, config.hidden_size)
         self.word_embeddings_layernorm = nn.LayerNorm(
             config.hidden_size, eps=config.layer_norm_epsilon
@@ -274,7 +275,7 @@ class BloomModel(BloomPreTrainedModel):
             use_cache = False  # the recomputed blocks cannot hand back a cache
         hidden_states = self._embed(input_ids, inputs_embeds)
         cache, valid, write = call_cache(
-            self.config, past_key_values, attention_mask, hidden_states, use_cache
+            self.config, past_key_values, attention_mask, hidden_states, use_cache, self.num_heads
         )
         inputs = self._attention_inputs(hidden_states, valid, write, output_attentions, head_mask)
         hidden_states, all_hidden_states, all_attentions = self.run_blocks(
@@ -334,6 +335,7 @@ class BloomModel(BloomPreTrainedModel):
     ):
         requested = getattr(self.config, "_attn_implementation", None)
         path = attention_implementation(requested, output_attentions, head_mask, self.training)
+        slopes = self.alibi_slopes if slopes is None else slopes
         return AttentionInputs.build(valid, hidden_states.shape[1], self.num_heads,
                                      hidden_states.dtype, eager=path == "eager", write=write,
                                      slopes=slopes)  # fmt: skip

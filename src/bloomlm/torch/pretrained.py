@@ -237,7 +237,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             return [None] * n_layer
         checks.check_head_mask(head_mask, n_layer, n_head)
         head_mask = head_mask.to(device=self.device, dtype=self.dtype).expand(n_layer, n_head)
-        return [layer_mask.view(1, n_head, 1, 1) for layer_mask in head_mask]
+        heads = getattr(self, "tensor_parallel_heads", slice(None))  # a rank's heads under TP
+        return [layer_mask[heads].view(1, -1, 1, 1) for layer_mask in head_mask]
 
     # -- saving ---------------------------------------------------------------------------------------
 
@@ -335,6 +336,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         quantization.check_quantize(quantize)
         engine = _engine_options(kwargs)  # compile=, attn_implementation=
         device = _device_from_map(kwargs.get("device_map"))
+        mesh = _tensor_parallel_mesh(kwargs, quantize, state_dict, device)  # tp_plan, device_mesh
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}
         for key in LOADING_KEYWORDS:
             kwargs.pop(key, None)
@@ -360,6 +362,21 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
 
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
+        if mesh is not None:
+            from bloomlm.torch import tensor_parallel
+
+            if engine[0]:
+                raise ValueError("compile= cannot be combined with tp_plan= or device_mesh=")
+            if mode:  # quantize= itself is refused earlier; this is a quantized checkpoint
+                raise ValueError(
+                    f"{folder} holds quantized weights ({saved}); tensor parallelism splits float "
+                    "weights: load the float checkpoint with tp_plan= or device_mesh="
+                )
+            info = tensor_parallel.load(model, folder, dtype, mesh, use_safetensors)
+            model.eval()
+            _apply_engine_options(model, *engine)
+            attach_generation_config(model, folder)
+            return (model, info) if output_loading_info else model
         if mode:  # quantized slots on meta: each float weight is quantized as it is read
             quantization.quantize_(model, mode, dtype, pack=False)
         converting = bool(mode) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
@@ -619,6 +636,21 @@ def _quantize_blocks(
         rows = slice(start, start + len(block))
         quantized[rows], scale[rows] = quantization.quantize_rows(block)
     return quantized, scale
+
+
+def _tensor_parallel_mesh(
+    kwargs: dict[str, Any], quantize: str | None, state_dict: Any, device: Any
+) -> Any:
+    """Pop `tp_plan` / `device_mesh`; the mesh to split the model over, or None (one process)."""
+    tp_plan, device_mesh = kwargs.pop("tp_plan", None), kwargs.pop("device_mesh", None)
+    if tp_plan is None and device_mesh is None:
+        return None
+    for name, value in (("quantize", quantize), ("state_dict", state_dict), ("device_map", device)):
+        if value is not None:
+            raise ValueError(f"{name}= cannot be combined with tp_plan= or device_mesh=")
+    from bloomlm.torch.tensor_parallel import resolve_mesh
+
+    return resolve_mesh(tp_plan, device_mesh)
 
 
 def _engine_options(kwargs: dict[str, Any]) -> tuple[bool | str, str | None]:
