@@ -272,23 +272,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             raise ValueError(f"save_pretrained needs a directory, but {folder} is a file")
         if not is_main_process:
             return
-        if state_dict is None:
-            state_dict = self.state_dict()
-        if self.config.tie_word_embeddings:
-            # The tied head is the embedding matrix: store it once, as transformers does.
-            for key in self._tied_weights_keys:
-                state_dict.pop(key, None)
-                state_dict.pop(key.removesuffix("weight") + "weight_scale", None)
-        config_dict = self.config.to_dict()
-        config_dict.pop("quantization", None)
-        if quantized:
-            config_dict["quantization"] = {
-                "format": quantized,
-                "weights": _quantized_name(quantized),
-            }
-        config = BloomConfig.from_dict(config_dict)
-        config.architectures = [type(self).__name__]
-        config.torch_dtype = str(self.dtype).removeprefix("torch.")
+        state_dict = self._state_dict_to_save(state_dict)
+        config = self._config_to_save(quantized)
         generation_config = getattr(self, "_generation_config", None)
         if not hasattr(generation_config, "save_pretrained"):
             generation_config = None
@@ -309,6 +294,30 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             if generation_config is not None:
                 generation_config.save_pretrained(staging)
 
+    def _state_dict_to_save(self, state_dict: dict[str, torch.Tensor] | None) -> dict:
+        state_dict = self.state_dict() if state_dict is None else state_dict
+        if self.config.tie_word_embeddings:
+            # The tied head is the embedding matrix: store it once, as transformers does.
+            for key in self._tied_weights_keys:
+                state_dict.pop(key, None)
+                state_dict.pop(key.removesuffix("weight") + "weight_scale", None)
+        return state_dict
+
+    def _config_to_save(self, quantized: str | None) -> BloomConfig:
+        """The config as saved: this class as the architecture, the weights' dtype, and the
+        quantized format when there is one."""
+        config_dict = self.config.to_dict()
+        config_dict.pop("quantization", None)
+        if quantized:
+            config_dict["quantization"] = {
+                "format": quantized,
+                "weights": _quantized_name(quantized),
+            }
+        config = BloomConfig.from_dict(config_dict)
+        config.architectures = [type(self).__name__]
+        config.torch_dtype = str(self.dtype).removeprefix("torch.")
+        return config
+
     # -- loading --------------------------------------------------------------------------------------
 
     # Over 40 lines because it takes transformers' many loading keywords, each by name.
@@ -325,8 +334,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
-        config = kwargs.pop("config", None)
-        torch_dtype = kwargs.pop("torch_dtype", None)
+        config, torch_dtype = kwargs.pop("config", None), kwargs.pop("torch_dtype", None)
         output_loading_info = kwargs.pop("output_loading_info", False)
         use_safetensors = kwargs.pop("use_safetensors", None)
         ignore_mismatched_sizes = kwargs.pop("ignore_mismatched_sizes", False)
@@ -341,20 +349,9 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         for key in LOADING_KEYWORDS:
             kwargs.pop(key, None)
 
-        weight_files = checkpoint_names.FLAX_WEIGHT_FILES if from_flax else ()
-        torch_weight_files = (
-            checkpoint_names.PYTORCH_WEIGHT_FILES + checkpoint_names.QUANTIZED_WEIGHT_FILES
+        folder, state_dict = _locate_checkpoint(
+            cls.__name__, pretrained_model_name_or_path, config, state_dict, from_flax, hub_kwargs
         )
-        wanted = [CONFIG_NAME, *(weight_files or torch_weight_files)]
-        folder = None  # transformers' from_pretrained(None, config=..., state_dict=...): no files
-        if pretrained_model_name_or_path is not None:
-            folder = resolve_model_dir(pretrained_model_name_or_path, wanted, **hub_kwargs)
-        elif config is None or state_dict is None:
-            raise ValueError(f"{cls.__name__}.from_pretrained(None) needs config= and state_dict=")
-        if from_flax and state_dict is None:  # transformers' keyword: the folder's Flax weights
-            from bloomlm.torch.from_flax import flax_state_dict
-
-            state_dict = flax_state_dict(folder)
         config = load_model_config(folder, config, kwargs, caller=f"{cls.__name__}.from_pretrained")
         dtype = _resolve_dtype(torch_dtype, config)
         saved = _saved_quantization(config, folder)
@@ -363,39 +360,49 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         with torch.device("meta"), _SkipInitOnMeta():
             model = cls(config)
         if mesh is not None:
-            from bloomlm.torch import tensor_parallel
+            from bloomlm.torch import tensor_parallel  # torch.distributed only when asked for
 
-            if engine[0]:
-                raise ValueError("compile= cannot be combined with tp_plan= or device_mesh=")
-            if mode:  # quantize= itself is refused earlier; this is a quantized checkpoint
-                raise ValueError(
-                    f"{folder} holds quantized weights ({saved}); tensor parallelism splits float "
-                    "weights: load the float checkpoint with tp_plan= or device_mesh="
-                )
+            _check_split_load(folder, engine[0], saved if mode else None)
             info = tensor_parallel.load(model, folder, dtype, mesh, use_safetensors)
-            model.eval()
-            _apply_engine_options(model, *engine)
-            attach_generation_config(model, folder)
-            return (model, info) if output_loading_info else model
-        if mode:  # quantized slots on meta: each float weight is quantized as it is read
-            quantization.quantize_(model, mode, dtype, pack=False)
-        converting = bool(mode) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32)
-        weights_name = _quantized_name(saved) if saved else None
-        tensors = _checkpoint_tensors(folder, state_dict, use_safetensors, converting, weights_name)
-        pack = bool(mode) and (device is None or device.type == "cpu")  # fbgemm's layout: CPU only
-        source = str(pretrained_model_name_or_path)
-        info = model._assign_checkpoint(
-            tensors, dtype, ignore_mismatched_sizes, pack, source=source
-        )
-        if pack:
-            quantization.pack_quantized_(model)
-        if device is not None:
-            model.to(device)
+        else:
+            source = str(pretrained_model_name_or_path)
+            tensors = _checkpoint_tensors(
+                folder,
+                state_dict,
+                use_safetensors,
+                stream=bool(mode) or dtype != _DTYPES.get(str(config.torch_dtype), torch.float32),
+                weights_name=_quantized_name(saved) if saved else None,
+            )
+            info = model._load_weights(
+                tensors, dtype, mode, device, ignore_mismatched_sizes, source
+            )
         model.eval()
         _apply_engine_options(model, *engine)
         if folder is not None:
             attach_generation_config(model, folder)
         return (model, info) if output_loading_info else model
+
+    def _load_weights(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        dtype: torch.dtype,
+        mode: str | None,
+        device: torch.device | None,
+        ignore_mismatched_sizes: bool,
+        source: str,
+    ) -> dict[str, list]:
+        """Fill this meta-device model from `tensors` in one process: quantized slots first when
+        `mode` asks for them (each float weight is quantized as it is read), fbgemm's packing on
+        CPU, then the move to `device`. The loading report, as transformers gives it."""
+        if mode:
+            quantization.quantize_(self, mode, dtype, pack=False)
+        pack = bool(mode) and (device is None or device.type == "cpu")  # fbgemm's layout: CPU only
+        info = self._assign_checkpoint(tensors, dtype, ignore_mismatched_sizes, pack, source=source)
+        if pack:
+            quantization.pack_quantized_(self)
+        if device is not None:
+            self.to(device)
+        return info
 
     def _assign_checkpoint(
         self,
@@ -416,33 +423,10 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         packed for fbgemm as soon as its weights are in (quantize.PackOnArrival).
         """
         expected = dict(nn.Module.state_dict(self, keep_vars=True))  # the tied head included
-        quantized_slots = {
-            f"{name}.{buffer}"
-            for name, _ in quantization.quantized_modules(self)
-            for buffer in ("weight", "weight_scale")
-        }
         is_head = self.base_model is not self
-        assigned: dict[str, torch.Tensor] = {}
-        packer, packed = quantization.PackOnArrival(self) if pack else None, set()
-        unexpected, mismatched = [], []
-        for ckpt_key, tensor in tensors:
-            key = checkpoint_names.fit_base_prefix(ckpt_key, is_head)
-            if key not in expected:
-                unexpected.append(ckpt_key)
-            elif tuple(tensor.shape) != tuple(expected[key].shape):
-                shapes = (tuple(tensor.shape), tuple(expected[key].shape))
-                if not ignore_mismatched_sizes:
-                    raise _shape_error(ckpt_key, key, *shapes)
-                mismatched.append((ckpt_key, *shapes))
-            else:
-                slot_dtype = expected[key].dtype
-                target = slot_dtype if key in quantized_slots else dtype
-                for name, value in _converted(ckpt_key, key, tensor, slot_dtype, target).items():
-                    if packer is not None and packer.take(name, value):
-                        packed.add(name)
-                    else:
-                        assigned[name] = value
-        self.load_state_dict(assigned, strict=False, assign=True)
+        assigned, packed, unexpected, mismatched = self._take_tensors(
+            tensors, expected, dtype, ignore_mismatched_sizes, pack
+        )
         tied = self._tied_keys(expected)
         mismatched_keys = [checkpoint_names.fit_base_prefix(m[0], is_head) for m in mismatched]
         # Re-initialised for their shape, not missing (transformers lists them apart).
@@ -470,6 +454,45 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             "mismatched_keys": mismatched,
             "error_msgs": [],
         }
+
+    def _take_tensors(
+        self,
+        tensors: Iterable[tuple[str, torch.Tensor]],
+        expected: dict[str, torch.Tensor],
+        dtype: torch.dtype,
+        ignore_mismatched_sizes: bool,
+        pack: bool,
+    ) -> tuple[dict[str, torch.Tensor], set[str], list[str], list[tuple]]:
+        """Assign each checkpoint tensor that fits its slot (converted, quantized or packed on
+        arrival); (assigned, packed, unexpected checkpoint keys, mismatched (key, got, want))."""
+        quantized_slots = {
+            f"{name}.{buffer}"
+            for name, _ in quantization.quantized_modules(self)
+            for buffer in ("weight", "weight_scale")
+        }
+        is_head = self.base_model is not self
+        assigned: dict[str, torch.Tensor] = {}
+        packer, packed = quantization.PackOnArrival(self) if pack else None, set()
+        unexpected, mismatched = [], []
+        for ckpt_key, tensor in tensors:
+            key = checkpoint_names.fit_base_prefix(ckpt_key, is_head)
+            if key not in expected:
+                unexpected.append(ckpt_key)
+            elif tuple(tensor.shape) != tuple(expected[key].shape):
+                shapes = (tuple(tensor.shape), tuple(expected[key].shape))
+                if not ignore_mismatched_sizes:
+                    raise _shape_error(ckpt_key, key, *shapes)
+                mismatched.append((ckpt_key, *shapes))
+            else:
+                slot_dtype = expected[key].dtype
+                target = slot_dtype if key in quantized_slots else dtype
+                for name, value in _converted(ckpt_key, key, tensor, slot_dtype, target).items():
+                    if packer is not None and packer.take(name, value):
+                        packed.add(name)
+                    else:
+                        assigned[name] = value
+        self.load_state_dict(assigned, strict=False, assign=True)
+        return assigned, packed, unexpected, mismatched
 
     def _tied_keys(self, expected: dict[str, torch.Tensor]) -> set[str]:
         if not self.config.tie_word_embeddings:
@@ -636,6 +659,43 @@ def _quantize_blocks(
         rows = slice(start, start + len(block))
         quantized[rows], scale[rows] = quantization.quantize_rows(block)
     return quantized, scale
+
+
+def _locate_checkpoint(
+    class_name: str,
+    name: str | os.PathLike | None,
+    config: Any,
+    state_dict: dict[str, torch.Tensor] | None,
+    from_flax: bool,
+    hub_kwargs: dict[str, Any],
+) -> tuple[Path | None, dict[str, torch.Tensor] | None]:
+    """(the model folder, the state dict to load instead of its files): `name` resolved (a hub
+    name downloaded), None for transformers' `from_pretrained(None, config=, state_dict=)`, and a
+    folder's Flax weights as a state dict for `from_flax=True`."""
+    flax_files = checkpoint_names.FLAX_WEIGHT_FILES
+    torch_files = checkpoint_names.PYTORCH_WEIGHT_FILES + checkpoint_names.QUANTIZED_WEIGHT_FILES
+    wanted = [CONFIG_NAME, *(flax_files if from_flax else torch_files)]
+    folder = None
+    if name is not None:
+        folder = resolve_model_dir(name, wanted, **hub_kwargs)
+    elif config is None or state_dict is None:
+        raise ValueError(f"{class_name}.from_pretrained(None) needs config= and state_dict=")
+    if from_flax and state_dict is None:  # transformers' keyword: the folder's Flax weights
+        from bloomlm.torch.from_flax import flax_state_dict
+
+        state_dict = flax_state_dict(folder)
+    return folder, state_dict
+
+
+def _check_split_load(folder: Path | None, compile: bool | str, quantized: str | None) -> None:
+    """What tensor parallelism cannot load: a compiled step, a quantized checkpoint."""
+    if compile:
+        raise ValueError("compile= cannot be combined with tp_plan= or device_mesh=")
+    if quantized:  # quantize= itself is refused earlier; this is a quantized checkpoint
+        raise ValueError(
+            f"{folder} holds quantized weights ({quantized}); tensor parallelism splits float "
+            "weights: load the float checkpoint with tp_plan= or device_mesh="
+        )
 
 
 def _tensor_parallel_mesh(
