@@ -54,9 +54,7 @@ from bloomlm.torch.losses import (
 )
 from bloomlm.torch.pretrained import BloomPreTrainedModel, _BloomHead
 
-# --------------------------------------------------------------------------------------------------
-# Attention paths (the bias builders live in cache.py, beside the cache they read)
-# --------------------------------------------------------------------------------------------------
+# -- Attention paths (the bias builders live in cache.py, beside the cache they read) --------------
 
 
 def attention_implementation(
@@ -106,9 +104,7 @@ def dropout_add(x: torch.Tensor, residual: torch.Tensor, p: float, training: boo
     return residual + F.dropout(x, p=p, training=training)
 
 
-# --------------------------------------------------------------------------------------------------
-# Layers
-# --------------------------------------------------------------------------------------------------
+# -- Layers ----------------------------------------------------------------------------------------
 
 
 class BloomAttention(nn.Module):
@@ -226,9 +222,7 @@ class BloomBlock(nn.Module):
         return self.mlp(normed, residual), probs
 
 
-# --------------------------------------------------------------------------------------------------
-# The base model
-# --------------------------------------------------------------------------------------------------
+# -- The base model --------------------------------------------------------------------------------
 
 
 class BloomModel(BloomPreTrainedModel):
@@ -350,9 +344,7 @@ class BloomModel(BloomPreTrainedModel):
         return self.word_embeddings_layernorm(inputs_embeds)
 
 
-# --------------------------------------------------------------------------------------------------
-# Heads
-# --------------------------------------------------------------------------------------------------
+# -- Heads -----------------------------------------------------------------------------------------
 
 
 class BloomForCausalLM(GenerationConfigMixin, CausalLMAPI, _BloomHead):
