@@ -129,22 +129,14 @@ class PreTrainedTokenizerFastAPI:
         tokens added (none for BLOOM), padded, as transformers' `prepare_for_model`."""
         from bloomlm.encoding import BatchEncoding
 
-        if return_offsets_mapping:
-            raise NotImplementedError("return_offset_mapping is not available when using ids")
         padding_strategy, truncation_strategy, max_length = self._resolve_strategies(
             padding, truncation, max_length, pad_to_multiple_of, verbose
         )
-        if return_token_type_ids and not add_special_tokens:
-            raise ValueError(
-                "return_token_type_ids=True needs add_special_tokens=True (as in transformers)"
-            )
-        pair = pair_ids is not None
-        if return_overflowing_tokens and truncation_strategy == "longest_first" and pair:
-            raise ValueError(
-                "overflowing tokens cannot be returned for a pair with truncation 'longest_first'; "
-                "use 'only_first' or 'only_second'"
-            )
-        total = len(ids) + (len(pair_ids) if pair else 0)
+        _check_prepare_options(
+            pair_ids is not None, add_special_tokens, truncation_strategy, return_token_type_ids,
+            return_overflowing_tokens, return_offsets_mapping,
+        )  # fmt: skip
+        total = len(ids) + (len(pair_ids) if pair_ids is not None else 0)
         encoded: dict[str, Any] = {}
         overflowing: list[int] = []
         if truncation_strategy != "do_not_truncate" and max_length and total > max_length:
@@ -364,3 +356,25 @@ def _cut_longest_first(
     if pair_ids is not None and from_pair > 0:
         pair_ids = pair_ids[:-from_pair]
     return ids, pair_ids
+
+
+def _check_prepare_options(
+    pair: bool,
+    add_special_tokens: bool,
+    truncation_strategy: str,
+    return_token_type_ids: bool | None,
+    return_overflowing_tokens: bool,
+    return_offsets_mapping: bool,
+) -> None:
+    """`prepare_for_model`'s refusals, transformers' own."""
+    if return_offsets_mapping:
+        raise NotImplementedError("return_offset_mapping is not available when using ids")
+    if return_token_type_ids and not add_special_tokens:
+        raise ValueError(
+            "return_token_type_ids=True needs add_special_tokens=True (as in transformers)"
+        )
+    if return_overflowing_tokens and truncation_strategy == "longest_first" and pair:
+        raise ValueError(
+            "overflowing tokens cannot be returned for a pair with truncation 'longest_first'; "
+            "use 'only_first' or 'only_second'"
+        )
