@@ -39,6 +39,7 @@ HEAD_CLASSES = (
 # -- convert ---------------------------------------------------------------------------------------
 
 
+# Over 40 lines: the signature's options documented; the body is one commit of two steps.
 def convert_checkpoint(
     source: str | os.PathLike,
     out: str | os.PathLike,

@@ -722,6 +722,7 @@ def _schedule_lengths(config: FinetuneConfig, n_examples: int) -> tuple[int, int
     return steps_per_epoch, total_steps, warmup
 
 
+# Over 40 lines: every object a run needs, built in the order they depend on each other.
 def prepare(
     config: FinetuneConfig, resumed: bool = False, log: Callable[[str], None] | None = None
 ) -> TrainingRun:

@@ -377,6 +377,7 @@ def _check_sampling(config: GenerationConfig) -> None:
         )
 
 
+# Over 40 lines: one check per penalty setting, each with its own message.
 def _check_penalties(config: GenerationConfig) -> None:
     for name in ("repetition_penalty", "encoder_repetition_penalty"):
         value = getattr(config, name)

@@ -62,6 +62,7 @@ ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODELS: tuple[str, ...] = ("bloomlm-tiny", "bloomlm-tiny-sentiment")
 
 
+# Over 40 lines: each way a name can fail to resolve gets its own message.
 def resolve_model_dir(
     name_or_path: str | os.PathLike, wanted_files: list[str], **hub_kwargs: Any
 ) -> Path:

@@ -91,6 +91,7 @@ def strip_span(text: str, start: int, end: int) -> tuple[int, int]:
     return start, end
 
 
+# Over 40 lines: windows over the context, then the best span across windows, one pass.
 @torch.no_grad()
 def answer_question(
     model: nn.Module,
@@ -149,6 +150,7 @@ def _check_texts(texts: list[str], what: str) -> None:
             raise ValueError(f"the {what} is empty{where}; there is nothing to label")
 
 
+# Over 40 lines: batching, the head's output per problem type, and the result rows.
 @torch.no_grad()
 def classify(
     model: nn.Module,
@@ -197,6 +199,7 @@ def classify(
     return results
 
 
+# Over 40 lines: tokens with offsets, then the chosen aggregation into words.
 @torch.no_grad()
 def tag(
     model: nn.Module,

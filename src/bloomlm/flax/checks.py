@@ -55,6 +55,7 @@ class CacheInfo:
     index: Any  # positions written so far: an int when concrete, else a tracer
 
 
+# Over 40 lines: one check per cache property, each naming what was wrong.
 def check_cache(
     cache: Any, config: BloomConfig, prefix: str | None, batch_size: int, new_tokens: int
 ) -> CacheInfo:

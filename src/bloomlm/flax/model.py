@@ -138,6 +138,7 @@ class FlaxBloomAttention(nn.Module):
         cache_index.value = offset + key.shape[1]
         return cached_key.value, cached_value.value, offset
 
+    # Over 40 lines: the trunk top to bottom (embed, blocks or scan, final norm, outputs).
     @nn.compact
     def __call__(self, hidden_states, residual, attention_mask, deterministic: bool = True):
         batch, length, hidden = hidden_states.shape

@@ -183,6 +183,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
 
     # -- forward --------------------------------------------------------------------------------------
 
+    # Over 40 lines: transformers' Flax __call__ signature; the body maps its arguments to apply().
     def __call__(
         self,
         input_ids: Any,

@@ -194,6 +194,7 @@ def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) ->
     return positions
 
 
+# Over 40 lines: transformers' problem-type rules, one branch per label kind.
 def sequence_problem_type(
     config: BloomConfig, num_labels: int, labels: torch.Tensor, batch_size: int
 ) -> str:

@@ -113,6 +113,7 @@ _UNSUPPORTED_SETTINGS = {
 _ASSISTED_MODES = ("greedy", "sample")
 
 
+# Over 40 lines: transformers' generate signature and its documented checks, then one dispatch.
 def generate(
     model: Any,
     inputs: torch.Tensor | None = None,

@@ -242,6 +242,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
 
     # -- saving ---------------------------------------------------------------------------------------
 
+    # Over 40 lines: transformers' signature and the one-commit save, read top to bottom.
     def save_pretrained(
         self,
         save_directory: str | os.PathLike,
@@ -404,6 +405,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             self.to(device)
         return info
 
+    # Over 40 lines: transformers' loading report (missing, resized, unexpected) in its order.
     def _assign_checkpoint(
         self,
         tensors: Iterable[tuple[str, torch.Tensor]],

@@ -160,6 +160,7 @@ def _check_assistant(assistant: Any, target: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+# Over 40 lines: draft, verify, accept, crop: one step of transformers' loop in its order.
 def assisted_decoding(
     loop: Loop, drafter: Any, streamer: Any
 ) -> GenerateDecoderOnlyOutput | torch.Tensor:

@@ -281,6 +281,7 @@ def _beam_candidates(
 # --------------------------------------------------------------------------------------------------
 
 
+# Over 40 lines: transformers' group loop kept in its order, so ids and beam indices match.
 def group_beam_search(
     loop: Loop, batch_size: int, group_step: GroupStep
 ) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:

@@ -180,6 +180,7 @@ def _bank_order(banks: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
     return order[torch.tensor(round_robin, device=order.device)]
 
 
+# Over 40 lines: transformers' constrained loop kept in its order, so ids and scores match.
 def constrained_beam_search(
     loop: Loop, batch_size: int, constraints: list[Any]
 ) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:

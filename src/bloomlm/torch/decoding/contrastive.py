@@ -24,6 +24,7 @@ from bloomlm.torch.decoding.state import GenerateDecoderOnlyOutput, Loop
 from bloomlm.torch.engine import StepOutput
 
 
+# Over 40 lines: transformers' contrastive step in its order, so ids and hidden states match.
 def contrastive_search(
     loop: Loop, streamer: Any, low_memory: bool = False
 ) -> GenerateDecoderOnlyOutput | torch.Tensor:
