@@ -331,6 +331,17 @@ MAX_LAYERS = 10_000
 _BLOOM_176B = {"vocab_size": 250880, "hidden_size": 14336, "n_layer": 70}
 
 
+def check_buildable(config: Any, owner: str) -> BloomConfig:
+    """`config` as a model class takes it (both frameworks' constructors call this): a
+    BloomConfig, valid, and of a size that can be built; else the error, before anything is
+    built or traced."""
+    if not isinstance(config, BloomConfig):
+        raise TypeError(f"{owner} needs a bloomlm.BloomConfig, got {type(config).__name__}")
+    config.validate()
+    check_model_size(config)
+    return config
+
+
 def check_model_size(config: BloomConfig) -> int:
     """The parameter count of the largest model `config` describes (the trunk plus its largest
     head: an untied LM head, or a task head), computed from the config alone; a ValueError naming

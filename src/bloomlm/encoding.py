@@ -128,15 +128,17 @@ def check_return_tensors(return_tensors: Any) -> str | None:
     """The framework `return_tensors` names ("pt", "np", "jax"), or None; ValueError for others."""
     if return_tensors is None:
         return None
-    framework = getattr(
-        return_tensors, "value", return_tensors
-    )  # accept transformers' TensorType enum
-    if framework not in TENSOR_TYPES:
-        raise ValueError(
-            f"return_tensors={return_tensors!r} is not supported; use None (lists), 'pt' (torch), "
-            "'np' (numpy) or 'jax'"
-        )
-    return framework
+    use = "None (lists), 'pt' (torch), 'np' (numpy) or 'jax'"
+    return enum_choice("return_tensors", return_tensors, TENSOR_TYPES, use)
+
+
+def enum_choice(name: str, value: Any, allowed: Any, use: str) -> str:
+    """`value` as one of the `allowed` strings (transformers' enums, such as TensorType or
+    PaddingStrategy, give their `.value`); else a ValueError saying what to `use`."""
+    choice = getattr(value, "value", value)
+    if choice not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use {use}")
+    return choice
 
 
 def is_tensor(value: Any) -> bool:

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -273,6 +274,31 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _is_count_or_none(value: Any) -> bool:
+    return value is None or (_is_int(value) and value >= 0)
+
+
+def _is_fraction_or_none(value: Any) -> bool:
+    return value is None or (_is_number(value) and 0 < value <= 1)
+
+
+def _is_cutoff(value: Any) -> bool:
+    return _is_number(value) and 0 <= value < 1
+
+
+def _is_positive_or_none(value: Any) -> bool:
+    return value is None or (_is_number(value) and value > 0)
+
+
+def _require_each(
+    config: GenerationConfig, rule: str, ok: Callable[[Any], bool], *names: str
+) -> None:
+    """`_require` for each setting in `names`: `ok(value)`, or "`name` must be {rule}"."""
+    for name in names:
+        value = getattr(config, name)
+        _require(ok(value), f"`{name}` must be {rule}, got {value!r}")
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
@@ -288,12 +314,9 @@ def _check_lengths(config: GenerationConfig) -> None:
         or (_is_int(config.max_new_tokens) and config.max_new_tokens >= 1),
         f"`max_new_tokens` must be a positive integer or None, got {config.max_new_tokens!r}",
     )
-    for name in ("min_length", "min_new_tokens"):
-        value = getattr(config, name)
-        _require(
-            value is None or (_is_int(value) and value >= 0),
-            f"`{name}` must be a non-negative integer, got {value!r}",
-        )
+    _require_each(
+        config, "a non-negative integer", _is_count_or_none, "min_length", "min_new_tokens"
+    )
     _require(
         config.max_time is None or (_is_number(config.max_time) and config.max_time > 0),
         f"`max_time` must be a positive number of seconds or None, got {config.max_time!r}",
@@ -363,34 +386,26 @@ def _check_sampling(config: GenerationConfig) -> None:
         config.top_k is None or (_is_int(config.top_k) and config.top_k >= 0),
         f"`top_k` must be an integer >= 0 (0 disables it), got {config.top_k!r}",
     )
-    for name in ("top_p", "typical_p"):
-        value = getattr(config, name)
-        _require(
-            value is None or (_is_number(value) and 0 < value <= 1),
-            f"`{name}` must be in (0, 1] (1 disables it), got {value!r}",
-        )
-    for name in ("epsilon_cutoff", "eta_cutoff"):
-        value = getattr(config, name)
-        _require(
-            _is_number(value) and 0 <= value < 1,
-            f"`{name}` must be in [0, 1) (0 disables it), got {value!r}",
-        )
+    _require_each(config, "in (0, 1] (1 disables it)", _is_fraction_or_none, "top_p", "typical_p")
+    _require_each(config, "in [0, 1) (0 disables it)", _is_cutoff, "epsilon_cutoff", "eta_cutoff")
 
 
 # Over 40 lines: one check per penalty setting, each with its own message.
 def _check_penalties(config: GenerationConfig) -> None:
-    for name in ("repetition_penalty", "encoder_repetition_penalty"):
-        value = getattr(config, name)
-        _require(
-            value is None or (_is_number(value) and value > 0),
-            f"`{name}` must be a number > 0 (1.0 disables it), got {value!r}",
-        )
-    for name in ("no_repeat_ngram_size", "encoder_no_repeat_ngram_size"):
-        value = getattr(config, name)
-        _require(
-            value is None or (_is_int(value) and value >= 0),
-            f"`{name}` must be an integer >= 0 (0 disables it), got {value!r}",
-        )
+    _require_each(
+        config,
+        "a number > 0 (1.0 disables it)",
+        _is_positive_or_none,
+        "repetition_penalty",
+        "encoder_repetition_penalty",
+    )
+    _require_each(
+        config,
+        "an integer >= 0 (0 disables it)",
+        _is_count_or_none,
+        "no_repeat_ngram_size",
+        "encoder_no_repeat_ngram_size",
+    )
     words = config.bad_words_ids
     if words is not None:
         _require(
@@ -429,12 +444,14 @@ def _check_token_ids(config: GenerationConfig) -> None:
     # transformers accepts any int as pad_token_id (it fills finished rows, -1 included)
     pad = config.pad_token_id
     _require(pad is None or _is_int(pad), f"`pad_token_id` must be an int or None, got {pad!r}")
-    for name in ("bos_token_id", "forced_bos_token_id", "decoder_start_token_id"):
-        value = getattr(config, name)
-        _require(
-            value is None or (_is_int(value) and value >= 0),
-            f"`{name}` must be a token id >= 0 or None, got {value!r}",
-        )
+    _require_each(
+        config,
+        "a token id >= 0 or None",
+        _is_count_or_none,
+        "bos_token_id",
+        "forced_bos_token_id",
+        "decoder_start_token_id",
+    )
     # A negative eos id matches no token: generation runs to max_length (transformers accepts it).
     for name, lowest in (("eos_token_id", None), ("forced_eos_token_id", 0)):
         value = getattr(config, name)

@@ -41,6 +41,7 @@ from bloomlm.encoding import (
     TENSOR_TYPES,
     BatchEncoding,
     check_return_tensors,
+    enum_choice,
     framework_of,
     to_python,
 )
@@ -210,13 +211,8 @@ def _padding_strategy(padding: Any) -> str:
         return "longest"
     if padding is False:
         return "do_not_pad"
-    strategy = getattr(padding, "value", padding)  # accept transformers' PaddingStrategy enum
-    if strategy not in PADDING_STRATEGIES:
-        raise ValueError(
-            f"padding={padding!r} is not supported; use True or 'longest', 'max_length', "
-            "False or 'do_not_pad'"
-        )
-    return strategy
+    use = "True or 'longest', 'max_length', False or 'do_not_pad'"
+    return enum_choice("padding", padding, PADDING_STRATEGIES, use)
 
 
 def _truncation_strategy(truncation: Any) -> str:
@@ -224,15 +220,8 @@ def _truncation_strategy(truncation: Any) -> str:
         return "longest_first"
     if truncation is None or truncation is False:
         return "do_not_truncate"
-    strategy = getattr(
-        truncation, "value", truncation
-    )  # accept transformers' TruncationStrategy enum
-    if strategy not in TRUNCATION_STRATEGIES:
-        raise ValueError(
-            f"truncation={truncation!r} is not supported; use True or 'longest_first', "
-            "'only_first', 'only_second', False or 'do_not_truncate'"
-        )
-    return strategy
+    use = "True or 'longest_first', 'only_first', 'only_second', False or 'do_not_truncate'"
+    return enum_choice("truncation", truncation, TRUNCATION_STRATEGIES, use)
 
 
 def _check_count(name: str, value: Any, minimum: int) -> None:

@@ -30,7 +30,7 @@ from flax.traverse_util import flatten_dict, unflatten_dict
 from bloomlm import files as bloomlm_files
 from bloomlm import load_report
 from bloomlm.checkpoint_names import BASE_PREFIX, FLAX_WEIGHT_FILES, PYTORCH_WEIGHT_FILES
-from bloomlm.config import CONFIG_NAME, BloomConfig, check_model_size, load_model_config
+from bloomlm.config import CONFIG_NAME, BloomConfig, check_buildable, load_model_config
 from bloomlm.errors import CheckpointError
 from bloomlm.flax import checks, files, sharding, weights
 from bloomlm.flax import model as modules
@@ -64,13 +64,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         param_dtype: Any = jnp.float32,
         scan_layers: bool = False,
     ) -> None:
-        if not isinstance(config, BloomConfig):
-            raise TypeError(
-                f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
-            )
-        config.validate()
-        check_model_size(config)  # an absurd size fails here, before any module is traced
-        self.config = config
+        self.config = check_buildable(config, type(self).__name__)
         self.dtype = _as_dtype(dtype, "dtype")
         self.param_dtype = _as_dtype(param_dtype, "param_dtype")
         self.scan_layers = bool(scan_layers)

@@ -183,15 +183,16 @@ def check_span_positions(positions: torch.Tensor, batch_size: int, name: str) ->
         raise TypeError(f"{name} must be a torch.Tensor, got {type(positions).__name__}")
     if positions.dim() > 1:
         positions = positions.squeeze(-1)
-    if positions.dtype not in _INT_DTYPES:
-        raise TypeError(
-            f"{name} must hold integer token positions (torch.long), got {positions.dtype}"
-        )
-    if tuple(positions.shape) != (batch_size,):
-        raise ValueError(
-            f"{name} must have shape (batch,) = ({batch_size},), got {tuple(positions.shape)}"
-        )
+    _check_batch_of_ints(positions, batch_size, f"{name} must hold integer token positions")
     return positions
+
+
+def _check_batch_of_ints(values: torch.Tensor, batch_size: int, rule: str) -> None:
+    """One integer per row: `rule` says what the values are, in the error."""
+    if values.dtype not in _INT_DTYPES:
+        raise TypeError(f"{rule} (torch.long), got {values.dtype}")
+    if tuple(values.shape) != (batch_size,):
+        raise ValueError(f"{rule} of shape (batch,) = ({batch_size},), got {tuple(values.shape)}")
 
 
 # Over 40 lines: transformers' problem-type rules, one branch per label kind.
@@ -199,7 +200,6 @@ def sequence_problem_type(
     config: BloomConfig, num_labels: int, labels: torch.Tensor, batch_size: int
 ) -> str:
     """The loss to use for these labels, decided per call (the config is read, never written)."""
-    # Over 40 lines: one shape and dtype rule per problem type, each with its own message.
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"labels must be a torch.Tensor, got {type(labels).__name__}")
     problem_type = config.problem_type
@@ -211,15 +211,7 @@ def sequence_problem_type(
         else:
             problem_type = "multi_label_classification"
     if problem_type == "single_label_classification":
-        if labels.dtype not in _INT_DTYPES:
-            raise TypeError(
-                f"single_label_classification needs integer labels (torch.long), got {labels.dtype}"
-            )
-        if tuple(labels.shape) != (batch_size,):
-            raise ValueError(
-                f"single_label_classification labels must have shape (batch,) = ({batch_size},), "
-                f"got {tuple(labels.shape)}"
-            )
+        _check_batch_of_ints(labels, batch_size, "single_label_classification needs integer labels")
     elif problem_type == "multi_label_classification":
         if not labels.is_floating_point():
             raise TypeError(

@@ -20,7 +20,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from bloomlm import checkpoint, checkpoint_names, files, load_report
-from bloomlm.config import CONFIG_NAME, BloomConfig, check_model_size, load_model_config
+from bloomlm.config import CONFIG_NAME, BloomConfig, check_buildable, load_model_config
 from bloomlm.errors import CheckpointError
 from bloomlm.generation import GENERATION_CONFIG_NAME, attach_generation_config
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
@@ -55,13 +55,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
 
     def __init__(self, config: BloomConfig):
         super().__init__()
-        if not isinstance(config, BloomConfig):
-            raise TypeError(
-                f"{type(self).__name__} needs a bloomlm.BloomConfig, got {type(config).__name__}"
-            )
-        config.validate()
-        check_model_size(config)  # an absurd size fails here, before any module is built
-        self.config = config
+        self.config = check_buildable(config, type(self).__name__)
         self.name_or_path = config.name_or_path
         self.gradient_checkpointing = False
 

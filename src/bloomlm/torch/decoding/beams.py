@@ -238,11 +238,19 @@ def _beam_output(
     loop: Loop, scorer: BeamSearchScorer, beam_scores: torch.Tensor, beam_indices: tuple | None
 ) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
     """The best hypotheses per prompt, as transformers returns them."""
-    config, seqs, record, tokens = loop.config, loop.seqs, loop.record, loop.tokens
+    seqs, tokens = loop.seqs, loop.tokens
     sequences, sequence_scores, indices = scorer.finalize(
         seqs.current, beam_scores, loop.stop.max_length, tokens.pad, tokens.eos, beam_indices,
         seqs.prompt_length,
     )  # fmt: skip
+    return beam_result(loop, sequences, sequence_scores, indices)
+
+
+def beam_result(
+    loop: Loop, sequences: torch.Tensor, sequence_scores: torch.Tensor, indices: tuple | None
+) -> GenerateBeamDecoderOnlyOutput | torch.Tensor:
+    """A beam search's finalized hypotheses as transformers returns them (every beam loop)."""
+    config, record = loop.config, loop.record
     if not config.return_dict_in_generate:
         return sequences
     return GenerateBeamDecoderOnlyOutput(

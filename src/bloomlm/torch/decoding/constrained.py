@@ -16,7 +16,7 @@ import torch
 
 from bloomlm.constraints import ConstraintListState
 from bloomlm.generation import GenerationConfig
-from bloomlm.torch.decoding.beams import BeamHypotheses, pad_hypotheses
+from bloomlm.torch.decoding.beams import BeamHypotheses, beam_result, pad_hypotheses
 from bloomlm.torch.decoding.processors import run_chain
 from bloomlm.torch.decoding.state import GenerateBeamDecoderOnlyOutput, Loop
 
@@ -219,10 +219,4 @@ def constrained_beam_search(
     sequences, sequence_scores, indices = scorer.finalize(
         seqs.current, beam_scores, loop.stop.max_length, tokens, beam_indices, seqs.prompt_length
     )
-    if not config.return_dict_in_generate:
-        return sequences
-    return GenerateBeamDecoderOnlyOutput(
-        sequences=sequences, sequences_scores=sequence_scores if config.output_scores else None,
-        scores=record.scores, beam_indices=indices, attentions=record.attentions,
-        hidden_states=record.hidden_states, past_key_values=loop.decoder.legacy_cache(),
-    )  # fmt: skip
+    return beam_result(loop, sequences, sequence_scores, indices)
