@@ -109,6 +109,15 @@ def test_a_request_longer_than_the_usable_length_fails_at_once(model):
     assert out.shape == (1, 8)
 
 
+def test_a_huge_max_new_tokens_allocates_nothing_up_front(model):
+    """Issue 13: max_new_tokens=10**9 once failed in the allocator. The cache starts at a small
+    bucket and grows with the sequence, so a request that stops early (here after 0.3 s) never
+    asks for 10**9 positions."""
+    ids = torch.tensor([[5, 6, 7]])
+    out = model.generate(ids, max_new_tokens=10**9, max_time=0.3, eos_token_id=-1, do_sample=False)
+    assert 3 < out.shape[1] < 100_000
+
+
 def test_per_row_generators_give_a_prompt_the_same_tokens_whatever_the_batch(model):
     prompts = ids_of(6, 3, 8, seed=4)
     ids, mask = left_padded(prompts)
