@@ -66,7 +66,8 @@ def main() -> None:
     logging.getLogger("bloomlm.torch.engine").setLevel(logging.INFO)  # compile times, on stderr
     model = BloomForCausalLM.from_pretrained(args.folder)
     cases = [(mode, int(b)) for b in args.batches.split(",") for mode in args.modes.split(",")]
-    prompts = {b: torch.randint(4, 1000, (b, args.prompt), generator=torch.Generator().manual_seed(b))
+    prompts = {b: torch.randint(4, 1000, (b, args.prompt),
+                                generator=torch.Generator().manual_seed(b))
                for _, b in cases}  # fmt: skip
     first, checksum, times = {}, {}, {case: [] for case in cases}
     for mode, b in cases:

@@ -1,36 +1,41 @@
-"""Make `bloomlm-tiny-sentiment`: `bloomlm finetune seq-cls` from `bloomlm-tiny` on VADER's human-rated sentences.
+"""Make `bloomlm-tiny-sentiment`: `bloomlm finetune seq-cls` from `bloomlm-tiny` on VADER's
+human-rated sentences.
 
-Data: the ground-truth files of Hutto & Gilbert (ICWSM 2014) shipped in the vaderSentiment 3.3.2 source
-distribution (`additional_resources/hutto_ICWSM_2014.tar.gz`; the wheel lacks them): 4,200 tweets,
-10,605 movie-review snippets, 3,708 Amazon review snippets and 5,190 New York Times editorial snippets, each
-with the mean of about 20 human ratings on a -4..+4 scale. Licence: MIT (Copyright (c) 2016 C.J. Hutto).
-Labels: `positive` when the mean rating is >= 0.5, `negative` when it is <= -0.5; the near-neutral rest
-is left out (a two-label task with a clear answer).
+Data: the ground-truth files of Hutto & Gilbert (ICWSM 2014) shipped in the vaderSentiment 3.3.2
+source distribution (`additional_resources/hutto_ICWSM_2014.tar.gz`; the wheel lacks them): 4,200
+tweets, 10,605 movie-review snippets, 3,708 Amazon review snippets and 5,190 New York Times
+editorial snippets, each with the mean of about 20 human ratings on a -4..+4 scale. Licence: MIT
+(Copyright (c) 2016 C.J. Hutto). Labels: `positive` when the mean rating is >= 0.5, `negative` when
+it is <= -0.5; the near-neutral rest is left out (a two-label task with a clear answer).
 
-Split (fixed, seed 0): 1,000 sentences held out and never trained on or used to pick the epoch; 1,000 for
-per-epoch evaluation (choosing the best epoch); the rest for training. The held-out sentences are stored in
-`src/bloomlm/assets/vader-heldout.jsonl` with VADER's own prediction for each, so the tests can compare the
-shipped model with both baselines without vaderSentiment installed:
+Split (fixed, seed 0): 1,000 sentences held out and never trained on or used to pick the epoch;
+1,000 for per-epoch evaluation (choosing the best epoch); the rest for training. The held-out
+sentences are stored in `src/bloomlm/assets/vader-heldout.jsonl` with VADER's own prediction for
+each, so the tests can compare the shipped model with both baselines without vaderSentiment
+installed:
   * majority class: the training split's most frequent label, for every sentence;
   * lexicon: VADER 3.3.2's compound score (its lexicon + rules): > 0 positive, < 0 negative, 0 (no
-    sentiment words) the majority class. Note: VADER's rules were developed on these same sentences, so this
-    baseline has seen the test data; the fine-tuned model has not.
+    sentiment words) the majority class. Note: VADER's rules were developed on these same sentences,
+    so this baseline has seen the test data; the fine-tuned model has not.
 
-Training, both stages with the `bloomlm finetune` command line (bf16 autocast, AdamW, warmup + linear decay):
-  1. `causal-lm` from bloomlm-tiny, 2 epochs on the training sentences' text: bloomlm-tiny has read only Python
-     documentation, so it first reads tweets and reviews (domain adaptation; labels unused, held-out unseen);
-  2. `seq-cls` from that, 4 epochs; the epoch with the best accuracy on the evaluation split is kept.
+Training, both stages with the `bloomlm finetune` command line (bf16 autocast, AdamW, warmup +
+linear decay):
+  1. `causal-lm` from bloomlm-tiny, 2 epochs on the training sentences' text: bloomlm-tiny has read
+     only Python documentation, so it first reads tweets and reviews (domain adaptation; labels
+     unused, held-out unseen);
+  2. `seq-cls` from that, 4 epochs; the epoch with the best accuracy on the evaluation split is
+     kept.
 The result is saved with fp16 weights; the held-out accuracy is measured on exactly what ships.
 
 Run from the repository root (downloads ~2.5 MB with pip, then about 8.5 minutes on one CPU thread):
-    python scripts/train_sentiment.py                     # writes src/bloomlm/assets/bloomlm-tiny-sentiment/
+    python scripts/train_sentiment.py   # writes src/bloomlm/assets/bloomlm-tiny-sentiment/
 
 The shipped model (run on CPython 3.11.7, torch 2.13 CPU, one thread of a Xeon with AMX, 509 s):
     best epoch 3: eval accuracy 0.7450
-    held-out accuracy (1000 sentences): bloomlm-tiny-sentiment 0.736 (fp16 weights as shipped; fp32 the same),
-    VADER compound score 0.707, majority class (positive) 0.533
-      tweets (179): 0.804 vs VADER 0.983; movies (518): 0.741 vs 0.624; amazon (148): 0.750 vs 0.757;
-      nyt (155): 0.626 vs 0.619
+    held-out accuracy (1000 sentences): bloomlm-tiny-sentiment 0.736 (fp16 weights as shipped; fp32
+    the same), VADER compound score 0.707, majority class (positive) 0.533
+      tweets (179): 0.804 vs VADER 0.983; movies (518): 0.741 vs 0.624; amazon (148): 0.750 vs
+      0.757; nyt (155): 0.626 vs 0.619
 """
 
 from __future__ import annotations
@@ -146,7 +151,7 @@ def accuracy(predictions: list[str], rows: list[dict]) -> float:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default=str(ASSETS / "bloomlm-tiny-sentiment"))
     parser.add_argument("--heldout-file", default=str(ASSETS / "vader-heldout.jsonl"))
     parser.add_argument("--download-dir", help="keep the sdist here (default: a temporary folder)")
@@ -216,7 +221,8 @@ def main() -> int:
         ):  # stage 1: the language model reads the training sentences (text only)
             adapted = work / "adapted"
             bloomlm_finetune(
-                ["causal-lm", "--model", base, "--out", str(adapted), "--epochs", str(args.adapt_epochs),
+                ["causal-lm", "--model", base, "--out", str(adapted),
+                 "--epochs", str(args.adapt_epochs),
                  "--learning-rate", str(args.adapt_learning_rate), *common],
                 env,
             )  # fmt: skip
@@ -258,7 +264,8 @@ def main() -> int:
     print(f"best epoch {results['best_epoch']}: eval accuracy {results['best']['accuracy']:.4f}")
     print(f"held-out accuracy ({len(heldout)} sentences):")
     print(
-        f"  bloomlm-tiny-sentiment   {fp16:.4f}  (fp16 weights as shipped; fp32 before saving {fp32:.4f})"
+        f"  bloomlm-tiny-sentiment   {fp16:.4f}  "
+        f"(fp16 weights as shipped; fp32 before saving {fp32:.4f})"
     )
     print(
         f"  VADER compound score     {accuracy([r['vader_label'] for r in heldout], heldout):.4f}"
@@ -269,10 +276,12 @@ def main() -> int:
         ours = accuracy([r["model_label"] for r in rows], rows)
         vader = accuracy([r["vader_label"] for r in rows], rows)
         print(
-            f"    {source:<7} ({len(rows):3d} sentences): bloomlm-tiny-sentiment {ours:.3f}, VADER {vader:.3f}"
+            f"    {source:<7} ({len(rows):3d} sentences): "
+            f"bloomlm-tiny-sentiment {ours:.3f}, VADER {vader:.3f}"
         )
     print(
-        f"time: {train_seconds:.0f} s to download, split and fine-tune; {time.perf_counter() - started:.0f} s in all"
+        f"time: {train_seconds:.0f} s to download, split and fine-tune; "
+        f"{time.perf_counter() - started:.0f} s in all"
     )
     return 0
 

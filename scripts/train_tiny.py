@@ -2,28 +2,32 @@
 
 Data: the English text that ships with every CPython install, so the script runs offline anywhere:
   * `pydoc_data.topics` (the language reference topics `help()` shows), and
-  * the docstrings (over 200 characters) of the pure-Python standard library modules, tests excluded.
+  * the docstrings (over 200 characters) of the pure-Python standard library modules, tests
+    excluded.
 Licence: Python Software Foundation License (PSF-2.0), which allows redistribution of derived works.
 The exact text depends on the Python version (the shipped model used CPython 3.11.7).
 
-Model (why this shape): BLOOM architecture, vocab 4096, hidden 192, 4 layers, 6 heads of 32, ~2.6M parameters.
-  * vocab 4096: the corpus is ~1.7 MB; a larger vocabulary would leave most rows of the embedding (which is
-    also the tied LM head, the biggest matrix here) seen a handful of times, a smaller one makes sequences long;
+Model (why this shape): BLOOM architecture, vocab 4096, hidden 192, 4 layers, 6 heads of 32, ~2.6M
+parameters.
+  * vocab 4096: the corpus is ~1.7 MB; a larger vocabulary would leave most rows of the embedding
+    (which is also the tied LM head, the biggest matrix here) seen a handful of times, a smaller one
+    makes sequences long;
   * hidden 192 / 4 layers: a few MB in fp16 and a few minutes of training on 2 CPU threads;
   * 6 heads: not a power of two, so the embedded default exercises BLOOM's interpolated ALiBi slopes
     (as bloom-176b's 112 heads do).
 
-Training: 1000 steps of 16 x 128 tokens (2.0M tokens, about 5 passes over the 420k training tokens), AdamW
-(lr 3e-3, betas 0.9/0.95, weight decay 0.1), 100 warmup steps then a cosine-shaped decay to 0, bf16 autocast, fp32
-weights; saved in float16 (the validation loss is the same with the fp16 weights).
+Training: 1000 steps of 16 x 128 tokens (2.0M tokens, about 5 passes over the 420k training tokens),
+AdamW (lr 3e-3, betas 0.9/0.95, weight decay 0.1), 100 warmup steps then a cosine-shaped decay to 0,
+bf16 autocast, fp32 weights; saved in float16 (the validation loss is the same with the fp16
+weights).
 
 Run from the repository root (about 4 minutes on 2 CPU threads):
     python scripts/train_tiny.py                 # writes src/bloomlm/assets/bloomlm-tiny/
     python scripts/train_tiny.py --steps 50 --out /tmp/t   # a quick smoke run
 
-The shipped model (CPython 3.11.7, torch 2.13 CPU, 2 threads of a Xeon with AMX bf16): 2,265 documents,
-1,668,355 characters; 420,309 training and 20,944 validation tokens; 2,566,656 parameters;
-validation loss 4.096 (perplexity 60.1), the same with fp16 weights; 234 s.
+The shipped model (CPython 3.11.7, torch 2.13 CPU, 2 threads of a Xeon with AMX bf16): 2,265
+documents, 1,668,355 characters; 420,309 training and 20,944 validation tokens; 2,566,656
+parameters; validation loss 4.096 (perplexity 60.1), the same with fp16 weights; 234 s.
 """
 
 from __future__ import annotations
@@ -45,7 +49,8 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from bloomlm import BloomConfig, BloomForCausalLM, BloomTokenizerFast
 
 SPECIAL_TOKENS = ["<unk>", "<s>", "</s>", "<pad>"]  # ids 0..3, as in BLOOM's tokenizer
-# BLOOM's pre-tokenizer: split on runs of non-space, non-punctuation characters (with one leading space).
+# BLOOM's pre-tokenizer: split on runs of non-space, non-punctuation characters (with one leading
+# space).
 BLOOM_SPLIT = Regex(" ?[^(\\s|[.,!?…。，、।۔،])]+")
 SKIPPED_PARTS = ("test", "tests", "idlelib", "site-packages", "lib2to3", "turtledemo")
 
@@ -73,7 +78,8 @@ def corpus_documents() -> list[str]:
 
 
 def train_tokenizer(documents: list[str], vocab_size: int) -> Tokenizer:
-    """Byte-level BPE laid out exactly like BLOOM's tokenizer.json (pre-tokenizer, decoder, post-processor)."""
+    """Byte-level BPE laid out exactly like BLOOM's tokenizer.json (pre-tokenizer, decoder,
+    post-processor)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -171,7 +177,8 @@ def main() -> int:
     n_val = max(1, len(documents) // 20)  # 5% of documents, never trained on
     train_docs, val_docs = documents[n_val:], documents[:n_val]
     print(
-        f"corpus: {len(documents)} documents, {sum(map(len, documents)):,} characters (Python {sys.version.split()[0]})"
+        f"corpus: {len(documents)} documents, {sum(map(len, documents)):,} characters "
+        f"(Python {sys.version.split()[0]})"
     )
 
     staging = Path(tempfile.mkdtemp(prefix="bloomlm-tiny-"))
@@ -221,7 +228,8 @@ def main() -> int:
         optimizer.step()
         if step % 100 == 0 or step == args.steps - 1:
             print(
-                f"step {step:5d}  train loss {loss.item():.3f}  {time.perf_counter() - started:6.0f} s",
+                f"step {step:5d}  train loss {loss.item():.3f}  "
+                f"{time.perf_counter() - started:6.0f} s",
                 flush=True,
             )
 
@@ -240,7 +248,8 @@ def main() -> int:
     shutil.move(str(staging), out)
     elapsed = time.perf_counter() - started
     print(
-        f"validation loss: fp32 {val_fp32:.3f} (perplexity {math.exp(val_fp32):.1f}); fp16 weights {val_fp16:.3f}"
+        f"validation loss: fp32 {val_fp32:.3f} (perplexity {math.exp(val_fp32):.1f}); "
+        f"fp16 weights {val_fp16:.3f}"
     )
     print(f"time: {elapsed:.0f} s on {args.threads} CPU threads; saved to {out}")
     return 0

@@ -12,8 +12,8 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# Tiny test models compile about twice as fast with XLA's cheaper optimisation passes; numbers are unchanged
-# at the tests' tolerances. Set before any test module imports jax.
+# Tiny test models compile about twice as fast with XLA's cheaper optimisation passes; numbers are
+# unchanged at the tests' tolerances. Set before any test module imports jax.
 os.environ.setdefault(
     "XLA_FLAGS", "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
 )
@@ -35,7 +35,8 @@ import bloomlm  # noqa: E402
 from bloomlm.cli import main  # noqa: E402
 
 # ---------------------------------------------------------------------------------------------
-# Tolerances (SPEC "Tolerances"): max|ours - ref| <= tol * max(1, max|ref|) over non-padding positions.
+# Tolerances (SPEC "Tolerances"): max|ours - ref| <= tol * max(1, max|ref|) over non-padding
+# positions.
 FP32_TOL = 1e-5  # PyTorch fp32 against transformers
 GRAD_TOL = 1e-4  # gradients (SPEC)
 # Half precision, ours vs transformers at the same dtype: the bound is the size of half-precision
@@ -104,7 +105,8 @@ _SAVE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 def assert_close(
     ours, ref, tol: float, mask=None, name: str = "", check_dtype: bool = True
 ) -> None:
-    """SPEC's "same numbers": max|ours - ref| <= tol * max(1, max|ref|) over the positions in `mask`.
+    """SPEC's "same numbers": max|ours - ref| <= tol * max(1, max|ref|) over the positions in
+    `mask`.
 
     `mask` (optional, bool or 0/1) selects the positions to compare; it is broadcast against the
     tensors after appending trailing singleton dimensions, so a [B, T] padding mask works for
@@ -189,7 +191,8 @@ def build_reference(config_name: str, arch: str = "BloomForCausalLM", **config_o
 
 @pytest.fixture(scope="session")
 def make_checkpoint(tmp_path_factory) -> Callable[..., pathlib.Path]:
-    """`(config_name, arch="BloomForCausalLM", **config_overrides) -> folder` written by transformers.
+    """`(config_name, arch="BloomForCausalLM", **config_overrides) -> folder` written by
+    transformers.
 
     Cached for the session: the same arguments give the same folder. Treat folders as read-only.
     """
@@ -338,7 +341,8 @@ MAIN_FIELD = {
 
 
 def assert_cache_close(ours, ref, tol: float, kv_mask=None, name: str = "past_key_values") -> None:
-    """Caches in BLOOM's layout, per layer key [B*H, D, S] and value [B*H, S, D]; `kv_mask` [B, S]."""
+    """Caches in BLOOM's layout, per layer key [B*H, D, S] and value [B*H, S, D];
+    `kv_mask` [B, S]."""
     assert isinstance(ours, (tuple, list)), (
         f"{name}: {type(ours).__name__}, expected a tuple of layers"
     )

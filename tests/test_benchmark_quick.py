@@ -1,4 +1,5 @@
-"""The benchmark script's quick mode runs end to end, so the script cannot rot (no timing is asserted)."""
+"""The benchmark script's quick mode runs end to end,
+so the script cannot rot (no timing is asserted)."""
 
 import importlib.util
 import json

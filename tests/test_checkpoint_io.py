@@ -1,5 +1,5 @@
-"""Weight files in and out: what we write transformers 4.37.2 reads, what it writes we read, and every
-damaged or hostile file ends in a named CheckpointError / CheckpointNotFoundError."""
+"""Weight files in and out: what we write transformers 4.37.2 reads, what it writes we read, and
+every damaged or hostile file ends in a named CheckpointError / CheckpointNotFoundError."""
 
 from __future__ import annotations
 
@@ -45,7 +45,8 @@ from bloomlm.checkpoint import (
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
 from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir, select_hub_files
 
-# The tiny model's weights take ~30 KB, so this gives 3 shards (transformers' own save uses the same size).
+# The tiny model's weights take ~30 KB, so this gives 3 shards (transformers' own save uses the same
+# size).
 SHARD_SIZE = "12KB"
 FORMATS = {
     True: (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME),
@@ -61,7 +62,8 @@ def theirs() -> transformers.BloomForCausalLM:
 
 
 def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict as save_pretrained writes it: the tied LM head is the embedding, written once."""
+    """The state dict as save_pretrained writes it:
+    the tied LM head is the embedding, written once."""
     state_dict = model.state_dict()
     del state_dict["lm_head.weight"]
     return state_dict
@@ -80,7 +82,7 @@ def write(path: Path, data: bytes) -> Path:
     return path
 
 
-# -- round trips with transformers -------------------------------------------------------------------------
+# -- round trips with transformers -----------------------------------------------------------------
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
@@ -108,7 +110,8 @@ def test_we_read_what_transformers_writes(theirs, tmp_path, safe, shard_size):
     single_name, index_name = FORMATS[safe]
     expected_first = single_name if shard_size == "5GB" else index_name
     assert (tmp_path / expected_first).is_file()
-    # transformers drops the tied head only for safetensors; torch.save keeps it (sharing the embedding).
+    # transformers drops the tied head only for safetensors; torch.save keeps it (sharing the
+    # embedding).
     expected = untied_state_dict(theirs) if safe else theirs.state_dict()
     assert_same_tensors(load_state_dict(tmp_path), expected)
 
@@ -134,7 +137,9 @@ def test_sharded_layout_and_index_match_transformers(theirs, tmp_path, safe):
     theirs_text = (tmp_path / "theirs" / index_name).read_text()
     if safe:
         assert ours_text == theirs_text  # byte for byte, total_size included
-    else:  # torch.save also lists the tied head, stored once with the embedding (not counted in total_size)
+    else:
+        # torch.save also lists the tied head, stored once with the embedding (not counted in
+        # total_size)
         theirs_index = json.loads(theirs_text)
         assert (
             theirs_index["weight_map"].pop("lm_head.weight") == "pytorch_model-00001-of-00003.bin"
@@ -155,7 +160,7 @@ def test_old_non_zip_bin_is_read(tmp_path):
     assert_same_tensors(load_state_dict(tmp_path), tensors)
 
 
-# -- shared memory, views, dtypes --------------------------------------------------------------------------
+# -- shared memory, views, dtypes ------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("safe", [True, False], ids=["safetensors", "bin"])
@@ -198,7 +203,7 @@ def test_numpy_state_dict_matches_torch(theirs, tmp_path):
             )
 
 
-# -- parse_size ---------------------------------------------------------------------------------------------
+# -- parse_size ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -222,7 +227,7 @@ def test_parse_size_rejects(size):
         parse_size(size)
 
 
-# -- damaged files -----------------------------------------------------------------------------------------
+# -- damaged files ---------------------------------------------------------------------------------
 
 
 def test_truncated_safetensors(theirs, tmp_path):
@@ -336,7 +341,7 @@ def test_missing_single_file(tmp_path):
         load_state_dict_file(tmp_path / SAFE_WEIGHTS_NAME)
 
 
-# -- which files are found ---------------------------------------------------------------------------------
+# -- which files are found -------------------------------------------------------------------------
 
 
 def test_priority_and_use_safetensors(tmp_path):
@@ -373,7 +378,7 @@ def test_file_instead_of_folder(tmp_path):
         load_state_dict(path)
 
 
-# -- atomic saving and cleanup -----------------------------------------------------------------------------
+# -- atomic saving and cleanup ---------------------------------------------------------------------
 
 
 def _fail_after_partial_write(calls_before_failure: int):
@@ -452,7 +457,7 @@ def test_stale_weight_files_are_removed_and_nothing_else(theirs, tmp_path):
     assert all((tmp_path / name).read_bytes() == b"x" for name in keep)
 
 
-# -- resolve_model_dir -------------------------------------------------------------------------------------
+# -- resolve_model_dir -----------------------------------------------------------------------------
 
 
 @pytest.fixture

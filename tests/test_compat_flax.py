@@ -93,8 +93,11 @@ def test_processors_equal_transformers_flax_generate(models):
     ]
     for kwargs in cases:
         mine = np.asarray(ours.generate(input_ids, mask, max_new_tokens=8, **kwargs).sequences)
-        np.testing.assert_array_equal(mine, _theirs_flax(theirs, input_ids, mask, max_new_tokens=8,
-                                                         **kwargs), err_msg=str(kwargs))  # fmt: skip
+        np.testing.assert_array_equal(
+            mine,
+            _theirs_flax(theirs, input_ids, mask, max_new_tokens=8, **kwargs),
+            err_msg=str(kwargs),
+        )
         assert (mine != plain).any(), kwargs  # the setting changed the output
     one_token = input_ids[:, :1]
     kwargs = dict(max_new_tokens=4, forced_bos_token_id=5, begin_suppress_tokens=[6])

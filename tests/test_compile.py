@@ -50,10 +50,12 @@ def test_the_compiled_step_runs_and_gives_eager_ids(model, monkeypatch):
     expected[1] = model.generate(*beams[:1], attention_mask=beams[1], num_beams=2, **kwargs)
     eager_steps = []
     decode = BloomForCausalLM.decode
-    monkeypatch.setattr(BloomForCausalLM, "decode", lambda *a, **k: eager_steps.append(1) or decode(*a, **k))  # fmt: skip
+    monkeypatch.setattr(BloomForCausalLM, "decode",
+                        lambda *a, **k: eager_steps.append(1) or decode(*a, **k))  # fmt: skip
     graphs = counters["stats"]["unique_graphs"]
     got = model.generate(greedy[0], attention_mask=greedy[1], compile=MODE, **kwargs)
-    got_beams = model.generate(beams[0], attention_mask=beams[1], num_beams=2, compile=MODE, **kwargs)  # fmt: skip
+    got_beams = model.generate(beams[0], attention_mask=beams[1], num_beams=2, compile=MODE,
+                               **kwargs)  # fmt: skip
     assert counters["stats"]["unique_graphs"] == graphs + 1  # one shape, compiled once
     assert len(eager_steps) == 2  # the two prefills; every step ran the compiled code
     assert torch.equal(got, expected[0]) and torch.equal(got_beams, expected[1])

@@ -1,4 +1,5 @@
-"""BloomConfig: defaults, aliases, the real bigscience hub files, validation, and meta-device sizes."""
+"""BloomConfig: defaults, aliases, the real bigscience hub files, validation,
+and meta-device sizes."""
 
 import json
 import subprocess
@@ -23,10 +24,11 @@ if (
 
 def test_defaults_match_transformers():
     ours, theirs = BloomConfig(), transformers.BloomConfig()
-    for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon", "initializer_range",
-                 "use_cache", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_dropout", "attention_dropout",
-                 "pretraining_tp", "slow_but_exact", "tie_word_embeddings", "num_labels", "problem_type",
-                 "output_attentions", "output_hidden_states", "return_dict",
+    for name in ("vocab_size", "hidden_size", "n_layer", "n_head", "layer_norm_epsilon",
+                 "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+                 "hidden_dropout", "attention_dropout", "pretraining_tp", "slow_but_exact",
+                 "tie_word_embeddings", "num_labels", "problem_type", "output_attentions",
+                 "output_hidden_states", "return_dict",
                  "apply_residual_connection_post_layernorm"):  # fmt: skip
         assert getattr(ours, name) == getattr(theirs, name), name
     assert ours.id2label == {0: "LABEL_0", 1: "LABEL_1"} == theirs.id2label
@@ -45,10 +47,10 @@ def test_reads_every_hub_config_like_transformers(path, tmp_path):
     assert ours.hidden_size == theirs.hidden_size == raw["n_embed"]
     assert ours.n_head == theirs.n_head == raw["num_attention_heads"]
     assert ours.num_attention_heads == ours.n_head and ours.num_hidden_layers == ours.n_layer
-    assert (ours.n_layer, ours.vocab_size, ours.pretraining_tp) == (theirs.n_layer, theirs.vocab_size,
-                                                                    theirs.pretraining_tp)  # fmt: skip
-    for key in ("seq_length", "offset_alibi", "skip_bias_add", "masked_softmax_fusion", "unk_token_id",
-                "attention_softmax_in_fp32", "dtype"):  # fmt: skip
+    assert (ours.n_layer, ours.vocab_size, ours.pretraining_tp) == (
+        theirs.n_layer, theirs.vocab_size, theirs.pretraining_tp)  # fmt: skip
+    for key in ("seq_length", "offset_alibi", "skip_bias_add", "masked_softmax_fusion",
+                "unk_token_id", "attention_softmax_in_fp32", "dtype"):  # fmt: skip
         if key in raw:
             assert getattr(ours, key) == raw[key], key
     # unknown keys survive a save and are read back by transformers too
@@ -66,8 +68,9 @@ def test_reads_every_hub_config_like_transformers(path, tmp_path):
 
 
 def test_transformers_save_reads_back(tmp_path):
-    theirs = transformers.BloomConfig(hidden_size=48, n_head=6, num_labels=3, problem_type="regression",
-                                      classifier_dropout=0.2, pad_token_id=3)  # fmt: skip
+    theirs = transformers.BloomConfig(hidden_size=48, n_head=6, num_labels=3,
+                                      problem_type="regression", classifier_dropout=0.2,
+                                      pad_token_id=3)  # fmt: skip
     theirs.save_pretrained(tmp_path)
     ours = BloomConfig.from_pretrained(tmp_path)
     assert ours.id2label == {0: "LABEL_0", 1: "LABEL_1", 2: "LABEL_2"} and ours.num_labels == 3
@@ -190,7 +193,9 @@ def test_real_shapes_on_meta_device(shape, expected):
 def test_import_does_not_pull_transformers_torch_or_jax():
     code = (
         "import sys, bloomlm; from bloomlm import BloomConfig; BloomConfig();"
-        "bad = [m for m in ('transformers', 'torch', 'jax') if m in sys.modules]; assert not bad, bad;"
-        "import bloomlm.torch.model; assert 'transformers' not in sys.modules; assert 'jax' not in sys.modules"
+        "bad = [m for m in ('transformers', 'torch', 'jax') if m in sys.modules]; "
+        "assert not bad, bad;"
+        "import bloomlm.torch.model; assert 'transformers' not in sys.modules; "
+        "assert 'jax' not in sys.modules"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

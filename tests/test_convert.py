@@ -1,5 +1,5 @@
-"""bloomlm.convert as a library: convert_checkpoint keeps the head class and the numbers, refuses bad
-options before writing anything; the size arithmetic behind `bloomlm info`.
+"""bloomlm.convert as a library: convert_checkpoint keeps the head class and the numbers, refuses
+bad options before writing anything; the size arithmetic behind `bloomlm info`.
 
 (The command line over the same functions, every format round trip included, is in test_cli.py.)
 """

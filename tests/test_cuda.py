@@ -1,5 +1,5 @@
-"""The PyTorch model, fast path, generation and int8 on a CUDA device. Skipped (and reported as skipped)
-on machines without one, such as CI's."""
+"""The PyTorch model, fast path, generation and int8 on a CUDA device. Skipped (and reported as
+skipped) on machines without one, such as CI's."""
 
 import pytest
 import torch

@@ -1,9 +1,10 @@
-"""The models shipped inside the package: bloomlm-tiny (causal LM) and bloomlm-tiny-sentiment (classifier).
+"""The models shipped inside the package: bloomlm-tiny (causal LM) and bloomlm-tiny-sentiment
+(classifier).
 
-The held-out sentences (never trained on, never used to choose an epoch) come from the vaderSentiment sdist,
-stored by scripts/train_sentiment.py with VADER 3.3.2's own prediction for each (`vader_label`: the sign of
-its compound score, 0 -> the training majority class) and the training split's majority class, so the
-comparison runs without vaderSentiment installed.
+The held-out sentences (never trained on, never used to choose an epoch) come from the
+vaderSentiment sdist, stored by scripts/train_sentiment.py with VADER 3.3.2's own prediction for
+each (`vader_label`: the sign of its compound score, 0 -> the training majority class) and the
+training split's majority class, so the comparison runs without vaderSentiment installed.
 """
 
 from __future__ import annotations

@@ -168,7 +168,8 @@ def test_crop_reorder_and_hidden_states_match_a_fresh_prefill(model):
     drafts = torch.tensor([[7, 8, 9], [10, 11, 12], [13, 14, 15]])
     verified = decoder.step(drafts, num_logits=3)  # assisted decoding: verify three drafts
     fresh = model.make_decoder(3, 20)
-    expected = fresh.prefill(torch.cat([ids, drafts], 1), torch.cat([mask, torch.ones_like(drafts)], 1),
+    expected = fresh.prefill(torch.cat([ids, drafts], 1),
+                             torch.cat([mask, torch.ones_like(drafts)], 1),
                              num_logits=3, hidden=True)  # fmt: skip
     close(verified.logits, expected.logits)
     assert expected.hidden.shape == (3, 3, model.config.hidden_size)

@@ -21,8 +21,8 @@ def close(ours, ref, mask=None):
 @pytest.fixture(scope="module", params=[3, 4], ids=["3-heads", "4-heads"])
 def model(request):
     torch.manual_seed(request.param)
-    config = BloomConfig(vocab_size=90, hidden_size=12 * request.param, n_layer=3, n_head=request.param,
-                         pad_token_id=3)  # fmt: skip
+    config = BloomConfig(vocab_size=90, hidden_size=12 * request.param, n_layer=3,
+                         n_head=request.param, pad_token_id=3)  # fmt: skip
     model = BloomForCausalLM(config).eval()
     with torch.no_grad():
         for p in model.parameters():

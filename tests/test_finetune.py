@@ -1,8 +1,9 @@
 """bloomlm.finetune: each task trains on a tiny file, lowers its loss, saves a loadable folder, and
 resumes; and each stage of the loop (prepare, restore, train_epoch, end_epoch) on its own.
 
-Models are tiny random BLOOMs (hidden 32, 2 layers) with the fixture tokenizer, built with bloomlm itself,
-so these tests need neither transformers nor the embedded models, and run in a few seconds on one thread.
+Models are tiny random BLOOMs (hidden 32, 2 layers) with the fixture tokenizer, built with bloomlm
+itself, so these tests need neither transformers nor the embedded models, and run in a few seconds
+on one thread.
 """
 
 from __future__ import annotations
@@ -106,8 +107,8 @@ def test_causal_lm_lowers_loss_saves_a_loadable_folder_and_resumes(tmp_path, bas
     data = write_jsonl(tmp_path / "train.jsonl", [{"text": t} for t in CAUSAL_TEXTS])
     out = tmp_path / "out"
     config = FinetuneConfig(
-        task="causal-lm", model=str(base_model), train_file=str(data), eval_file=str(data), out_dir=str(out),
-        epochs=1, batch_size=4, learning_rate=1e-2, warmup_ratio=0.2,
+        task="causal-lm", model=str(base_model), train_file=str(data), eval_file=str(data),
+        out_dir=str(out), epochs=1, batch_size=4, learning_rate=1e-2, warmup_ratio=0.2,
     )  # fmt: skip
     result = finetune(config, log=_quiet)
     before, after = result.history[0], result.history[-1]
@@ -151,8 +152,8 @@ def test_sequence_classification_maps_string_labels_from_csv(tmp_path, base_mode
     data.write_text("\n".join(lines) + "\n", encoding="utf-8")
     out = tmp_path / "cls"
     config = FinetuneConfig(
-        task="seq-cls", model=str(base_model), train_file=str(data), eval_file=str(data), out_dir=str(out),
-        epochs=3, batch_size=4, learning_rate=1e-2,
+        task="seq-cls", model=str(base_model), train_file=str(data), eval_file=str(data),
+        out_dir=str(out), epochs=3, batch_size=4, learning_rate=1e-2,
         gradient_accumulation_steps=2, bf16=True, gradient_checkpointing=True,
     )  # fmt: skip
     result = finetune(config, log=_quiet)
@@ -174,8 +175,9 @@ def test_token_classification_and_qa_train_and_save(tmp_path, base_model):
     ]
     data = write_jsonl(tmp_path / "tags.jsonl", tagged * 3)
     result = finetune(
-        FinetuneConfig(task="token-cls", model=str(base_model), train_file=str(data), eval_file=str(data),
-                       out_dir=str(tmp_path / "tagger"), epochs=2, batch_size=2, learning_rate=1e-2),
+        FinetuneConfig(task="token-cls", model=str(base_model), train_file=str(data),
+                       eval_file=str(data), out_dir=str(tmp_path / "tagger"), epochs=2,
+                       batch_size=2, learning_rate=1e-2),
         log=_quiet,
     )  # fmt: skip
     assert result.history[-1]["loss"] < result.history[0]["loss"]

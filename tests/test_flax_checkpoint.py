@@ -1,6 +1,6 @@
 """Flax model folders: msgpack written by transformers' Flax BLOOM read by ours and ours read by it,
-sharded or not; PyTorch head checkpoints into Flax heads and back; caches exchanged with transformers'
-Flax; base <-> head prefixes; the loading report; damaged files.
+sharded or not; PyTorch head checkpoints into Flax heads and back; caches exchanged with
+transformers' Flax; base <-> head prefixes; the loading report; damaged files.
 """
 
 from __future__ import annotations
@@ -43,14 +43,15 @@ def assert_params_equal(ours, theirs) -> None:
 
 @pytest.fixture(scope="session")
 def transformers_msgpack(make_checkpoint, tmp_path_factory):
-    """A folder written by transformers 4.37's FlaxBloomForCausalLM.save_pretrained (pow2: its ALiBi works)."""
+    """A folder written by transformers 4.37's FlaxBloomForCausalLM.save_pretrained (pow2: its ALiBi
+    works)."""
     from types import SimpleNamespace
 
     folder = tmp_path_factory.mktemp("transformers-flax")
     reference = build_reference("pow2")
     theirs = transformers.FlaxBloomForCausalLM(reference.config, _do_init=False)
-    # transformers' own PyTorch -> Flax converter; it reads only the shapes of the model's tree, so a stub
-    # saves running its (eager, slow) init.
+    # transformers' own PyTorch -> Flax converter; it reads only the shapes of the model's tree, so
+    # a stub saves running its (eager, slow) init.
     shapes = SimpleNamespace(base_model_prefix="transformer", params=theirs.params_shape_tree)
     state_dict = {k: v for k, v in reference.state_dict().items() if k != "lm_head.weight"}  # tied
     params = convert_pytorch_state_dict_to_flax(state_dict, shapes)
@@ -167,7 +168,8 @@ def test_caches_exchange_with_transformers_flax(theirs_flax, transformers_msgpac
     ours = bloomlm.FlaxBloomForCausalLM.from_pretrained(transformers_msgpack)
     input_ids, mask = (t.numpy() for t in make_inputs(ours.config.vocab_size, "left", seq=6))
     max_length = 6  # transformers' Flax cache needs the mask at the full cache length
-    # (Our init_cache for theirs too: the same tree, and theirs runs an eager forward pass to build one.)
+    # (Our init_cache for theirs too: the same tree, and theirs runs an eager forward pass to build
+    # one.)
     their_prefill = theirs(input_ids[:, :5], mask, params, ours.init_cache(3, max_length))
     our_prefill = ours(
         input_ids[:, :5], mask[:, :5], past_key_values=ours.init_cache(3, max_length)
@@ -200,13 +202,14 @@ HEADS = (
 
 @pytest.mark.parametrize("arch", HEADS + ("BloomForCausalLM", "BloomModel"))
 def test_pytorch_head_checkpoint_to_flax_and_back(make_checkpoint, tmp_path, arch):
-    """PyTorch folder -> our Flax class -> msgpack -> transformers' PyTorch (from_flax) and our weight table:
-    every tensor comes back bit for bit."""
+    """PyTorch folder -> our Flax class -> msgpack -> transformers' PyTorch (from_flax) and our
+    weight table: every tensor comes back bit for bit."""
     folder = make_checkpoint("odd_heads", arch, num_labels=3)
     flax_model = getattr(bloomlm, "Flax" + arch).from_pretrained(folder)
     flax_model.save_pretrained(tmp_path)
     original = build_reference("odd_heads", arch, num_labels=3).state_dict()
-    # transformers' Flax -> PyTorch converter on our msgpack (it has no Flax class for these heads to go through)
+    # transformers' Flax -> PyTorch converter on our msgpack (it has no Flax class for these heads
+    # to go through)
     their_model = getattr(transformers, arch)(transformers.BloomConfig.from_pretrained(tmp_path))
     msgpack = jax.tree_util.tree_map(
         np.array, serialization.msgpack_restore((tmp_path / "flax_model.msgpack").read_bytes())

@@ -1,5 +1,6 @@
-"""Flax generation: the loop on a fake model (no weights), the sampling filters against transformers'
-warpers, and greedy / beam ids against transformers' PyTorch `generate` on a tiny checkpoint."""
+"""Flax generation: the loop on a fake model (no weights), the sampling filters against
+transformers' warpers, and greedy / beam ids against transformers' PyTorch `generate` on a tiny
+checkpoint."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from conftest import PAD_ID, build_reference, make_inputs
 
 
 def test_sample_loop_with_a_fake_model():
-    """The fake model's next token is always last + 1: the loop must write 5, 6, 7, ... and stop at eos."""
+    """The fake model's next token is always last + 1:
+    the loop must write 5, 6, 7, ... and stop at eos."""
     vocab = 16
 
     def tokens_to_logits(tokens, cache):
@@ -95,7 +97,8 @@ def test_greedy_equals_pytorch_generate(pair):
 
 
 def test_beam_search_equals_pytorch_generate(pair):
-    """Two rows whose eos tokens come early: hypotheses finish, rows finish, the loop stops early."""
+    """Two rows whose eos tokens come early: hypotheses finish, rows finish,
+    the loop stops early."""
     ours, ref = pair
     input_ids, mask = make_inputs(ref.config.vocab_size, "left", seq=5, batch=4)
     greedy = np.asarray(ours.generate(input_ids.numpy(), mask.numpy(), max_new_tokens=8).sequences)

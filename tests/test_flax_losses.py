@@ -1,5 +1,5 @@
-"""`bloomlm.flax_losses` against the PyTorch heads' loss functions, gradients against PyTorch's, and a
-few optax steps on each Flax head that must lower its loss."""
+"""`bloomlm.flax_losses` against the PyTorch heads' loss functions, gradients against PyTorch's, and
+a few optax steps on each Flax head that must lower its loss."""
 
 from __future__ import annotations
 
@@ -53,8 +53,8 @@ def test_losses_equal_pytorch_losses():
             "sequence_classification_loss", logits_, labels_, problem_type=problem_type
         )
         assert abs(ours - ref) < LOSS_TOL * max(1, abs(ref)), problem_type
-        # problem_type=None infers it from num_labels and the labels' dtype (float labels with 3 labels:
-        # multi-label, as in PyTorch, so the second case infers differently)
+        # problem_type=None infers it from num_labels and the labels' dtype (float labels with 3
+        # labels: multi-label, as in PyTorch, so the second case infers differently)
         inferred = float(
             losses.sequence_classification_loss(jnp.asarray(logits_), jnp.asarray(labels_))
         )

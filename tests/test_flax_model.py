@@ -1,4 +1,5 @@
-"""bloomlm's Flax classes against bloomlm's PyTorch classes on the same transformers-written folders.
+"""bloomlm's Flax classes against bloomlm's PyTorch classes on the same transformers-written
+folders.
 
 Every Flax class x tiny config, jitted as users jit it: left-padded and unpadded batches with hidden
 states and attentions, tuple outputs, cached decoding (past + new masks and full-length masks) equal
@@ -18,10 +19,10 @@ import bloomlm
 from conftest import assert_close, make_inputs
 
 FLAX_TOL = 1e-4  # SPEC: Flax fp32 against our PyTorch fp32
-# Flax in bfloat16 against our PyTorch in fp32, max|diff| / max(1, max|ref|) over the logits. Measured
-# on pow2 / odd_heads / post_ln: 1.9e-2 / 1.3e-2 / 1.8e-2 computing in bf16 with fp32 parameters,
-# 1.6e-2 / 1.7e-2 / 1.5e-2 with bf16 parameters; our PyTorch bf16 gives 1.9e-2 / 1.6e-2 / 1.3e-2.
-# A wrong mask or ALiBi gives O(1) differences.
+# Flax in bfloat16 against our PyTorch in fp32, max|diff| / max(1, max|ref|) over the logits.
+# Measured on pow2 / odd_heads / post_ln: 1.9e-2 / 1.3e-2 / 1.8e-2 computing in bf16 with fp32
+# parameters, 1.6e-2 / 1.7e-2 / 1.5e-2 with bf16 parameters; our PyTorch bf16 gives
+# 1.9e-2 / 1.6e-2 / 1.3e-2. A wrong mask or ALiBi gives O(1) differences.
 FLAX_BF16_TOL = 4e-2
 FLAX_FP16_TOL = (
     5e-3  # float16 computation and parameters; measured 2.1e-3 (pow2), 1.5e-3 (odd_heads)
@@ -70,7 +71,8 @@ def jitted(model):
 
 @pytest.fixture(scope="session")
 def flax_pair(make_checkpoint):
-    """`(config_name, arch, **flax_kwargs) -> (flax model, its jitted forward, PyTorch model)`, cached."""
+    """`(config_name, arch, **flax_kwargs) -> (flax model, its jitted forward, PyTorch model)`,
+    cached."""
     cache = {}
 
     def load(config_name: str, arch: str, **flax_kwargs):
@@ -173,7 +175,8 @@ def test_tuple_outputs_keep_hidden_states(flax_pair):
 
 @pytest.mark.parametrize("config_name", ["pow2", "odd_heads"])
 def test_cached_decoding_equals_full_forward(flax_pair, config_name):
-    """Prefill 4 tokens, then decode one at a time, with both mask forms; left-padded rows included."""
+    """Prefill 4 tokens, then decode one at a time, with both mask forms;
+    left-padded rows included."""
     flax_model, forward, _ = flax_pair(config_name, "BloomForCausalLM")
     input_ids, mask = (t.numpy() for t in make_inputs(flax_model.config.vocab_size, "left", seq=7))
     full = np.asarray(forward(flax_model.params, input_ids, mask).logits)
@@ -229,7 +232,8 @@ def test_bf16_within_measured_bound(flax_pair):
     assert out.attentions[0].dtype == jnp.bfloat16
     ref = torch_forward(torch_model, input_ids, mask).logits
     assert_close(as_torch(out.logits), ref, FLAX_BF16_TOL, mask, name="bf16 logits")
-    # bf16 parameters too (to_bf16), still within the bound; and the cast is a copy, float leaves only.
+    # bf16 parameters too (to_bf16), still within the bound; and the cast is a copy, float leaves
+    # only.
     params = flax_model.to_bf16()
     assert params["transformer"]["ln_f"]["scale"].dtype == jnp.bfloat16
     assert flax_model.params["transformer"]["ln_f"]["scale"].dtype == jnp.float32
@@ -267,7 +271,8 @@ def test_scan_layers_equals_unscanned(flax_pair, tmp_path):
     ]
     for a, b in pairs:
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
-    # Cached decoding with the stacked cache; a transformers-layout cache is accepted and given back as such.
+    # Cached decoding with the stacked cache; a transformers-layout cache is accepted and given back
+    # as such.
     cache = scanned.init_cache(3, 8)
     assert cache["transformer"]["h"]["self_attention"]["cached_key"].shape[0] == n_layer
     step = scanned(input_ids[:, :6], mask[:, :6], past_key_values=cache)
@@ -376,5 +381,8 @@ def test_import_bloomlm_does_not_import_jax():
     import subprocess
     import sys
 
-    code = "import sys, bloomlm; bloomlm.BloomConfig; assert 'jax' not in sys.modules and 'flax' not in sys.modules"
+    code = (
+        "import sys, bloomlm; bloomlm.BloomConfig; "
+        "assert 'jax' not in sys.modules and 'flax' not in sys.modules"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)

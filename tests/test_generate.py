@@ -52,7 +52,8 @@ MODEL_KINDS = ["transformers"] + (["bloomlm"] if _ours_available() else [])
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, and on a busy machine they cost seconds per test."""
+    """Tiny tensors gain nothing from intra-op threads,
+    and on a busy machine they cost seconds per test."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -403,7 +403,8 @@ WARN_ONCE_SCRIPT = textwrap.dedent(
 
 
 def test_question_answering_position_ids_warn_once_per_process(make_checkpoint):
-    """A fresh process: no call warns without position_ids, the first with them warns, no later one."""
+    """A fresh process: no call warns without position_ids, the first with them warns,
+    no later one."""
     import bloomlm
 
     folder = make_checkpoint("pow2", "BloomForQuestionAnswering")

@@ -1,4 +1,5 @@
-"""Training and housekeeping features: gradient checkpointing, embeddings, dropout, dtypes, loading keywords."""
+"""Training and housekeeping features: gradient checkpointing, embeddings, dropout, dtypes,
+loading keywords."""
 
 import json
 
@@ -29,7 +30,8 @@ def test_gradient_checkpointing_recomputes_and_gives_equal_gradients():
             model.gradient_checkpointing_enable()
         assert model.is_gradient_checkpointing == enabled
         counter = []
-        # a pre-hook: recomputation may stop early, right after the last activation the backward needs
+        # a pre-hook: recomputation may stop early, right after the last activation the backward
+        # needs
         model.transformer.h[0].input_layernorm.register_forward_pre_hook(
             lambda *_, c=counter: c.append(1)
         )
@@ -99,13 +101,14 @@ def test_tied_head_stored_once_and_loading_keywords_not_in_config(tmp_path):
         keys = set(f.keys())
         assert f.metadata() == {"format": "pt"}
     assert "lm_head.weight" not in keys and "transformer.word_embeddings.weight" in keys
-    # written atomically, yet with the permissions of a plain file (safetensors alone makes them 0600)
+    # written atomically, yet with the permissions of a plain file (safetensors alone makes them
+    # 0600)
     assert (tmp_path / "model.safetensors").stat().st_mode == (
         tmp_path / "config.json"
     ).stat().st_mode
     loaded = BloomForCausalLM.from_pretrained(
-        tmp_path, low_cpu_mem_usage=True, device_map="cpu", local_files_only=True, use_safetensors=True,
-        revision="main", cache_dir=str(tmp_path / "cache"),
+        tmp_path, low_cpu_mem_usage=True, device_map="cpu", local_files_only=True,
+        use_safetensors=True, revision="main", cache_dir=str(tmp_path / "cache"),
     )  # fmt: skip
     assert loaded.lm_head.weight is loaded.transformer.word_embeddings.weight
     assert not loaded.training

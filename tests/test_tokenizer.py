@@ -101,7 +101,7 @@ def assert_same_call(
     return ours_out
 
 
-# -- encoding -------------------------------------------------------------------------------------------------
+# -- encoding --------------------------------------------------------------------------------------
 
 CALL_OPTIONS = {
     "defaults": {},
@@ -251,7 +251,7 @@ def test_split_into_words_needs_add_prefix_space() -> None:
         ours(WORDS[0], is_split_into_words=True)
 
 
-# -- tensors --------------------------------------------------------------------------------------------------
+# -- tensors ---------------------------------------------------------------------------------------
 
 TENSOR_CASES = {
     "single": (TEXTS["latin_accents"], {}),
@@ -287,7 +287,8 @@ def test_return_tensors(framework: str, case: tuple) -> None:
 def test_ragged_batch_with_tensors_asks_for_padding(framework: str) -> None:
     _require(framework)
     ours, _ = load()
-    # transformers raises for pt/jax and returns an object array for np; bloomlm raises for all three.
+    # transformers raises for pt/jax and returns an object array for np; bloomlm raises for all
+    # three.
     with pytest.raises(ValueError, match="padding=True"):
         ours(["short", "a much longer text than that"], return_tensors=framework)
 
@@ -315,7 +316,7 @@ def test_encode() -> None:
         ours.encode(["a", "b"])
 
 
-# -- decoding -------------------------------------------------------------------------------------------------
+# -- decoding --------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("clean_up", [None, True, False])
@@ -364,7 +365,7 @@ def test_decode_round_trip() -> None:
         assert ours.decode(ours(text).input_ids) == text
 
 
-# -- vocabulary and special tokens ---------------------------------------------------------------------------
+# -- vocabulary and special tokens -----------------------------------------------------------------
 
 
 def test_tokens_and_ids() -> None:
@@ -486,7 +487,7 @@ def test_add_tokens() -> None:
     assert ours.decode(ours("a <sep> b").input_ids, skip_special_tokens=True) == "a  b"
 
 
-# -- BatchEncoding ---------------------------------------------------------------------------------------------
+# -- BatchEncoding ---------------------------------------------------------------------------------
 
 
 def test_batch_encoding_access() -> None:
@@ -523,7 +524,7 @@ def test_pad_matches_transformers() -> None:
         out.tokens(0)
 
 
-# -- saving and loading ----------------------------------------------------------------------------------------
+# -- saving and loading ----------------------------------------------------------------------------
 
 
 def _files(folder: Path) -> dict[str, str]:
@@ -585,7 +586,8 @@ def test_save_into_a_file_path_fails(tmp_path: Path) -> None:
         load()[0].save_pretrained(tmp_path / "file")
 
 
-# tokenizer_config.json of the real bigscience checkpoints: bloom-560m and friends, and bloom (176B).
+# tokenizer_config.json of the real bigscience checkpoints: bloom-560m and friends, and bloom
+# (176B).
 BIGSCIENCE_CONFIGS = {
     "bloom_560m": {
         "unk_token": "<unk>",
@@ -687,7 +689,7 @@ def test_corrupt_config(tmp_path: Path) -> None:
         BloomTokenizerFast.from_pretrained(folder)
 
 
-# -- AutoTokenizer ----------------------------------------------------------------------------------------------
+# -- AutoTokenizer ---------------------------------------------------------------------------------
 
 
 def test_auto_tokenizer_returns_bloom_tokenizer() -> None:
@@ -713,7 +715,7 @@ def test_auto_tokenizer_on_the_176b_config_decodes_like_transformers(tmp_path: P
     assert BloomTokenizerFast.from_pretrained(folder).decode(ids) == "Hello , world . It 's fine"
 
 
-# -- bad arguments ----------------------------------------------------------------------------------------------
+# -- bad arguments ---------------------------------------------------------------------------------
 
 BAD_CALLS = {
     "padding_value": (
@@ -774,11 +776,14 @@ def test_bad_load_arguments() -> None:
         BloomTokenizerFast.from_pretrained(FIXTURE, padding_side="middle")
 
 
-# -- imports ------------------------------------------------------------------------------------------------------
+# -- imports ---------------------------------------------------------------------------------------
 
 
 def test_import_is_light() -> None:
-    code = "import sys, bloomlm.tokenizer; print(sorted(m for m in ('transformers', 'torch', 'jax') if m in sys.modules))"
+    code = (
+        "import sys, bloomlm.tokenizer; "
+        "print(sorted(m for m in ('transformers', 'torch', 'jax') if m in sys.modules))"
+    )
     # The same bloomlm as this test run imports, whether installed or on PYTHONPATH.
     source_root = str(Path(bloomlm.tokenizer.__file__).parents[1])
     env = {

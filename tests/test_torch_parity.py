@@ -106,7 +106,8 @@ def test_forward_parity(load_pair, config_name, arch, padding):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_default_call_matches(load_pair, arch):
-    """Positional input_ids and nothing else: the config's defaults decide every flag, as in transformers."""
+    """Positional input_ids and nothing else: the config's defaults decide every flag,
+    as in transformers."""
     ours, ref = load_pair("pow2", arch)
     input_ids, _ = make_inputs(ours.config.vocab_size)
     with torch.no_grad():
@@ -116,7 +117,8 @@ def test_default_call_matches(load_pair, arch):
 
 @pytest.mark.parametrize("arch", ARCHS)
 def test_left_padding_is_invisible(load_pair, arch):
-    """ALiBi positions come from the cumulative mask: a left-padded row equals the same row unpadded."""
+    """ALiBi positions come from the cumulative mask:
+    a left-padded row equals the same row unpadded."""
     ours, _ = load_pair("odd_heads", arch)
     input_ids, mask = make_inputs(ours.config.vocab_size, "left")
     row = 2

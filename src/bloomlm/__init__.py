@@ -1,4 +1,5 @@
-"""bloomlm: BLOOM language models in PyTorch and JAX/Flax, a drop-in for transformers' BLOOM classes.
+"""bloomlm: BLOOM language models in PyTorch and JAX/Flax, a drop-in for transformers' BLOOM
+classes.
 
 Names are resolved lazily (PEP 562), so `import bloomlm` imports neither torch nor jax until a model
 class is touched, and never imports transformers.

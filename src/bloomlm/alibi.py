@@ -1,9 +1,9 @@
 """ALiBi, framework-free: the per-head slopes and the key positions BLOOM multiplies them by.
 
-BLOOM has no position embeddings. Each head h adds `slope[h] * position(key)` to its attention scores,
-and since softmax ignores a constant per query row, that equals a penalty proportional to the distance
-between query and key. Positions count only real tokens, so a left-padded row scores exactly like the
-same row without padding:
+BLOOM has no position embeddings. Each head h adds `slope[h] * position(key)` to its attention
+scores, and since softmax ignores a constant per query row, that equals a penalty proportional to
+the distance between query and key. Positions count only real tokens, so a left-padded row scores
+exactly like the same row without padding:
 
     attention_mask   0 0 1 1 1        (two pads on the left)
     key positions    0 0 0 1 2        = (cumsum(mask) - 1) * mask

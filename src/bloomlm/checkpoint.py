@@ -1,14 +1,15 @@
-"""PyTorch weight files in and out of a folder, named and laid out exactly as transformers 4.37 does.
+"""PyTorch weight files in and out of a folder, named and laid out exactly as transformers 4.37
+does.
 
 One file (`model.safetensors` / `pytorch_model.bin`) or shards plus a JSON index
 (`model-00001-of-00003.safetensors` + `model.safetensors.index.json`, and the same for `.bin`):
 
     {"metadata": {"total_size": <bytes>}, "weight_map": {"<parameter name>": "<shard file>"}}
 
-Reading never runs pickled code (`torch.load(weights_only=True)`), and a damaged file is reported by name.
-A save is one commit (`bloomlm.files.folder_save`): the folder shows the old weights until every new
-file is written and synced, then the new ones, never a mix; a failed save leaves it as it was.
-This module knows files, not models: matching names to modules is the caller's job.
+Reading never runs pickled code (`torch.load(weights_only=True)`), and a damaged file is reported by
+name. A save is one commit (`bloomlm.files.folder_save`): the folder shows the old weights until
+every new file is written and synced, then the new ones, never a mix; a failed save leaves it as it
+was. This module knows files, not models: matching names to modules is the caller's job.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from bloomlm.checkpoint_names import PYTORCH_WEIGHT_FILES as WEIGHT_FILE_CANDIDA
 from bloomlm.errors import CheckpointError, CheckpointNotFoundError
 from bloomlm.files import atomic_path, atomic_write_text, parse_size  # noqa: F401 (re-exported)
 
-# -- saving ------------------------------------------------------------------------------------------------
+# -- saving ----------------------------------------------------------------------------------------
 
 
 def save_state_dict(
@@ -56,14 +57,15 @@ def save_state_dict(
     max_shard_size: int | str = "5GB",
     weights_name: str | None = None,
 ) -> list[Path]:
-    """Write `state_dict` into `folder` as transformers 4.37 `save_pretrained` does; return the files written.
+    """Write `state_dict` into `folder` as transformers 4.37 `save_pretrained` does; return the
+    files written.
 
     `weights_name` replaces the file name (a quantized save: `model.int8.safetensors`, its shards
     and index named after it as transformers names model.safetensors'); safetensors only.
 
-    Shards are filled in key order and a new one starts when the next tensor would pass `max_shard_size`
-    (a tensor larger than that gets a shard of its own). Tied duplicates should be removed by the caller;
-    tensors that still share memory are copied so each is written in full.
+    Shards are filled in key order and a new one starts when the next tensor would pass
+    `max_shard_size` (a tensor larger than that gets a shard of its own). Tied duplicates should be
+    removed by the caller; tensors that still share memory are copied so each is written in full.
     The save is one commit (`bloomlm.files.folder_save`): the folder's PyTorch weight files are
     replaced all at once, those of an earlier save that this one does not write included (they
     would disagree, and `model.safetensors` would shadow a fresh `.bin`); other files stay.
@@ -91,8 +93,8 @@ def save_state_dict(
 def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Each tensor contiguous and owning exactly its own storage, copying only those that do not.
 
-    safetensors refuses tensors that share memory or are not contiguous, and torch.save would write a
-    view's whole base storage (or one storage twice when shards split it).
+    safetensors refuses tensors that share memory or are not contiguous, and torch.save would write
+    a view's whole base storage (or one storage twice when shards split it).
     """
     seen_storages: set[tuple[torch.device, int]] = set()
     tensors = {}
@@ -119,7 +121,8 @@ def _standalone_tensors(state_dict: Mapping[str, torch.Tensor]) -> dict[str, tor
 def _split_into_shards(
     tensors: dict[str, torch.Tensor], max_shard_bytes: int, weights_name: str
 ) -> dict[str, dict[str, torch.Tensor]]:
-    """{file name: tensors}; one file named `weights_name`, or transformers' numbered shard names."""
+    """{file name: tensors}; one file named `weights_name`,
+    or transformers' numbered shard names."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     shard_bytes = 0
     for name, tensor in tensors.items():
@@ -165,7 +168,7 @@ def is_weight_file_name(name: str) -> bool:
     return name in singles or name in [single + ".index.json" for single in singles] or shard
 
 
-# -- finding -----------------------------------------------------------------------------------------------
+# -- finding ---------------------------------------------------------------------------------------
 
 
 def find_weight_files(
@@ -197,7 +200,8 @@ def read_index(index_path: str | os.PathLike) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CheckpointError(
-            f"index file {path} has no valid 'weight_map' ({{parameter name: shard file}}); re-download or re-save"
+            f"index file {path} has no valid 'weight_map' ({{parameter name: shard file}}); "
+            "re-download or re-save"
         )
     return weight_map
 
@@ -287,7 +291,7 @@ def _nothing_found_message(
     return message
 
 
-# -- loading -----------------------------------------------------------------------------------------------
+# -- loading ---------------------------------------------------------------------------------------
 
 
 def load_state_dict(
@@ -310,7 +314,8 @@ def load_state_dict(
 def load_state_dict_file(
     path: str | os.PathLike, *, device: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
-    """The tensors of one `.safetensors` or `torch.save`d `.bin` file (memory-mapped when possible)."""
+    """The tensors of one `.safetensors` or `torch.save`d `.bin` file (memory-mapped when
+    possible)."""
     file = Path(path)
     if not file.is_file():
         raise CheckpointNotFoundError(f"weight file {file} does not exist")
@@ -332,14 +337,15 @@ def iter_state_dict(
     use_safetensors: bool | None = None,
     weights_name: str | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | StreamedTensor]]:
-    """The checkpoint's tensors one at a time, for loaders that transform each as it arrives (quantizing,
-    casting), so memory never holds the float checkpoint.
+    """The checkpoint's tensors one at a time, for loaders that transform each as it arrives
+    (quantizing, casting), so memory never holds the float checkpoint.
 
-    `load_state_dict` maps whole files, and every page of a mapping that was read stays resident until the
-    file is closed: a loader that converts each tensor would still peak at the full float size. Here a
-    safetensors entry comes as a `StreamedTensor`, read in blocks of rows with plain reads into one small
-    reused buffer (no stream of large allocations to fragment the heap either). `.bin` entries come as
-    tensors. `row_blocks` walks either kind. A StreamedTensor is valid until the next item is taken.
+    `load_state_dict` maps whole files, and every page of a mapping that was read stays resident
+    until the file is closed: a loader that converts each tensor would still peak at the full float
+    size. Here a safetensors entry comes as a `StreamedTensor`, read in blocks of rows with plain
+    reads into one small reused buffer (no stream of large allocations to fragment the heap either).
+    `.bin` entries come as tensors. `row_blocks` walks either kind. A StreamedTensor is valid until
+    the next item is taken.
     """
     files, weight_map = _locate_weights(Path(folder), use_safetensors, weights_name)
     seen: set[str] = set()
@@ -359,7 +365,8 @@ def iter_state_dict(
 def row_blocks(
     tensor: torch.Tensor | StreamedTensor, max_bytes: int = 32 * 2**20
 ) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, block of rows) pairs covering `tensor`, each block at most `max_bytes` (at least a row)."""
+    """(first row, block of rows) pairs covering `tensor`,
+    each block at most `max_bytes` (at least a row)."""
     if isinstance(tensor, StreamedTensor):
         yield from tensor.row_blocks(max_bytes)
         return
@@ -374,7 +381,8 @@ def row_blocks(
 
 _SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
 }  # fmt: skip
 
 
@@ -419,8 +427,8 @@ class StreamedTensor:
 def _stream_safetensors(
     path: Path, buffer_bytes: int = 32 * 2**20
 ) -> Iterator[tuple[str, StreamedTensor]]:
-    # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}},
-    # then the raw bytes, offsets counted from the end of the header.
+    # The format: an 8-byte little-endian header length, a JSON header {name: {dtype, shape,
+    # data_offsets}}, then the raw bytes, offsets counted from the end of the header.
     try:
         file = open(path, "rb")
     except OSError as err:
@@ -524,8 +532,8 @@ def load_numpy_state_dict(
 ) -> dict[str, np.ndarray]:
     """Like `load_state_dict`, as NumPy arrays (for the Flax side).
 
-    Read through torch, which is always installed: `.numpy()` shares memory with the mapped file (no copy),
-    and it also serves `.bin` files and bfloat16, which NumPy lacks: bfloat16 comes back as
+    Read through torch, which is always installed: `.numpy()` shares memory with the mapped file (no
+    copy), and it also serves `.bin` files and bfloat16, which NumPy lacks: bfloat16 comes back as
     `ml_dtypes.bfloat16` when that package (a jax dependency) is installed, else as float32 (exact).
     """
     return {
@@ -546,7 +554,8 @@ def _to_numpy(tensor: torch.Tensor) -> np.ndarray:
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     try:
-        # safe_open maps the file; tensors are read from the mapping without an extra full-file buffer.
+        # safe_open maps the file; tensors are read from the mapping without an extra full-file
+        # buffer.
         with safetensors.safe_open(str(path), framework="pt") as reader:
             return {name: reader.get_tensor(name) for name in reader.keys()}
     except (
@@ -556,8 +565,9 @@ def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
-    # weights_only=True: the unpickler only rebuilds tensors and plain containers, so no code in the file
-    # ever runs. Zip-format files (torch >= 1.6) are memory-mapped; older ones cannot be and are read whole.
+    # weights_only=True: the unpickler only rebuilds tensors and plain containers, so no code in the
+    # file ever runs. Zip-format files (torch >= 1.6) are memory-mapped; older ones cannot be and
+    # are read whole.
     mmap = _starts_like_zip(path)
     try:
         with warnings.catch_warnings():
@@ -567,9 +577,9 @@ def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
             loaded = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as err:
         raise CheckpointError(
-            f"{path} was refused by the safe (weights_only) unpickler: {_unpickler_reason(err)}. It is "
-            "truncated or corrupt, or holds objects other than tensors, which bloomlm never executes; "
-            "re-download it, or re-save it as a plain state dict or as safetensors"
+            f"{path} was refused by the safe (weights_only) unpickler: {_unpickler_reason(err)}. "
+            "It is truncated or corrupt, or holds objects other than tensors, which bloomlm never "
+            "executes; re-download it, or re-save it as a plain state dict or as safetensors"
         ) from err
     except Exception as err:  # RuntimeError from the zip reader, EOFError, OSError, ...
         raise CheckpointError(_corrupt_message(path, err)) from err
@@ -577,7 +587,8 @@ def _read_torch_pickle(path: Path) -> dict[str, torch.Tensor]:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
     ):
         raise CheckpointError(
-            f"{path} holds a {type(loaded).__name__}, not a state dict (a dict of parameter names to tensors)"
+            f"{path} holds a {type(loaded).__name__}, not a state dict "
+            "(a dict of parameter names to tensors)"
         )
     return loaded
 
@@ -588,7 +599,8 @@ def _starts_like_zip(path: Path) -> bool:
 
 
 def _unpickler_reason(err: Exception) -> str:
-    """The specific part of torch's long weights_only error (e.g. 'Unsupported global: ... posix.system')."""
+    """The specific part of torch's long weights_only error (e.g. 'Unsupported global: ...
+    posix.system')."""
     text = str(err).split("WeightsUnpickler error:", 1)[-1]
     boilerplate = (
         "Weights only load failed",
@@ -615,6 +627,6 @@ def _check_index_covered(
     if missing:
         shown = ", ".join(f"{name} (in {weight_map[name]})" for name in missing[:5])
         raise CheckpointError(
-            f"the index in {folder} lists {len(missing)} tensor(s) its shards do not hold: {shown}; "
-            "the shards and the index come from different saves (re-download or re-save)"
+            f"the index in {folder} lists {len(missing)} tensor(s) its shards do not hold: "
+            f"{shown}; the shards and the index come from different saves (re-download or re-save)"
         )

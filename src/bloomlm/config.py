@@ -1,10 +1,10 @@
 """BloomConfig: the hyperparameters of a BLOOM checkpoint, read from and written to `config.json`.
 
-Framework-free on purpose (no torch, no jax), so the Flax side, the CLI and tools can import it alone.
-Field names and defaults are transformers 4.37's, so a folder written by either library reads in the other.
-Hub configs of the original bigscience checkpoints use Megatron-era names (`n_embed`,
-`num_attention_heads`) and carry keys transformers never declared (`seq_length`, `offset_alibi`, ...):
-the names are mapped, the extra keys kept as attributes and written back unchanged.
+Framework-free on purpose (no torch, no jax), so the Flax side, the CLI and tools can import it
+alone. Field names and defaults are transformers 4.37's, so a folder written by either library reads
+in the other. Hub configs of the original bigscience checkpoints use Megatron-era names (`n_embed`,
+`num_attention_heads`) and carry keys transformers never declared (`seq_length`, `offset_alibi`,
+...): the names are mapped, the extra keys kept as attributes and written back unchanged.
 
 transformers' generic `PretrainedConfig` surface (its attributes and `to_diff_dict`, `to_json_file`,
 `update`, ...) comes from `bloomlm.config_compat`. As in transformers, building a config checks
@@ -190,7 +190,8 @@ class BloomConfig(PretrainedConfigAPI):
                 raise ValueError(f"BloomConfig.{name} must be a positive integer, got {value!r}")
         if self.hidden_size % self.n_head != 0:
             raise ValueError(
-                f"BloomConfig.hidden_size ({self.hidden_size}) must be divisible by n_head ({self.n_head}); "
+                f"BloomConfig.hidden_size ({self.hidden_size}) must be divisible by "
+                f"n_head ({self.n_head}); "
                 f"allowed n_head values divide {self.hidden_size}"
             )
         for name in ("hidden_dropout", "attention_dropout", "classifier_dropout"):
@@ -212,7 +213,8 @@ class BloomConfig(PretrainedConfigAPI):
                 and not 0 <= value < self.vocab_size
             ):
                 raise ValueError(
-                    f"BloomConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size}) or be None"
+                    f"BloomConfig.{name} ({value}) must lie in [0, vocab_size={self.vocab_size}) "
+                    "or be None"
                 )
 
     # -- dict / json ------------------------------------------------------------------------------
@@ -252,7 +254,8 @@ class BloomConfig(PretrainedConfigAPI):
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, **kwargs: Any) -> BloomConfig:
-        """Read `config.json` from a folder (or a hub name, see `bloomlm.hub`); kwargs override fields."""
+        """Read `config.json` from a folder (or a hub name, see `bloomlm.hub`);
+        kwargs override fields."""
         from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 
         hub_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in HUB_KEYWORDS}

@@ -2,8 +2,9 @@
 
 `convert_checkpoint` rewrites a model folder in another weight format (safetensors, PyTorch .bin,
 Flax msgpack), dtype or shard size, or quantized (`model.int8.safetensors`, loaded later without
-quantizing again), tokenizer and generation config included; the new folder is built aside and committed in one step (`bloomlm.files.folder_save`), so a failure or a crash
-leaves no folder, never a partial one.
+quantizing again), tokenizer and generation config included; the new folder is built aside and
+committed in one step (`bloomlm.files.folder_save`), so a failure or a crash leaves no folder, never
+a partial one.
 `parameter_count`, `model_summary` and `memory_estimate` answer "how big is this model" from its
 config alone.
 

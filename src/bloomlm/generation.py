@@ -2,9 +2,9 @@
 
 Framework-free on purpose (no torch, no jax), so the PyTorch and Flax loops and the CLI share it.
 Field names and defaults are transformers 4.37's, so a `generation_config.json` written by either
-library reads in the other; keys transformers did not declare are kept as attributes and written back.
-`validate()` raises `ValueError` for settings no decoding loop can honour and warns, as transformers
-does, about sampling-only or beam-only flags that the chosen mode would ignore.
+library reads in the other; keys transformers did not declare are kept as attributes and written
+back. `validate()` raises `ValueError` for settings no decoding loop can honour and warns, as
+transformers does, about sampling-only or beam-only flags that the chosen mode would ignore.
 """
 
 from __future__ import annotations
@@ -124,7 +124,7 @@ class GenerationConfig:
         if key not in self._extra_keys:
             self._extra_keys.append(key)
 
-    # -- construction -------------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------
 
     @classmethod
     def from_dict(cls, config_dict: dict[str, Any], **kwargs: Any) -> GenerationConfig:
@@ -139,7 +139,8 @@ class GenerationConfig:
         config_file_name: str = GENERATION_CONFIG_NAME,
         **kwargs: Any,
     ) -> GenerationConfig:
-        """Read `generation_config.json` from a checkpoint folder (or the given file); kwargs override."""
+        """Read `generation_config.json` from a checkpoint folder (or the given file);
+        kwargs override."""
         path = Path(folder)
         if path.is_dir() or path.suffix != ".json":
             path = path / config_file_name
@@ -149,7 +150,8 @@ class GenerationConfig:
 
     @classmethod
     def from_model_config(cls, model_config: Any) -> GenerationConfig:
-        """The generation settings a model config carries: bos/eos/pad ids and any generation field set on it."""
+        """The generation settings a model config carries:
+        bos/eos/pad ids and any generation field set on it."""
         if hasattr(model_config, "to_dict"):
             values = dict(model_config.to_dict())
         else:
@@ -161,7 +163,7 @@ class GenerationConfig:
         config.validate(is_init=True)
         return config
 
-    # -- mutation and checks ------------------------------------------------------------------------
+    # -- mutation and checks -----------------------------------------------------------------------
 
     def update(self, **kwargs: Any) -> dict[str, Any]:
         """Set the attributes this config has; return the keyword arguments it does not know."""
@@ -174,7 +176,8 @@ class GenerationConfig:
         return unused
 
     def validate(self, is_init: bool = False) -> None:
-        """Raise ValueError for unusable settings; warn (UserWarning) about ignored ones, as transformers does."""
+        """Raise ValueError for unusable settings; warn (UserWarning) about ignored ones,
+        as transformers does."""
         for check in (
             _check_lengths,
             _check_strategy,
@@ -187,11 +190,12 @@ class GenerationConfig:
         for arg in _GENERATE_ARGUMENTS:
             if hasattr(self, arg):
                 raise ValueError(
-                    f"`{arg}` is an argument of `generate()`, not a GenerationConfig field; pass it to generate()"
+                    f"`{arg}` is an argument of `generate()`, not a GenerationConfig field; "
+                    "pass it to generate()"
                 )
         _warn_ignored_flags(self, is_init)
 
-    # -- serialisation ------------------------------------------------------------------------------
+    # -- serialisation -----------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
         out = {
@@ -206,7 +210,8 @@ class GenerationConfig:
         return out
 
     def to_diff_dict(self) -> dict[str, Any]:
-        """Only the values that differ from `GenerationConfig()` (what transformers writes to disk)."""
+        """Only the values that differ from `GenerationConfig()` (what transformers writes to
+        disk)."""
         defaults = GenerationConfig().to_dict()
         return {k: v for k, v in self.to_dict().items() if k not in defaults or v != defaults[k]}
 
@@ -232,7 +237,7 @@ class GenerationConfig:
         with files.folder_save(folder, files.owns_names(config_file_name)) as staging:
             files.write_text(staging / config_file_name, self.to_json_string())
 
-    # -- python protocol ----------------------------------------------------------------------------
+    # -- python protocol ---------------------------------------------------------------------------
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, GenerationConfig):
@@ -247,7 +252,8 @@ class GenerationConfig:
 
 
 def load_generation_config(folder: str | os.PathLike, model_config: Any) -> GenerationConfig:
-    """`generation_config.json` from the folder when it has one, else the model config's generation settings."""
+    """`generation_config.json` from the folder when it has one,
+    else the model config's generation settings."""
     if (Path(folder) / GENERATION_CONFIG_NAME).is_file():
         return GenerationConfig.from_pretrained(folder)
     return GenerationConfig.from_model_config(model_config)
@@ -263,7 +269,7 @@ def attach_generation_config(model: Any, folder: str | os.PathLike) -> None:
         model.generation_config = GenerationConfig.from_pretrained(folder)
 
 
-# -- validation helpers (each raises ValueError naming the field, the value and what is allowed) ------
+# -- validation helpers (each raises ValueError naming the field, the value and what is allowed) ---
 
 
 def _is_int(value: Any) -> bool:
@@ -336,12 +342,14 @@ def _check_strategy(config: GenerationConfig) -> None:
     if config.num_return_sequences != 1:
         if config.num_beams == 1 and not config.do_sample:
             raise ValueError(
-                f"`num_return_sequences` ({config.num_return_sequences}) > 1 needs sampling (do_sample=True) "
-                "or beam search (num_beams >= num_return_sequences); greedy decoding returns one sequence"
+                f"`num_return_sequences` ({config.num_return_sequences}) > 1 needs sampling "
+                "(do_sample=True) or beam search (num_beams >= num_return_sequences); "
+                "greedy decoding returns one sequence"
             )
         if config.num_beams > 1 and config.num_return_sequences > config.num_beams:
             raise ValueError(
-                f"`num_return_sequences` ({config.num_return_sequences}) must be <= `num_beams` ({config.num_beams})"
+                f"`num_return_sequences` ({config.num_return_sequences}) must be "
+                f"<= `num_beams` ({config.num_beams})"
             )
     _require(
         _is_number(config.length_penalty),
@@ -413,7 +421,8 @@ def _check_penalties(config: GenerationConfig) -> None:
             and len(words) > 0
             and all(isinstance(seq, list) and len(seq) > 0 for seq in words)
             and all(_is_int(t) and t >= 0 for seq in words for t in seq),
-            f"`bad_words_ids` must be a non-empty list of non-empty lists of token ids >= 0, got {words!r}",
+            "`bad_words_ids` must be a non-empty list of non-empty lists of token ids >= 0, "
+            f"got {words!r}",
         )
     bias = config.sequence_bias
     if bias is not None:
@@ -425,7 +434,8 @@ def _check_penalties(config: GenerationConfig) -> None:
                 for k in bias
             )
             and all(isinstance(v, float) for v in bias.values()),
-            f"`sequence_bias` must be a non-empty dict of token-id tuples to float biases, got {bias!r}",
+            "`sequence_bias` must be a non-empty dict of token-id tuples to float biases, "
+            f"got {bias!r}",
         )
     penalty = config.exponential_decay_length_penalty
     _require(
@@ -436,7 +446,8 @@ def _check_penalties(config: GenerationConfig) -> None:
             and _is_int(penalty[0])
             and _is_number(penalty[1])
         ),
-        f"`exponential_decay_length_penalty` must be (start_index: int, decay_factor: float), got {penalty!r}",
+        "`exponential_decay_length_penalty` must be (start_index: int, decay_factor: float), "
+        f"got {penalty!r}",
     )
 
 
@@ -513,8 +524,9 @@ def _without_metadata(data: dict[str, Any]) -> dict[str, Any]:
 
 
 class GenerationConfigMixin:
-    """The `generation_config` attribute of the causal-LM classes of both frameworks: what the folder's
-    `generation_config.json` says when the model was loaded from one, else ids taken from the model config."""
+    """The `generation_config` attribute of the causal-LM classes of both frameworks: what the
+    folder's `generation_config.json` says when the model was loaded from one, else ids taken from
+    the model config."""
 
     _generation_config: GenerationConfig | None = None
 

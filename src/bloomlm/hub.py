@@ -1,11 +1,12 @@
-"""Find the folder a model lives in: a local directory, or a Hugging Face hub id fetched into the hub cache.
+"""Find the folder a model lives in: a local directory, or a Hugging Face hub id fetched into the
+hub cache.
 
-`huggingface_hub` is optional (`pip install bloomlm[hub]`) and imported only here, only when a name is not a
-local folder. Offline (`HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE`, or `local_files_only=True`) only the local hub
-cache is consulted, so nothing waits on the network. Online, the hub is first asked one small
-question with a deadline of HUB_PROBE_SECONDS: a machine that turns out to be offline is then
-treated as such (the hub cache, else a one-line error) instead of waiting through the download's
-timeouts and retries.
+`huggingface_hub` is optional (`pip install bloomlm[hub]`) and imported only here, only when a name
+is not a local folder. Offline (`HF_HUB_OFFLINE`/`TRANSFORMERS_OFFLINE`, or `local_files_only=True`)
+only the local hub cache is consulted, so nothing waits on the network. Online, the hub is first
+asked one small question with a deadline of HUB_PROBE_SECONDS: a machine that turns out to be
+offline is then treated as such (the hub cache, else a one-line error) instead of waiting through
+the download's timeouts and retries.
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ from typing import Any
 from bloomlm.checkpoint_names import is_shard_file_name
 from bloomlm.errors import CheckpointNotFoundError
 
-# transformers' from_pretrained keywords about where files come from. All are accepted so code written for
-# transformers runs unchanged; the ones that mean nothing for a local folder are ignored.
+# transformers' from_pretrained keywords about where files come from. All are accepted so code
+# written for transformers runs unchanged; the ones that mean nothing for a local folder are
+# ignored.
 HUB_KEYWORDS: frozenset[str] = frozenset(
     {
         "cache_dir",
@@ -41,8 +43,8 @@ HUB_KEYWORDS: frozenset[str] = frozenset(
     }
 )
 
-# Files worth fetching with any model whatever was asked for: they are small, and the config and tokenizer
-# calls that usually follow then find them in the same snapshot.
+# Files worth fetching with any model whatever was asked for: they are small, and the config and
+# tokenizer calls that usually follow then find them in the same snapshot.
 _TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -56,8 +58,8 @@ _REPO_ID = re.compile(r"[\w\-.]+(/[\w\-.]+)?")
 _TRUE_VALUES = {"1", "true", "yes", "on"}
 HUB_PROBE_SECONDS = 3.0
 
-# Models shipped inside the package (src/bloomlm/assets/<name>/), so the CLI and the README work offline.
-# A local folder of the same name wins, as it does for hub ids.
+# Models shipped inside the package (src/bloomlm/assets/<name>/), so the CLI and the README work
+# offline. A local folder of the same name wins, as it does for hub ids.
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 EMBEDDED_MODELS: tuple[str, ...] = ("bloomlm-tiny", "bloomlm-tiny-sentiment")
 
@@ -68,9 +70,10 @@ def resolve_model_dir(
 ) -> Path:
     """The folder holding a model: `name_or_path` itself if it is a directory, else a hub snapshot.
 
-    `wanted_files` are the file names the caller will look for; they are used to choose what to download
-    (weight names count as alternatives in priority order) and to word the error when nothing is found.
-    Raises `CheckpointNotFoundError` when there is no such folder and the hub cannot supply one.
+    `wanted_files` are the file names the caller will look for; they are used to choose what to
+    download (weight names count as alternatives in priority order) and to word the error when
+    nothing is found. Raises `CheckpointNotFoundError` when there is no such folder and the hub
+    cannot supply one.
     """
     unknown = sorted(set(hub_kwargs) - HUB_KEYWORDS)
     if unknown:
@@ -81,7 +84,8 @@ def resolve_model_dir(
         return _local_folder(path, subfolder, wanted_files)
     if path.exists():
         raise CheckpointNotFoundError(
-            f"{path.resolve()} is a file, but a model folder is expected (one holding {_names(wanted_files)})"
+            f"{path.resolve()} is a file, but a model folder is expected "
+            f"(one holding {_names(wanted_files)})"
         )
     name = os.fspath(name_or_path)
     if name in EMBEDDED_MODELS:
@@ -114,7 +118,8 @@ def _local_folder(path: Path, subfolder: str, wanted_files: list[str]) -> Path:
     folder = path / subfolder if subfolder else path
     if not folder.is_dir():
         raise CheckpointNotFoundError(
-            f"{path.resolve()} has no subfolder '{subfolder}' (looked for {_names(wanted_files)} in it)"
+            f"{path.resolve()} has no subfolder '{subfolder}' "
+            f"(looked for {_names(wanted_files)} in it)"
         )
     return folder
 
@@ -124,7 +129,8 @@ def _embedded_folder(name: str, subfolder: str, wanted_files: list[str]) -> Path
     if not folder.is_dir():
         raise CheckpointNotFoundError(
             f"'{name}' is a model embedded in bloomlm, but {folder} is missing: reinstall bloomlm "
-            f"(pip install --force-reinstall bloomlm), or regenerate it with the scripts/ in its repository"
+            "(pip install --force-reinstall bloomlm), or regenerate it with the scripts/ "
+            "in its repository"
         )
     return _local_folder(folder, subfolder, wanted_files)
 
@@ -210,7 +216,8 @@ def _from_hub_cache(
     hub_kwargs: dict[str, Any],
     why_offline: str,
 ) -> Path:
-    """A snapshot downloaded earlier, found without touching the network (what transformers does offline)."""
+    """A snapshot downloaded earlier, found without touching the network (what transformers does
+    offline)."""
     kwargs = _snapshot_kwargs(hub_kwargs) | {"local_files_only": True}
     kwargs.pop("force_download", None)
     try:
@@ -219,8 +226,9 @@ def _from_hub_cache(
         Exception
     ) as err:  # LocalEntryNotFoundError and friends: nothing cached for this repo/revision
         raise CheckpointNotFoundError(
-            f"{why_offline}, and '{repo_id}' is not in the local hub cache. Download it while online, "
-            "or pass the path of a folder holding the files (HF_HUB_OFFLINE=1 skips the network)."
+            f"{why_offline}, and '{repo_id}' is not in the local hub cache. "
+            "Download it while online, or pass the path of a folder holding the files "
+            "(HF_HUB_OFFLINE=1 skips the network)."
         ) from err
     return _local_folder(snapshot, hub_kwargs.get("subfolder") or "", wanted_files)
 
@@ -252,7 +260,8 @@ def _download(
         Exception
     ) as err:  # network, auth, unknown repo or revision: all mean "not found from here"
         raise CheckpointNotFoundError(
-            f"{not_local} Fetching '{repo_id}' from the Hugging Face hub failed: {type(err).__name__}: {err}"
+            f"{not_local} Fetching '{repo_id}' from the Hugging Face hub failed: "
+            f"{type(err).__name__}: {err}"
         ) from err
     return _local_folder(snapshot, subfolder, wanted_files)
 
@@ -260,11 +269,12 @@ def _download(
 def select_hub_files(
     repo_files: list[str], wanted_files: list[str], subfolder: str = ""
 ) -> list[str]:
-    """Which repo files to download: the wanted ones, small JSON/tokenizer files, and ONE weight format.
+    """Which repo files to download: the wanted ones, small JSON/tokenizer files, and ONE weight
+    format.
 
-    Weight names in `wanted_files` are alternatives in priority order; the first present in the repo wins
-    (with its shards when it is an index). Downloading every format would triple the size of repos such as
-    bigscience/bloom that ship safetensors, PyTorch and Flax weights side by side.
+    Weight names in `wanted_files` are alternatives in priority order; the first present in the repo
+    wins (with its shards when it is an index). Downloading every format would triple the size of
+    repos such as bigscience/bloom that ship safetensors, PyTorch and Flax weights side by side.
     Returns [] when none of `wanted_files` is in the repo.
     """
     prefix = f"{subfolder.strip('/')}/" if subfolder else ""
@@ -281,12 +291,14 @@ def select_hub_files(
 
 
 def _is_small_json(name: str) -> bool:
-    # config.json, generation_config.json, tokenizer files; an index only comes with its chosen format.
+    # config.json, generation_config.json, tokenizer files; an index only comes with its chosen
+    # format.
     return name.endswith(".json") and not name.endswith(".index.json")
 
 
 def _shards_of(weight_name: str, names: set[str]) -> list[str]:
-    """Shard files of an index name: model.safetensors.index.json -> model-00001-of-00002.safetensors, ..."""
+    """Shard files of an index name: model.safetensors.index.json ->
+    model-00001-of-00002.safetensors, ..."""
     if not weight_name.endswith(".index.json"):
         return []
     weights_name = weight_name.removesuffix(".index.json")

@@ -1,10 +1,10 @@
 """Model outputs: dataclasses with transformers' field names that also behave like tuples.
 
-transformers returns `ModelOutput`s that can be read as `out.logits`, `out["logits"]` or `out[0]`, and
-with `return_dict=False` a plain tuple of the fields that are not None. These classes give the same
-three views, so code written against either shape keeps working. Framework-free: fields hold whatever
-tensors the model produced. Every output of bloomlm (the models' and `generate`'s, both frameworks)
-is one of these, so they all follow one rule.
+transformers returns `ModelOutput`s that can be read as `out.logits`, `out["logits"]` or `out[0]`,
+and with `return_dict=False` a plain tuple of the fields that are not None. These classes give the
+same three views, so code written against either shape keeps working. Framework-free: fields hold
+whatever tensors the model produced. Every output of bloomlm (the models' and `generate`'s, both
+frameworks) is one of these, so they all follow one rule.
 
 The rule is transformers' (its ModelOutput is an OrderedDict of the fields that are set): it acts as
 a mapping, so iterating, `list(out)` and unpacking go over the *names* of the set fields, as with a

@@ -1,8 +1,10 @@
-"""BLOOM in JAX/Flax: `bloomlm.flax.pretrained` holds the user-facing classes (also exported from `bloomlm`).
+"""BLOOM in JAX/Flax: `bloomlm.flax.pretrained` holds the user-facing classes (also exported from
+`bloomlm`).
 
 model.py       linen modules, parameter tree = transformers' Flax BLOOM tree; the empty cache
                (make_cache) and the one module per settings the jitted functions share
-pretrained.py  FlaxBloomModel and the heads: params, checked __call__, init_cache, from/save_pretrained
+pretrained.py  FlaxBloomModel and the heads: params, checked __call__, init_cache,
+               from/save_pretrained
 checks.py      input checks at the API boundary
 outputs.py     output dataclasses (pytrees; attribute, key and index access)
 weights.py     PyTorch state dict <-> Flax tree (a table), stacking layers for scan_layers

@@ -1,8 +1,10 @@
-"""Input checks at the Flax API boundary: each raises ValueError saying what came in and what is allowed.
+"""Input checks at the Flax API boundary: each raises ValueError saying what came in and what is
+allowed.
 
-Shapes are static, so they are checked even under a user's `jax.jit`. Values (ids inside the vocabulary,
-0/1 masks, room left in the cache) can only be read from concrete arrays; under jit the arrays are tracers
-and these checks are skipped (the model then marks the damage with NaN instead, see `pretrained`).
+Shapes are static, so they are checked even under a user's `jax.jit`. Values (ids inside the
+vocabulary, 0/1 masks, room left in the cache) can only be read from concrete arrays; under jit the
+arrays are tracers and these checks are skipped (the model then marks the damage with NaN instead,
+see `pretrained`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ def is_concrete(array: Any) -> bool:
 
 
 def _as_array(value: Any) -> Any:
-    """NumPy for concrete non-jax inputs (lists, torch tensors), jax arrays and tracers untouched."""
+    """NumPy for concrete non-jax inputs (lists, torch tensors),
+    jax arrays and tracers untouched."""
     return np.asarray(value) if is_concrete(value) and not isinstance(value, jax.Array) else value
 
 
@@ -43,7 +46,8 @@ def check_input_ids(input_ids: Any, vocab_size: int) -> jax.Array:
         bad = values[(values < 0) | (values >= vocab_size)]
         if bad.size:
             raise ValueError(
-                f"input_ids holds ids outside the vocabulary [0, {vocab_size}): {sorted(set(bad.tolist()))[:10]}"
+                f"input_ids holds ids outside the vocabulary [0, {vocab_size}): "
+                f"{sorted(set(bad.tolist()))[:10]}"
             )
     return jnp.asarray(input_ids, jnp.int32)
 
@@ -76,7 +80,8 @@ def check_cache(
     count = (np.shape(key)[0] if key is not None else 0) if stacked else len(layers)
     if key is None or index is None or count != config.n_layer:
         raise ValueError(
-            f"past_key_values must hold a cache for {config.n_layer} layers (from init_cache); got {count}"
+            f"past_key_values must hold a cache for {config.n_layer} layers (from init_cache); "
+            f"got {count}"
         )
     key_shape = tuple(np.shape(key))[1:] if stacked else tuple(np.shape(key))
     if len(key_shape) != 4 or key_shape != (
@@ -87,15 +92,17 @@ def check_cache(
     ):
         raise ValueError(
             f"past_key_values holds keys of shape {key_shape}; for these input_ids and this config "
-            f"[batch={batch_size}, max_length, n_head={config.n_head}, head_dim={config.head_dim}] is needed"
+            f"[batch={batch_size}, max_length, n_head={config.n_head}, head_dim={config.head_dim}] "
+            "is needed"
         )
     index = index[0] if stacked else index
     if is_concrete(index):
         index = int(index)
         if index + new_tokens > key_shape[1]:
             raise ValueError(
-                f"the cache is too short: it holds {index} positions of {key_shape[1]} and {new_tokens} new "
-                "tokens do not fit; make it with init_cache(batch_size, max_length) for a larger max_length"
+                f"the cache is too short: it holds {index} positions of {key_shape[1]} and "
+                f"{new_tokens} new tokens do not fit; make it with "
+                "init_cache(batch_size, max_length) for a larger max_length"
             )
     return CacheInfo(stacked=stacked, length=key_shape[1], index=index)
 
@@ -103,7 +110,8 @@ def check_cache(
 def check_attention_mask(
     attention_mask: Any, batch_size: int, new_tokens: int, cache: CacheInfo | None
 ) -> jax.Array:
-    """int32 [B, S]: ones when None. With a cache, S is past + new or the full cache length; else S = T."""
+    """int32 [B, S]: ones when None. With a cache, S is past + new or the full cache length;
+    else S = T."""
     if attention_mask is None:
         return jnp.ones((batch_size, cache.length if cache else new_tokens), jnp.int32)
     attention_mask = _as_array(attention_mask)

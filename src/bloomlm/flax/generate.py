@@ -5,19 +5,21 @@ one token per iteration: no Python runs per step. The loops know the model only 
 
     tokens_to_logits(tokens [N, T], cache) -> (logits of the last token [N, V], cache)
 
-(flax's lm1b sampler pattern), so they are tested with a fake model too. Strategies: greedy, sampling
-(`temperature`, `top_k`, `top_p` filters, transformers' order and semantics, `prng_key`), and beam search
-with transformers 4.37's PyTorch bookkeeping (2 * num_beams candidates per step, finished hypotheses
-kept by length-penalised score, its `early_stopping` rules), so greedy and beam ids equal PyTorch's.
+(flax's lm1b sampler pattern), so they are tested with a fake model too. Strategies: greedy,
+sampling (`temperature`, `top_k`, `top_p` filters, transformers' order and semantics, `prng_key`),
+and beam search with transformers 4.37's PyTorch bookkeeping (2 * num_beams candidates per step,
+finished hypotheses kept by length-penalised score, its `early_stopping` rules), so greedy and beam
+ids equal PyTorch's.
 
-Outputs are `[B, max_length]` like transformers' Flax `generate`: the prompt (left padding kept), the new
-tokens, and `pad_token_id` after a row's `eos_token_id`. Only `max_length`, `num_beams`, sampling or not,
-the number of eos ids, `num_return_sequences` and the logits processors' settings (`min_length`,
-forced and suppressed tokens, `no_repeat_ngram_size`: see `bloomlm.flax.processors`) shape the compiled
-loop; other settings (eos and pad ids, temperature, top_k, top_p, length_penalty, early_stopping) are
-traced values, so changing them does not recompile.
+Outputs are `[B, max_length]` like transformers' Flax `generate`: the prompt (left padding kept),
+the new tokens, and `pad_token_id` after a row's `eos_token_id`. Only `max_length`, `num_beams`,
+sampling or not, the number of eos ids, `num_return_sequences` and the logits processors' settings
+(`min_length`, forced and suppressed tokens, `no_repeat_ngram_size`: see `bloomlm.flax.processors`)
+shape the compiled loop; other settings (eos and pad ids, temperature, top_k, top_p, length_penalty,
+early_stopping) are traced values, so changing them does not recompile.
 
-Notation: B prompts, K beams, N rows decoded together (B or B * K), P prompt length, L max_length, V vocab.
+Notation: B prompts, K beams, N rows decoded together (B or B * K), P prompt length, L max_length, V
+vocab.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class FlaxBeamSearchOutput(ModelOutput):
     scores: Any = None  # [B] length-penalised log-probability of the returned beam
 
 
-# -- logits filters: pure functions of scores [N, V] ---------------------------------------------------------
+# -- logits filters: pure functions of scores [N, V] -----------------------------------------------
 
 
 def top_k_filter(scores: jax.Array, top_k: int | jax.Array) -> jax.Array:
@@ -79,7 +81,8 @@ def top_k_filter(scores: jax.Array, top_k: int | jax.Array) -> jax.Array:
 
 
 def top_p_filter(scores: jax.Array, top_p: float | jax.Array) -> jax.Array:
-    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (at least one); 1 keeps all."""
+    """Keep the smallest set of most likely tokens whose probability reaches `top_p` (at least one);
+    1 keeps all."""
     order = jnp.argsort(scores, axis=-1)  # ascending, as transformers sorts
     sorted_scores = jnp.take_along_axis(scores, order, axis=-1)
     cumulative = jnp.cumsum(jax.nn.softmax(sorted_scores, axis=-1), axis=-1)
@@ -89,11 +92,12 @@ def top_p_filter(scores: jax.Array, top_p: float | jax.Array) -> jax.Array:
 
 
 def warp_for_sampling(scores: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """transformers' sampling warpers in its order: temperature, top-k, top-p (all may be traced)."""
+    """transformers' sampling warpers in its order:
+    temperature, top-k, top-p (all may be traced)."""
     return top_p_filter(top_k_filter(scores / temperature, top_k), top_p)
 
 
-# -- the loops ---------------------------------------------------------------------------------------------
+# -- the loops -------------------------------------------------------------------------------------
 # `eos` is an int32 array of end-of-sequence ids ([-1] when there is none), `pad` an int32 scalar.
 
 
@@ -188,8 +192,9 @@ def beam_search_loop(
     """transformers 4.37's beam search on [B * K] rows (each prompt repeated K times); returns
     ([B * num_return, L], [B * num_return]), each prompt's best hypotheses first.
 
-    `early_stopping` is a code from EARLY_STOPPING_CODES. Finished hypotheses live in a pool of K per
-    prompt, scored sum_logprobs / generated_length ** length_penalty, as transformers' BeamHypotheses.
+    `early_stopping` is a code from EARLY_STOPPING_CODES. Finished hypotheses live in a pool of K
+    per prompt, scored sum_logprobs / generated_length ** length_penalty, as transformers'
+    BeamHypotheses.
     """
     rows, prompt_length = input_ids.shape
     num_candidates = max(2, 1 + eos.shape[0]) * num_beams
@@ -316,7 +321,7 @@ def _select_rows(x: jax.Array, rows_index: jax.Array, rows: int) -> jax.Array:
     return jnp.take(x, rows_index, axis=axis)
 
 
-# -- the entry point -----------------------------------------------------------------------------------------
+# -- the entry point -------------------------------------------------------------------------------
 
 
 def generate(
@@ -329,11 +334,13 @@ def generate(
     prng_key: jax.Array | None = None,
     **kwargs: Any,
 ):
-    """Generate from `model` (a FlaxBloomForCausalLM); settings as `GenerationConfig` fields or keywords.
+    """Generate from `model` (a FlaxBloomForCausalLM); settings as `GenerationConfig` fields or
+    keywords.
 
     Returns `FlaxGreedySearchOutput`, `FlaxSampleOutput` or `FlaxBeamSearchOutput` with `sequences`
-    [B, max_length]. `max_new_tokens` counts from the prompt length (padding included, as in transformers).
-    Without `pad_token_id` the first eos id pads, as in transformers. `prng_key` defaults to PRNGKey(0).
+    [B, max_length]. `max_new_tokens` counts from the prompt length (padding included, as in
+    transformers). Without `pad_token_id` the first eos id pads, as in transformers. `prng_key`
+    defaults to PRNGKey(0).
     """
     config = _resolve_config(model, generation_config, kwargs)
     input_ids = checks.check_input_ids(input_ids, model.config.vocab_size)
@@ -416,7 +423,8 @@ def _resolve_config(
     )
     if unsupported:
         raise ValueError(
-            f"Flax generate does not implement {unsupported}; supported settings: {sorted(_SUPPORTED)}"
+            f"Flax generate does not implement {unsupported}; "
+            f"supported settings: {sorted(_SUPPORTED)}"
         )
     if config.do_sample and config.num_beams > 1:
         raise ValueError(
@@ -448,7 +456,8 @@ def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
         input_ids = jnp.repeat(input_ids, num_beams, axis=0)
         prompt_mask = jnp.repeat(attention_mask, num_beams, axis=0)
         rows, prompt_length = input_ids.shape
-        # transformers' Flax mask: the prompt's, then ones; the cache hides the slots not yet written.
+        # transformers' Flax mask: the prompt's, then ones; the cache hides the slots not yet
+        # written.
         mask = jnp.ones((rows, max_length), jnp.int32).at[:, :prompt_length].set(prompt_mask)
         config, dtype, scan_layers = module.config, module.dtype, module.scan_layers
         cache = make_cache(config, rows, max_length, dtype, scan_layers, is_head=True)

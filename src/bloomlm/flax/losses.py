@@ -1,18 +1,24 @@
-"""The losses of the PyTorch heads, as JAX functions for fine-tuning the Flax heads (e.g. with optax).
+"""The losses of the PyTorch heads, as JAX functions for fine-tuning the Flax heads (e.g. with
+optax).
 
 Exported as `bloomlm.flax_losses`. Each takes the head's logits and the labels and returns a float32
 scalar with PyTorch's semantics:
 
-    causal_lm_loss(logits [B, T, V], labels [B, T])       cross-entropy of logits[:, :-1] against labels[:, 1:]
+    causal_lm_loss(logits [B, T, V], labels [B, T])
+        cross-entropy of logits[:, :-1] against labels[:, 1:]
     token_classification_loss(logits [B, T, N], labels [B, T])
     sequence_classification_loss(logits [B, N], labels, problem_type=None)
         regression (MSE; the default when N == 1), single_label_classification (cross-entropy; the
-        default for integer labels), multi_label_classification (BCE with logits; float labels, N > 1)
-    question_answering_loss(start_logits [B, T], end_logits [B, T], start_positions [B], end_positions [B])
-        positions clamped to [0, T]; T (out of range) is ignored; the mean of the two cross-entropies
+        default for integer labels), multi_label_classification (BCE with logits; float labels,
+        N > 1)
+    question_answering_loss(start_logits [B, T], end_logits [B, T],
+                            start_positions [B], end_positions [B])
+        positions clamped to [0, T]; T (out of range) is ignored; the mean of the two
+        cross-entropies
 
-Labels equal to -100 are ignored by every cross-entropy, and the mean is over the rest (NaN when nothing
-is left, as in PyTorch). Shapes and dtypes are checked always, label values when they are concrete.
+Labels equal to -100 are ignored by every cross-entropy, and the mean is over the rest (NaN when
+nothing is left, as in PyTorch). Shapes and dtypes are checked always, label values when they are
+concrete.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ IGNORE_INDEX = -100
 def cross_entropy(
     logits: jax.Array, labels: jax.Array, ignore_index: int = IGNORE_INDEX
 ) -> jax.Array:
-    """torch.nn.functional.cross_entropy over logits [N, C] and integer labels [N], mean over kept labels."""
+    """torch.nn.functional.cross_entropy over logits [N, C] and integer labels [N],
+    mean over kept labels."""
     _check_class_labels(labels, logits.shape[-1], ignore_index)
     kept = labels != ignore_index
     log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
@@ -55,7 +62,8 @@ def token_classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Array
 def sequence_classification_loss(
     logits: jax.Array, labels: jax.Array, problem_type: str | None = None
 ) -> jax.Array:
-    """The PyTorch sequence classifier's loss for pooled logits [B, num_labels]; see the module docstring."""
+    """The PyTorch sequence classifier's loss for pooled logits [B, num_labels];
+    see the module docstring."""
     num_labels = logits.shape[-1]
     labels = jnp.asarray(labels)
     integer_labels = jnp.issubdtype(labels.dtype, jnp.integer)
@@ -99,7 +107,8 @@ def question_answering_loss(
     start_positions: jax.Array,
     end_positions: jax.Array,
 ) -> jax.Array:
-    """Mean of the start and end cross-entropies; positions outside [0, seq) are clamped to seq and ignored."""
+    """Mean of the start and end cross-entropies;
+    positions outside [0, seq) are clamped to seq and ignored."""
     batch, length = start_logits.shape
     _check_shape(end_logits, (batch, length), "end_logits", "the shape of start_logits")
     losses = []
@@ -131,11 +140,12 @@ def _check_class_labels(labels, num_classes: int, ignore_index: int) -> None:
     if not jnp.issubdtype(jnp.asarray(labels).dtype, jnp.integer):
         raise ValueError(f"class labels must be integers, got dtype {jnp.asarray(labels).dtype}")
     if isinstance(labels, jax.core.Tracer):
-        return  # under jit an out-of-range label makes the loss NaN (take_along_axis fills with NaN)
+        # under jit an out-of-range label makes the loss NaN (take_along_axis fills with NaN)
+        return
     values = np.asarray(labels)
     bad = values[((values < 0) | (values >= num_classes)) & (values != ignore_index)]
     if bad.size:
         raise ValueError(
-            f"labels {sorted(set(bad.tolist()))[:10]} are outside [0, {num_classes}) and are not the ignored "
-            f"value {ignore_index}"
+            f"labels {sorted(set(bad.tolist()))[:10]} are outside [0, {num_classes}) "
+            f"and are not the ignored value {ignore_index}"
         )

@@ -1,15 +1,19 @@
 """BLOOM as flax.linen modules, mirroring `bloomlm/torch/model.py` name for name. No I/O here.
 
 Module and parameter names are transformers' Flax BLOOM names, so `model.params` is its tree
-(`transformer/h/0/self_attention/query_key_value/kernel`, ...) and its `flax_model.msgpack` loads as is.
+(`transformer/h/0/self_attention/query_key_value/kernel`, ...) and its `flax_model.msgpack` loads as
+is.
 
 Notation: B batch, T new tokens, S keys (T without a cache, the cache length with one), H heads,
 D head dim, C hidden, L layers, V vocabulary.
 
-One block (pre-LN; with `apply_residual_connection_post_layernorm` the residuals are the LN outputs):
+One block (pre-LN; with `apply_residual_connection_post_layernorm` the residuals are the LN
+outputs):
 
-    x ──┬─ input_layernorm ─ self_attention ─ dropout ─(+)─┬─ post_attention_layernorm ─ mlp ─ dropout ─(+)─▶
-        └─────────────────── residual ─────────────────────┘└─────────────────── residual ───────────────┘
+    x ──┬─ input_layernorm ─ self_attention ─ dropout ─(+)─▶ h
+        └────────────────── residual ───────────────────┘
+    h ──┬─ post_attention_layernorm ─ mlp ─ dropout ─(+)─▶ out
+        └───────────────── residual ──────────────────┘
 
 Cache (linen collection "cache", per layer, transformers' layout so caches can be exchanged):
     cached_key, cached_value  [B, S, H, D]   keys/values of every position written so far
@@ -60,7 +64,8 @@ def build_attention_bias(attention_mask: jax.Array, query_offset, query_length: 
 
 
 def bloom_gelu(x: jax.Array) -> jax.Array:
-    """The tanh approximation of GELU with BLOOM's constants (its checkpoints were trained with it)."""
+    """The tanh approximation of GELU with BLOOM's constants (its checkpoints were trained with
+    it)."""
     return x * 0.5 * (1.0 + jnp.tanh(0.79788456 * x * (1 + 0.044715 * x * x)))
 
 
@@ -123,7 +128,8 @@ class FlaxBloomAttention(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     def _update_cache(self, key: jax.Array, value: jax.Array):
-        """Write this step's keys/values at `cache_index`; return the whole cache and the write offset."""
+        """Write this step's keys/values at `cache_index`;
+        return the whole cache and the write offset."""
         cached_key = self.variable("cache", "cached_key")
         cached_value = self.variable("cache", "cached_value")
         cache_index = self.variable("cache", "cache_index")
@@ -160,15 +166,17 @@ class FlaxBloomAttention(nn.Module):
         num_keys = key.shape[1]
         if attention_mask.shape[-1] > num_keys:
             raise ValueError(
-                f"attention_mask has {attention_mask.shape[-1]} positions but there are only {num_keys} keys "
-                "(the new tokens, or the cache length when decoding with a cache)"
+                f"attention_mask has {attention_mask.shape[-1]} positions but there are only "
+                f"{num_keys} keys (the new tokens, or the cache length when decoding with a cache)"
             )
-        # A past + new mask is shorter than the cache: the unwritten slots after it are hidden anyway.
+        # A past + new mask is shorter than the cache: the unwritten slots after it are hidden
+        # anyway.
         attention_mask = jnp.pad(attention_mask, ((0, 0), (0, num_keys - attention_mask.shape[-1])))
         alibi, visible = build_attention_bias(attention_mask, query_offset, length, n_head)
 
         scores = jnp.einsum("BTHD,BSHD->BHTS", query, key)
-        # Softmax in float32 whatever the dtype: fp16's smallest value (-65504) cannot mask reliably.
+        # Softmax in float32 whatever the dtype: fp16's smallest value (-65504) cannot mask
+        # reliably.
         scores = scores.astype(jnp.float32) * (1.0 / np.sqrt(head_dim)) + alibi
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)  # [B, H, T, S]
@@ -182,7 +190,8 @@ class FlaxBloomAttention(nn.Module):
             nn.Dropout(self.config.hidden_dropout)(output, deterministic=deterministic) + residual
         )
         if self.has_variable("cache", "cached_key"):
-            # Under jit an overfull cache cannot raise: the write was clamped, so poison the output instead.
+            # Under jit an overfull cache cannot raise: the write was clamped, so poison the output
+            # instead.
             output = jnp.where(query_offset + length > num_keys, jnp.nan, output).astype(
                 output.dtype
             )
@@ -234,7 +243,8 @@ class FlaxBloomBlock(nn.Module):
 
 
 class _FlaxBloomScanStep(FlaxBloomBlock):
-    """A block in the (carry, per-layer output) form `nn.scan` needs; the output is (input, attentions)."""
+    """A block in the (carry, per-layer output) form `nn.scan` needs;
+    the output is (input, attentions)."""
 
     def __call__(
         self, hidden_states, attention_mask, deterministic, output_attentions, output_hidden_states
@@ -297,7 +307,8 @@ def _scanned_blocks(config: BloomConfig, gradient_checkpointing: bool) -> type[n
 
 
 class FlaxBloomModule(nn.Module):
-    """embeddings -> word_embeddings_layernorm -> L blocks -> ln_f, returning a FlaxBaseModelOutput."""
+    """embeddings -> word_embeddings_layernorm -> L blocks -> ln_f,
+    returning a FlaxBaseModelOutput."""
 
     config: BloomConfig
     dtype: Dtype = jnp.float32
@@ -322,8 +333,8 @@ class FlaxBloomModule(nn.Module):
         self.ln_f = _layer_norm(self)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        # Ids outside [0, V) give NaN embeddings (negative ids too), so they cannot pass unnoticed under
-        # jit; the API boundary raises a ValueError for them whenever the ids are concrete.
+        # Ids outside [0, V) give NaN embeddings (negative ids too), so they cannot pass unnoticed
+        # under jit; the API boundary raises a ValueError for them whenever the ids are concrete.
         input_ids = jnp.where(input_ids < 0, self.config.vocab_size, input_ids)
         embeddings = jnp.take(
             self.word_embeddings.embedding, input_ids, axis=0, mode="fill", fill_value=jnp.nan
@@ -365,7 +376,8 @@ def _unstack_if(flag: bool, stacked: jax.Array | None) -> tuple | None:
 
 
 class _FlaxBloomHeadModule(nn.Module):
-    """Shared fields of the heads: the base model sits under `transformer`, as in the PyTorch heads."""
+    """Shared fields of the heads: the base model sits under `transformer`,
+    as in the PyTorch heads."""
 
     config: BloomConfig
     dtype: Dtype = jnp.float32
@@ -432,13 +444,15 @@ class FlaxBloomForSequenceClassificationModule(_FlaxBloomHeadModule):
 
 
 def last_non_pad_index(input_ids: jax.Array, pad_token_id: int | None) -> jax.Array:
-    """Index [B] of the last token that is not `pad_token_id` in each row (the last one if all are)."""
+    """Index [B] of the last token that is not `pad_token_id` in each row (the last one if all
+    are)."""
     batch, length = input_ids.shape
     if pad_token_id is None:
         if batch != 1:
             raise ValueError(
-                "sequence classification pools the last non-padding token, but config.pad_token_id is None: "
-                f"set it, or pass one row at a time (got batch size {batch})"
+                "sequence classification pools the last non-padding token, but "
+                "config.pad_token_id is None: set it, or pass one row at a time "
+                f"(got batch size {batch})"
             )
         return jnp.full((batch,), length - 1)
     from_end = jnp.argmax((input_ids != pad_token_id)[:, ::-1], axis=-1)

@@ -1,9 +1,10 @@
-"""Outputs of the Flax models: transformers' Flax field names, readable as attributes, keys or a tuple.
+"""Outputs of the Flax models: transformers' Flax field names, readable as attributes, keys or a
+tuple.
 
 Each class is a `flax.struct.dataclass`, so it is a pytree and can be returned from a function under
-`jax.jit`; it is also a `bloomlm.outputs.ModelOutput`, so `out.logits`, `out["logits"]`, `out[0]` and
-`out.to_tuple()` all work. `past_key_values` (the updated cache) is set only when a cache was passed in;
-it comes second, where transformers puts it in the tuple form.
+`jax.jit`; it is also a `bloomlm.outputs.ModelOutput`, so `out.logits`, `out["logits"]`, `out[0]`
+and `out.to_tuple()` all work. `past_key_values` (the updated cache) is set only when a cache was
+passed in; it comes second, where transformers puts it in the tuple form.
 """
 
 from __future__ import annotations

@@ -1,16 +1,18 @@
-"""The user-facing Flax classes: parameters, the checked forward call, caches, dtype casts, model folders.
+"""The user-facing Flax classes: parameters, the checked forward call, caches, dtype casts, model
+folders.
 
-`FlaxBloomModel(config)` holds a linen module from `bloomlm.flax.model` and its parameters (`params`, in
-transformers' Flax tree), and mirrors transformers 4.37's Flax API: `__call__(input_ids, attention_mask,
-past_key_values, params, dropout_rng, train, output_attentions, output_hidden_states, return_dict)`,
-`init_cache`, `to_bf16`/`to_fp16`/`to_fp32`, `from_pretrained`/`save_pretrained`.
+`FlaxBloomModel(config)` holds a linen module from `bloomlm.flax.model` and its parameters
+(`params`, in transformers' Flax tree), and mirrors transformers 4.37's Flax API:
+`__call__(input_ids, attention_mask, past_key_values, params, dropout_rng, train, output_attentions,
+output_hidden_states, return_dict)`, `init_cache`, `to_bf16`/`to_fp16`/`to_fp32`,
+`from_pretrained`/`save_pretrained`.
 
-Arguments are checked here, at the boundary (`bloomlm.flax.checks`), and raise `ValueError` saying what
-is allowed. Shapes are always checked; values (token ids in the vocabulary, 0/1 masks, room left in the
-cache) only when the arrays are concrete. Under a user's own `jax.jit` they are tracers and cannot be
-read; then an id outside the vocabulary turns its row's outputs into NaN (never a silent wrong number,
-other rows are untouched), and a cache too short for the new tokens turns every output into NaN. Mask
-values other than 0/1 are not detected under jit.
+Arguments are checked here, at the boundary (`bloomlm.flax.checks`), and raise `ValueError` saying
+what is allowed. Shapes are always checked; values (token ids in the vocabulary, 0/1 masks, room
+left in the cache) only when the arrays are concrete. Under a user's own `jax.jit` they are tracers
+and cannot be read; then an id outside the vocabulary turns its row's outputs into NaN (never a
+silent wrong number, other rows are untouched), and a cache too short for the new tokens turns every
+output into NaN. Mask values other than 0/1 are not detected under jit.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from bloomlm.generation import GenerationConfigMixin, attach_generation_config
 
 logger = logging.getLogger(__name__)
 
-# transformers' loading keywords that mean nothing here; accepted so calls written for it keep working.
+# transformers' loading keywords that mean nothing here; accepted so calls written for it keep
+# working.
 _IGNORED_LOADING_KEYWORDS = frozenset(
     {"from_flax", "low_cpu_mem_usage", "_fast_init", "device_map", "torch_dtype"}
 )
@@ -48,7 +51,8 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 
 
 class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
-    """Parameters + module + the checked call; the five public classes differ only in their module."""
+    """Parameters + module + the checked call;
+    the five public classes differ only in their module."""
 
     module_class: type = None
     base_model_prefix = BASE_PREFIX
@@ -79,7 +83,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         self.mesh = None  # a jax.sharding.Mesh once from_pretrained(..., mesh=) placed the model
         self._params = self.init_weights(self.key, self.input_shape) if _do_init else None
 
-    # -- parameters -----------------------------------------------------------------------------------
+    # -- parameters --------------------------------------------------------------------------------
 
     @property
     def is_head(self) -> bool:
@@ -87,15 +91,16 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
 
     @property
     def params_shape_tree(self) -> dict:
-        """The tree of `jax.ShapeDtypeStruct`s `params` must match (stacked layers with scan_layers)."""
+        """The tree of `jax.ShapeDtypeStruct`s `params` must match (stacked layers with
+        scan_layers)."""
         return self._shape_tree
 
     @property
     def params(self) -> dict:
         if self._params is None:
             raise ValueError(
-                "this model was made with _do_init=False and holds no parameters: pass params= to each call, "
-                "or set model.params"
+                "this model was made with _do_init=False and holds no parameters: "
+                "pass params= to each call, or set model.params"
             )
         return self._params
 
@@ -105,7 +110,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         self._params = params if self.mesh is None else sharding.place(params, self.mesh)
 
     def _checked_params(self, params: Mapping) -> dict:
-        """`params` as this model's layout (stacking transformers' layer tree if scan_layers); shapes checked."""
+        """`params` as this model's layout (stacking transformers' layer tree if scan_layers);
+        shapes checked."""
         params = _to_dict(params)
         if self.scan_layers and not weights.is_stacked(params):
             params = weights.stack_layers(params, self.config.n_layer, jnp.stack)
@@ -115,7 +121,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         if set(got) != set(want):
             missing, extra = sorted(set(want) - set(got)), sorted(set(got) - set(want))
             raise ValueError(
-                f"params do not fit {type(self).__name__}: missing {missing[:5]}, unexpected {extra[:5]}"
+                f"params do not fit {type(self).__name__}: missing {missing[:5]}, "
+                f"unexpected {extra[:5]}"
             )
         for path, array in got.items():
             if tuple(array.shape) != tuple(want[path].shape):
@@ -128,7 +135,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         self, rng: jax.Array, input_shape: tuple[int, int], params: Mapping | None = None
     ) -> dict:
         """Fresh parameters as transformers initialises them (normal(initializer_range) kernels and
-        embeddings, zero biases, unit LayerNorm scales); with `params`, only its missing leaves are new."""
+        embeddings, zero biases, unit LayerNorm scales); with `params`, only its missing leaves are
+        new."""
         seed = int(jax.random.randint(rng, (), 0, 2**31 - 1))
         fresh = _initial_params(self._shape_tree, self.config.initializer_range, seed)
         if params is None:
@@ -146,7 +154,8 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         return jax.tree_util.tree_map(cast, _to_dict(params), _to_dict(mask))
 
     def to_bf16(self, params: Mapping | None = None, mask: Any = None) -> dict:
-        """A copy of `params` (default: `self.params`) in bfloat16; assign it to `model.params` to keep it."""
+        """A copy of `params` (default: `self.params`) in bfloat16;
+        assign it to `model.params` to keep it."""
         return self._cast(params, jnp.bfloat16, mask)
 
     def to_fp16(self, params: Mapping | None = None, mask: Any = None) -> dict:
@@ -157,14 +166,15 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         """A copy of `params` (default: `self.params`) in float32."""
         return self._cast(params, jnp.float32, mask)
 
-    # -- cache ----------------------------------------------------------------------------------------
+    # -- cache -------------------------------------------------------------------------------------
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
-        """An empty cache for `batch_size` rows of up to `max_length` positions (prompt + new tokens).
+        """An empty cache for `batch_size` rows of up to `max_length` positions (prompt + new
+        tokens).
 
-        transformers' tree (`h/<i>/self_attention/{cached_key, cached_value, cache_index}`, keys and values
-        [B, max_length, H, D] in the computation dtype); with scan_layers the layers come stacked in one
-        `h/self_attention`. Built from the config alone: no forward pass.
+        transformers' tree (`h/<i>/self_attention/{cached_key, cached_value, cache_index}`, keys and
+        values [B, max_length, H, D] in the computation dtype); with scan_layers the layers come
+        stacked in one `h/self_attention`. Built from the config alone: no forward pass.
         """
         for name, value in (("batch_size", batch_size), ("max_length", max_length)):
             if not isinstance(value, (int, np.integer)) or value < 1:
@@ -175,7 +185,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
             return cache
         return sharding.place(cache, self.mesh, sharding.CACHE_RULES)
 
-    # -- forward --------------------------------------------------------------------------------------
+    # -- forward -----------------------------------------------------------------------------------
 
     # Over 40 lines: transformers' Flax __call__ signature; the body maps its arguments to apply().
     def __call__(
@@ -244,7 +254,7 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
             return self._checked_params(params)  # the other layer layout: converted (with a copy)
         return params
 
-    # -- files ----------------------------------------------------------------------------------------
+    # -- files -------------------------------------------------------------------------------------
 
     def save_pretrained(
         self,
@@ -254,10 +264,11 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         push_to_hub: bool = False,
         **kwargs: Any,
     ) -> None:
-        """Write `config.json` and `flax_model.msgpack` (or shards + index) as transformers' Flax does.
+        """Write `config.json` and `flax_model.msgpack` (or shards + index) as transformers' Flax
+        does.
 
-        The tree is always transformers' (scanned layers are unstacked), so transformers can read it.
-        One commit (`bloomlm.files.folder_save`): the folder holds the old model until every new
+        The tree is always transformers' (scanned layers are unstacked), so transformers can read
+        it. One commit (`bloomlm.files.folder_save`): the folder holds the old model until every new
         file is written and synced, then the new one; files the model does not write are kept.
         """
         from bloomlm.files import parse_size
@@ -298,15 +309,16 @@ class FlaxBloomPreTrainedModel(FlaxPreTrainedModelAPI):
         mesh: jax.sharding.Mesh | None = None,
         **kwargs: Any,
     ):
-        """Load a model folder (or hub name): `flax_model.msgpack` (or its shards), else PyTorch weights.
+        """Load a model folder (or hub name): `flax_model.msgpack` (or its shards), else PyTorch
+        weights.
 
-        PyTorch weights (`model.safetensors`, `pytorch_model.bin`, sharded or not) are converted in memory;
-        a folder with no msgpack converts them as `from_pt=True` would, and says so once in the log.
-        Parameters keep the checkpoint's dtype unless `param_dtype` is given; `dtype` is the computation
-        dtype. Keywords naming config fields (`num_labels=3`, ...) override config.json.
-        With `_do_init=False` returns `(model, params)`, as transformers does. With a `mesh` (axes
-        "data" and "model"), parameters are sharded by `bloomlm.flax.sharding`'s rules, each
-        device's part read alone from safetensors files.
+        PyTorch weights (`model.safetensors`, `pytorch_model.bin`, sharded or not) are converted in
+        memory; a folder with no msgpack converts them as `from_pt=True` would, and says so once in
+        the log. Parameters keep the checkpoint's dtype unless `param_dtype` is given; `dtype` is
+        the computation dtype. Keywords naming config fields (`num_labels=3`, ...) override
+        config.json. With `_do_init=False` returns `(model, params)`, as transformers does. With a
+        `mesh` (axes "data" and "model"), parameters are sharded by `bloomlm.flax.sharding`'s rules,
+        each device's part read alone from safetensors files.
         """
         from bloomlm.hub import HUB_KEYWORDS, resolve_model_dir
 
@@ -421,7 +433,8 @@ class FlaxBloomForCausalLM(GenerationConfigMixin, FlaxBloomPreTrainedModel):
     def prepare_inputs_for_generation(
         self, input_ids, max_length: int, attention_mask=None
     ) -> dict:
-        """transformers' hook: an empty cache and the full `max_length` mask (ones after the prompt)."""
+        """transformers' hook: an empty cache and the full `max_length` mask (ones after the
+        prompt)."""
         batch_size, length = input_ids.shape
         mask = jnp.ones((batch_size, max_length), jnp.int32)
         if attention_mask is not None:
@@ -433,7 +446,8 @@ class FlaxBloomForCausalLM(GenerationConfigMixin, FlaxBloomPreTrainedModel):
         return model_kwargs
 
     def generate(self, input_ids, attention_mask=None, **kwargs: Any):
-        """Greedy, sampling or beam search, compiled with jax.jit end to end; see bloomlm.flax.generate."""
+        """Greedy, sampling or beam search, compiled with jax.jit end to end;
+        see bloomlm.flax.generate."""
         from bloomlm.flax.generate import generate
 
         return generate(self, input_ids, attention_mask=attention_mask, **kwargs)
@@ -457,7 +471,7 @@ class FlaxBloomForQuestionAnswering(FlaxBloomPreTrainedModel):
     module_class = modules.FlaxBloomForQuestionAnsweringModule
 
 
-# -- helpers ---------------------------------------------------------------------------------------------
+# -- helpers ---------------------------------------------------------------------------------------
 
 
 @functools.lru_cache(maxsize=32)
@@ -527,8 +541,8 @@ def _restack(tree: dict, n_layer: int, to_stacked: bool) -> dict:
 
 
 def _initial_params(shape_tree: Any, std: float, seed: int) -> dict:
-    """transformers' initial values for a tree of shapes: normal(std) for kernels and embeddings, zero biases,
-    unit LayerNorm scales. Drawn with NumPy: no per-shape compilation."""
+    """transformers' initial values for a tree of shapes: normal(std) for kernels and embeddings,
+    zero biases, unit LayerNorm scales. Drawn with NumPy: no per-shape compilation."""
     rng = np.random.default_rng(seed)
 
     def make(path, leaf):

@@ -2,11 +2,12 @@
 
 Each row maps a PyTorch name (transformers' spelling, relative to the base model; `{}` is the layer
 number) to a Flax path and says whether the array is transposed: torch `Linear.weight` is [out, in],
-flax `Dense.kernel` is [in, out]. Heads put the base model under `transformer` in both frameworks, and a
-base-model checkpoint (no prefix) loads into a head and the other way round, as in PyTorch.
+flax `Dense.kernel` is [in, out]. Heads put the base model under `transformer` in both frameworks,
+and a base-model checkpoint (no prefix) loads into a head and the other way round, as in PyTorch.
 
 With `scan_layers=True` the layer subtrees `h/0/...`, `h/1/...` are stacked into one `h/...` with a
-leading layer axis; `stack_layers`/`unstack_layers` convert (they serve parameters and caches alike).
+leading layer axis; `stack_layers`/`unstack_layers` convert (they serve parameters and caches
+alike).
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ _HEADS = (
 
 
 def name_table(config: BloomConfig, with_prefix: bool) -> list[tuple[str, tuple[str, ...], bool]]:
-    """Every (torch name, flax path tuple, transpose) row for this config, layer templates expanded."""
+    """Every (torch name, flax path tuple, transpose) row for this config,
+    layer templates expanded."""
     rows = []
     for torch_name, flax_path, transpose in _BODY:
         layers = range(config.n_layer) if "{}" in torch_name else [None]
@@ -78,9 +80,9 @@ def torch_to_flax(
 ) -> tuple[dict[tuple[str, ...], np.ndarray], list[str]]:
     """(flat Flax params {path: array}, unused torch names) for a model whose paths are `expected`.
 
-    The `transformer.` prefix is added or stripped to suit the model, so base and head checkpoints load
-    into either; a tied `lm_head.weight` has no Flax path (the embeddings serve) and counts as unused
-    only when the model has its own `lm_head`.
+    The `transformer.` prefix is added or stripped to suit the model, so base and head checkpoints
+    load into either; a tied `lm_head.weight` has no Flax path (the embeddings serve) and counts as
+    unused only when the model has its own `lm_head`.
     """
     with_prefix = any(path[0] == BASE_PREFIX for path in expected)
     by_name = {name: (path, transpose) for name, path, transpose in name_table(config, with_prefix)}
@@ -118,15 +120,17 @@ def flax_to_torch(
 
 
 def tied_lm_head(state_dict: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Add the tied `lm_head.weight` (= embeddings) that transformers' PyTorch causal LM state dict holds."""
+    """Add the tied `lm_head.weight` (= embeddings) that transformers' PyTorch causal LM state dict
+    holds."""
     return {**state_dict, "lm_head.weight": state_dict[add_base_prefix("word_embeddings.weight")]}
 
 
-# -- scanned layers ----------------------------------------------------------------------------------------
+# -- scanned layers --------------------------------------------------------------------------------
 
 
 def stack_layers(tree: Mapping, n_layer: int, stack=np.stack) -> dict:
-    """`{..., "h": {"0": t0, "1": t1, ...}}` -> `{..., "h": stacked}` (leading L axis), at any depth.
+    """`{..., "h": {"0": t0, "1": t1, ...}}` -> `{..., "h": stacked}` (leading L axis), at any
+    depth.
 
     `stack(list of arrays)` builds each stacked leaf (`np.stack`, or `jnp.stack` under jit).
     """

@@ -77,7 +77,8 @@ def check_past(
         )
     if len(past_key_values) != config.n_layer:
         raise ValueError(
-            f"past_key_values has {len(past_key_values)} layers, the model has n_layer={config.n_layer}"
+            f"past_key_values has {len(past_key_values)} layers, "
+            f"the model has n_layer={config.n_layer}"
         )
     n_head = config.n_head if n_head is None else n_head
     rows, head_dim = batch_size * n_head, config.head_dim
@@ -88,14 +89,16 @@ def check_past(
         key, value = layer
         if key.dim() != 3 or key.shape[0] != rows or key.shape[1] != head_dim:
             raise ValueError(
-                f"past_key_values[{i}] key must have shape (batch * n_head = {rows}, head_dim = {head_dim}, "
-                f"past_len), got {tuple(key.shape)} (batch size {batch_size}, n_head {n_head})"
+                f"past_key_values[{i}] key must have shape "
+                f"(batch * n_head = {rows}, head_dim = {head_dim}, past_len), "
+                f"got {tuple(key.shape)} (batch size {batch_size}, n_head {n_head})"
             )
         expected_value = (rows, key.shape[2], head_dim)
         if tuple(value.shape) != expected_value:
             raise ValueError(
-                f"past_key_values[{i}] value must have shape (batch * n_head, past_len, head_dim) = "
-                f"{expected_value}, got {tuple(value.shape)}"
+                f"past_key_values[{i}] value must have shape "
+                f"(batch * n_head, past_len, head_dim) = {expected_value}, "
+                f"got {tuple(value.shape)}"
             )
         if past_length is not None and key.shape[2] != past_length:
             raise ValueError(
@@ -146,8 +149,8 @@ def check_head_mask(head_mask: torch.Tensor, n_layer: int, n_head: int) -> None:
         raise TypeError(f"head_mask must be a torch.Tensor, got {type(head_mask).__name__}")
     if tuple(head_mask.shape) not in ((n_head,), (n_layer, n_head)):
         raise ValueError(
-            f"head_mask must have shape (n_head,) = ({n_head},) or (n_layer, n_head) = ({n_layer}, {n_head}), "
-            f"got {tuple(head_mask.shape)}"
+            f"head_mask must have shape (n_head,) = ({n_head},) "
+            f"or (n_layer, n_head) = ({n_layer}, {n_head}), got {tuple(head_mask.shape)}"
         )
 
 
@@ -215,12 +218,13 @@ def sequence_problem_type(
     elif problem_type == "multi_label_classification":
         if not labels.is_floating_point():
             raise TypeError(
-                f"multi_label_classification needs float 0/1 labels of shape (batch, {num_labels}), got {labels.dtype}"
+                "multi_label_classification needs float 0/1 labels of shape "
+                f"(batch, {num_labels}), got {labels.dtype}"
             )
         if tuple(labels.shape) != (batch_size, num_labels):
             raise ValueError(
-                f"multi_label_classification labels must have shape (batch, num_labels={num_labels}), "
-                f"got {tuple(labels.shape)}"
+                "multi_label_classification labels must have shape "
+                f"(batch, num_labels={num_labels}), got {tuple(labels.shape)}"
             )
     else:
         allowed = (

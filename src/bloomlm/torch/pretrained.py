@@ -1,9 +1,9 @@
 """BloomPreTrainedModel: what every PyTorch BLOOM class shares besides the math.
 
 Loading and saving model folders (through `bloomlm.checkpoint`), weight initialisation, embedding
-access and resizing, gradient checkpointing, and the forward-call plumbing (flag defaults, head mask,
-deprecated arguments, and `_BloomHead`: the heads' trunk call and output), each written once here
-instead of once per head.
+access and resizing, gradient checkpointing, and the forward-call plumbing (flag defaults, head
+mask, deprecated arguments, and `_BloomHead`: the heads' trunk call and output), each written once
+here instead of once per head.
 """
 
 from __future__ import annotations
@@ -32,11 +32,12 @@ from bloomlm.torch.hf_compat import PreTrainedModelAPI
 # How the heads' parameter names start for the base model's weights ("transformer.").
 BASE_PREFIX = checkpoint_names.BASE_PREFIX + "."
 
-# transformers' from_pretrained keywords about placement and memory; accepted, never put in the config.
+# transformers' from_pretrained keywords about placement and memory; accepted, never put in the
+# config.
 LOADING_KEYWORDS = frozenset(
-    {"low_cpu_mem_usage", "offload_folder", "offload_state_dict", "max_memory", "load_in_8bit", "load_in_4bit",
-     "quantization_config", "attn_implementation", "from_tf", "from_flax", "variant", "adapter_kwargs",
-     "_fast_init", "use_flash_attention_2", "device_map"}
+    {"low_cpu_mem_usage", "offload_folder", "offload_state_dict", "max_memory", "load_in_8bit",
+     "load_in_4bit", "quantization_config", "attn_implementation", "from_tf", "from_flax",
+     "variant", "adapter_kwargs", "_fast_init", "use_flash_attention_2", "device_map"}
 )  # fmt: skip
 
 _DTYPES = {
@@ -59,12 +60,13 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         self.name_or_path = config.name_or_path
         self.gradient_checkpointing = False
 
-    # -- construction --------------------------------------------------------------------------------
+    # -- construction ------------------------------------------------------------------------------
 
     def post_init(self) -> None:
         """Initialise every weight as transformers does, then tie the LM head to the embeddings.
 
-        A model built on the `meta` device (to be filled from a checkpoint) has no values to initialise.
+        A model built on the `meta` device (to be filled from a checkpoint) has no values to
+        initialise.
         """
         if not next(self.parameters()).is_meta:
             self.apply(self._init_weights)
@@ -95,7 +97,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         else:
             head.weight = self.get_input_embeddings().weight
 
-    # -- embeddings ----------------------------------------------------------------------------------
+    # -- embeddings --------------------------------------------------------------------------------
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.base_model.word_embeddings
@@ -129,8 +131,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         self.set_input_embeddings(new)
         head = self.get_output_embeddings()
         if head is not None and not self.config.tie_word_embeddings:
-            new_head = nn.Linear(old.embedding_dim, new_num_tokens, bias=False, device=head.weight.device,
-                                 dtype=head.weight.dtype)  # fmt: skip
+            new_head = nn.Linear(old.embedding_dim, new_num_tokens, bias=False,
+                                 device=head.weight.device, dtype=head.weight.dtype)  # fmt: skip
             self._init_weights(new_head)
             new_head.weight.data[:kept] = head.weight.data[:kept]
             self.set_output_embeddings(new_head)
@@ -138,7 +140,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         self.tie_weights()
         return new
 
-    # -- properties ----------------------------------------------------------------------------------
+    # -- properties --------------------------------------------------------------------------------
 
     @property
     def device(self) -> torch.device:
@@ -184,7 +186,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
     def is_gradient_checkpointing(self) -> bool:
         return self.base_model.gradient_checkpointing
 
-    # -- forward plumbing ------------------------------------------------------------------------------
+    # -- forward plumbing --------------------------------------------------------------------------
 
     def _resolve_flags(
         self, use_cache, output_attentions, output_hidden_states, return_dict
@@ -200,15 +202,16 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
     def _pop_deprecated(self, deprecated_arguments: dict[str, Any]) -> None:
         if deprecated_arguments.pop("position_ids", None) is not None:
             warnings.warn(
-                "`position_ids` have no effect in BLOOM (positions come from ALiBi and the attention mask); "
-                "you can stop passing them",
+                "`position_ids` have no effect in BLOOM "
+                "(positions come from ALiBi and the attention mask); you can stop passing them",
                 FutureWarning,
                 stacklevel=3,
             )
         if deprecated_arguments:
             raise ValueError(
-                f"{type(self).__name__}.forward got unexpected arguments {sorted(deprecated_arguments)}; allowed: "
-                "input_ids, past_key_values, attention_mask, head_mask, inputs_embeds, labels, use_cache, "
+                f"{type(self).__name__}.forward got unexpected arguments "
+                f"{sorted(deprecated_arguments)}; allowed: input_ids, past_key_values, "
+                "attention_mask, head_mask, inputs_embeds, labels, use_cache, "
                 "output_attentions, output_hidden_states, return_dict"
             )
 
@@ -218,8 +221,8 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         if not _warned_position_ids:
             _warned_position_ids = True
             warnings.warn(
-                "`position_ids` have no effect in BLOOM (positions come from ALiBi and the attention mask); "
-                "this warning is shown once",
+                "`position_ids` have no effect in BLOOM "
+                "(positions come from ALiBi and the attention mask); this warning is shown once",
                 FutureWarning,
                 stacklevel=3,
             )
@@ -234,7 +237,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         heads = getattr(self, "tensor_parallel_heads", slice(None))  # a rank's heads under TP
         return [layer_mask[heads].view(1, -1, 1, 1) for layer_mask in head_mask]
 
-    # -- saving ---------------------------------------------------------------------------------------
+    # -- saving ------------------------------------------------------------------------------------
 
     # Over 40 lines: transformers' signature and the one-commit save, read top to bottom.
     def save_pretrained(
@@ -313,7 +316,7 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
         config.torch_dtype = str(self.dtype).removeprefix("torch.")
         return config
 
-    # -- loading --------------------------------------------------------------------------------------
+    # -- loading -----------------------------------------------------------------------------------
 
     # Over 40 lines because it takes transformers' many loading keywords, each by name.
     @classmethod
@@ -323,9 +326,10 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
     ):
         """Load a model folder (or hub name) written by transformers or bloomlm.
 
-        The model is built on the `meta` device and the checkpoint's tensors are assigned to it, so no
-        random weights are made first and memory-mapped safetensors stay mapped (one copy in memory).
-        Keyword arguments that name config fields override them (`num_labels=3`, `problem_type=...`).
+        The model is built on the `meta` device and the checkpoint's tensors are assigned to it, so
+        no random weights are made first and memory-mapped safetensors stay mapped (one copy in
+        memory). Keyword arguments that name config fields override them (`num_labels=3`,
+        `problem_type=...`).
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
