@@ -1,10 +1,10 @@
 """The `bloomlm` console script, run for real in a subprocess.
 
-The installed entry point is used when there is one beside this Python (pip install); otherwise the same
-three-line wrapper pip would generate, over the bloomlm this test run imports. Each command's printed
-numbers are compared with what the Python API returns for the same model and text. Each process start costs
-a torch import, so output-format variants of a command already run in a subprocess go through
-`bloomlm.cli.main` in this process instead (`call`).
+The installed entry point is used when there is one beside this Python (pip install); otherwise
+the same three-line wrapper pip would generate, over the bloomlm this test run imports. Each
+command's printed numbers are compared with what the Python API returns for the same model and
+text. Each process start costs a torch import, so output-format variants of a command already run
+in a subprocess go through `bloomlm.cli.main` in this process instead (`call`).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def test_defaults_are_the_embedded_models_and_a_seed_repeats(run):
 
 
 def test_greedy_generation_matches_the_api_streamed_and_batched(run, call, tiny):
-    greedy = run("generate", "--model", str(tiny["lm"]), "--temperature", "0", "--repetition-penalty", "1",
-                 "--max-new-tokens", "6", "--only-new", "Hello there").stdout  # fmt: skip
+    greedy = run("generate", "--model", str(tiny["lm"]), "--temperature", "0",
+                 "--repetition-penalty", "1", "--max-new-tokens", "6", "--only-new",
+                 "Hello there").stdout  # fmt: skip
     model, tokenizer = (
         BloomForCausalLM.from_pretrained(tiny["lm"]),
         AutoTokenizer.from_pretrained(tiny["lm"]),
@@ -51,7 +52,8 @@ def test_greedy_generation_matches_the_api_streamed_and_batched(run, call, tiny)
     ]
     assert greedy == tokenizer.decode(ids, skip_special_tokens=True) + "\n"
 
-    # Several prompts from stdin: batched (left padding), one JSON object each, in order; greedy as above.
+    # Several prompts from stdin: batched (left padding), one JSON object each, in order; greedy
+    # as above.
     status, out, _ = call(
         "generate",
         "--model",
