@@ -1529,7 +1529,8 @@ def _add_generate(commands: Any) -> None:
         "-i",
         "--interactive",
         action="store_true",
-        help="a prompt loop: type a prompt, read its continuation, until Ctrl-D",
+        help="a prompt loop: type a prompt, read its continuation, until Ctrl-D; with the "
+        "folder's chat template (tokenizer_config.json) a conversation rendered with it",
     )
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
     _decoding_options(parser)
