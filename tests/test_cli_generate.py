@@ -186,6 +186,46 @@ def test_interactive_mode_continues_each_line(run, tiny):
     assert out == "".join(continuation(tiny["lm"], line, **greedy)[0] + "\n" for line in lines)
 
 
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<{{ message.role }}>: {{ message.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>:{% endif %}"
+)
+
+
+def test_interactive_mode_chats_with_the_folders_chat_template(run, tiny, tmp_path):
+    """Also expected: `generate -i` with a chat template when the folder has one. Each line is a
+    user turn of one conversation, rendered with the template (as transformers renders it); the
+    oldest exchanges are dropped when the conversation outgrows --max-model-len."""
+    folder = tmp_path / "chat"
+    shutil.copytree(tiny["lm"], folder)
+    settings = json.loads((folder / "tokenizer_config.json").read_text())
+    settings["chat_template"] = CHAT_TEMPLATE
+    (folder / "tokenizer_config.json").write_text(json.dumps(settings))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    def render(*turns: str) -> str:
+        roles = ["user", "assistant"] * len(turns)
+        messages = [{"role": r, "content": t} for r, t in zip(roles, turns)]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    greedy = {"max_new_tokens": 6, "do_sample": False}
+    first = continuation(folder, render("Hello there"), **greedy)[0]
+    second = continuation(folder, render("Hello there", first, "Good day"), **greedy)[0]
+    alone = continuation(folder, render("Good day"), **greedy)[0]
+    assert second != alone  # the earlier turns make a difference to this model
+    command = ["generate", "-i", "--model", str(folder), "--temperature", "0",
+               "--max-new-tokens", "6"]  # fmt: skip
+    out = run(*command, stdin="Hello there\nGood day\n").stdout
+    assert out == f"{first}\n{second}\n"
+
+    # Room for the second turn alone, not for the whole conversation: the first exchange goes.
+    length = len(tokenizer(render("Hello there", first, "Good day"))["input_ids"]) + 6 - 1
+    assert len(tokenizer(render("Good day"))["input_ids"]) + 6 <= length
+    result = run(*command, "--max-model-len", str(length), stdin="Hello there\nGood day\n")
+    assert result.stdout == f"{first}\n{alone}\n"
+    assert "oldest turns were dropped" in result.stderr
+
+
 def test_results_never_glue_onto_a_progress_bar(console_script, tiny, tmp_path):
     """Item 4: on a terminal the bar (stderr) is cleared before each result (stdout) is printed,
     so every result starts its own line, whatever the bar drew last."""

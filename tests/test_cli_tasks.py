@@ -20,7 +20,7 @@ from bloomlm import (
     BloomForTokenClassification,
 )
 from bloomlm.tasks import answer_question, classify, tag
-from conftest import FIXTURE_TOKENIZER, assert_one_line_error
+from conftest import ENV, FIXTURE_TOKENIZER, assert_one_line_error
 
 LONG_TEXT = "This is a long review that goes on and on about many things. " * 6
 QUESTION = "Where does John live?"
@@ -243,3 +243,21 @@ def test_conflicting_inputs_are_refused_and_dash_is_stdin(run, call, tiny, tmp_p
         and json.loads(out)["start"]
         == answer_question(qa, tokenizer, QUESTION, CONTEXT, max_length=384)["start"]
     )
+
+
+def test_every_command_that_runs_a_model_gets_openmps_passive_wait_policy(run, tiny):
+    """Issue 12: OpenMP reads OMP_WAIT_POLICY once, when torch loads it, so the CLI must set it
+    before any command imports torch (`classify` once imported torch first, to set its thread
+    count). libgomp's verbose display, printed as torch loads it, shows the policy it took:
+    PASSIVE means a spin count of 0 (its default spins 300000 times before sleeping)."""
+    env = {k: v for k, v in ENV.items() if k != "OMP_WAIT_POLICY"} | {"OMP_DISPLAY_ENV": "VERBOSE"}
+    for args in (
+        ("classify", "--model", str(tiny["cls"]), "fine"),
+        ("tag", "--model", str(tiny["tag"]), "John lives"),
+        ("answer", "--model", str(tiny["qa"]), "--question", "Who?", "--context", CONTEXT),
+        ("generate", "--model", str(tiny["lm"]), "--max-new-tokens", "1", "Hi"),
+    ):
+        spin = re.findall(r"GOMP_SPINCOUNT = '(\d+)'", run(*args, env=env).stderr)
+        if not spin:
+            pytest.skip("torch's OpenMP runtime here is not libgomp (no GOMP_SPINCOUNT shown)")
+        assert spin == ["0"], f"bloomlm {args[0]}: OpenMP spin count {spin}, PASSIVE gives 0"

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import transformers
+from flax.traverse_util import flatten_dict, unflatten_dict
 
 import bloomlm
 from bloomlm.flax import processors
@@ -156,3 +157,51 @@ def test_flax_generate_refusals(models):
         ours.generate(input_ids, mask, max_new_tokens=2, do_sample=True, num_return_sequences=2)
     with pytest.raises(ValueError, match="min_length"):
         ours.generate(input_ids, mask, max_new_tokens=2, min_length=20)
+
+
+def _dtypes(params) -> dict:
+    return {path: leaf.dtype for path, leaf in flatten_dict(params).items()}
+
+
+def test_casts_follow_a_mask_as_transformers_casts(models):
+    """to_bf16/to_fp16/to_fp32 with a mask (transformers' example: keep the LayerNorms in
+    float32) cast exactly the leaves transformers' own casts do, on the same tree."""
+    ours, theirs, _ = models
+    params = ours.params
+    paths = flatten_dict(params)
+    keep_norms = unflatten_dict(
+        {path: not any("layernorm" in key or key == "ln_f" for key in path) for path in paths}
+    )
+    norm = ("transformer", "ln_f", "scale")
+    block_norm = ("transformer", "h", "0", "input_layernorm", "bias")
+    kernel = ("transformer", "h", "0", "mlp", "dense_h_to_4h", "kernel")
+    for name, dtype in (("to_bf16", jnp.bfloat16), ("to_fp16", jnp.float16)):
+        mine = _dtypes(getattr(ours, name)(params, keep_norms))
+        assert mine == _dtypes(getattr(theirs, name)(params, keep_norms)), name
+        assert mine[norm] == mine[block_norm] == jnp.float32 and mine[kernel] == dtype
+        assert set(_dtypes(getattr(ours, name)(params)).values()) == {jnp.dtype(dtype)}
+    half = ours.to_bf16(params)
+    back = _dtypes(ours.to_fp32(half, keep_norms))
+    assert back == _dtypes(theirs.to_fp32(half, keep_norms))
+    assert back[norm] == back[block_norm] == jnp.bfloat16 and back[kernel] == jnp.float32
+    assert ours.params["transformer"]["ln_f"]["scale"].dtype == jnp.float32  # copies only
+
+
+def test_init_weights_makes_only_the_leaves_missing_from_params(models):
+    """init_weights(rng, input_shape, params): the given leaves kept as they are, the missing
+    ones new as transformers initialises them (zero biases, unit LayerNorm scales, normal
+    kernels with the config's initializer_range)."""
+    ours, _, _ = models
+    given = flatten_dict(ours.params)
+    bias, scale = ("transformer", "ln_f", "bias"), ("transformer", "ln_f", "scale")
+    kernel = ("transformer", "h", "1", "mlp", "dense_4h_to_h", "kernel")
+    partial = {path: leaf for path, leaf in given.items() if path not in (bias, scale, kernel)}
+    filled = flatten_dict(ours.init_weights(jax.random.PRNGKey(0), (1, 1), unflatten_dict(partial)))
+    assert filled.keys() == given.keys()
+    assert all(np.array_equal(filled[path], leaf) for path, leaf in partial.items())
+    assert not np.asarray(filled[bias]).any() and (np.asarray(filled[scale]) == 1).all()
+    new = np.asarray(filled[kernel])
+    assert new.shape == given[kernel].shape and not np.array_equal(new, given[kernel])
+    assert abs(new.std() - ours.config.initializer_range) < 0.2 * ours.config.initializer_range
+    fresh = flatten_dict(ours.init_weights(jax.random.PRNGKey(0), (1, 1)))
+    assert np.array_equal(fresh[kernel], new)  # the same rng gives the same fresh leaves

@@ -645,8 +645,6 @@ def _seeded_generators(seed: int | None, device: Any, count: int) -> Any:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
-
     if args.tensor_parallel:
         return _generate_tensor_parallel(args)
     lines = [] if args.interactive else _nonempty(_read_lines(args, args.prompt), args)
@@ -892,9 +890,14 @@ def _print_result(
 def _interactive(args: argparse.Namespace, generator: _Generator) -> None:
     """`generate -i`: read a prompt, stream its continuation, repeat until end of input (Ctrl-D).
     Ctrl-C stops the continuation being written and asks for the next prompt (at the prompt, it
-    ends the loop)."""
+    ends the loop). With the folder's chat template the lines are a conversation (_render_turn)
+    whose oldest exchanges are dropped when it outgrows the usable length."""
     history: list[dict[str, str]] = []
+    chat = bool(generator.tokenizer.chat_template)
     ask = "> " if sys.stdin.isatty() else ""
+    if chat and ask:
+        print(f"bloomlm generate: a chat with {args.model}'s chat template (Ctrl-D ends it)",
+              file=sys.stderr)  # fmt: skip
     while True:
         try:
             sys.stderr.write(ask)
@@ -909,21 +912,42 @@ def _interactive(args: argparse.Namespace, generator: _Generator) -> None:
         if not text.strip():
             continue
         prompt = _render_turn(generator.tokenizer, history, text)
+        if history and _too_long(args, generator, prompt):
+            while history and _too_long(args, generator, prompt):
+                del history[:2]  # the oldest exchange: a user turn and its reply
+                prompt = _render_turn(generator.tokenizer, history, text)
+            print("bloomlm generate: note: the oldest turns were dropped to fit the usable "
+                  "length (--max-model-len)", file=sys.stderr)  # fmt: skip
         try:
             reply = _stream(generator, _request(args, _Line(prompt, "")))
         except KeyboardInterrupt:
             reply = ""
         print(flush=True)
-        history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+        if chat:
+            history += [{"role": "user", "content": text}, {"role": "assistant", "content": reply}]
+
+
+def _too_long(args: argparse.Namespace, generator: _Generator, prompt: str) -> bool:
+    """Whether `prompt` and --max-new-tokens overflow the usable length (_engine_options)."""
+    usable = generator.engine.get("max_model_len")
+    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
+    if usable is None:
+        return False
+    return len(generator.tokenizer(prompt)["input_ids"]) + new_tokens > usable
 
 
 def _render_turn(tokenizer: Any, history: list[dict[str, str]], text: str) -> str:
     """The text `generate -i` continues for the user's line `text` after the turns in `history`.
 
-    Hook for chat templates: a folder whose tokenizer has one renders history + the new user turn
-    with it here (the chat-template issue). Until then every turn continues the line alone.
+    A folder whose tokenizer_config.json has a `chat_template` gets a conversation: the earlier
+    turns and this one, rendered as transformers renders them (`apply_chat_template` with the
+    generation prompt, one renderer in bloomlm.chat). Without one, BLOOM was trained on no chat
+    format, so each line is continued alone, as plain text.
     """
-    return text
+    if not tokenizer.chat_template:
+        return text
+    conversation = [*history, {"role": "user", "content": text}]
+    return tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
 
 
 def _check_generate(args: argparse.Namespace) -> str | None:
@@ -1264,7 +1288,6 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     import copy
 
-    import bloomlm.torch  # noqa: F401  (before torch: it sets OpenMP's wait policy)
     from bloomlm.serving.engine import Engine
     from bloomlm.serving.memory import parse_bytes
     from bloomlm.serving.metrics import Metrics
@@ -1506,7 +1529,8 @@ def _add_generate(commands: Any) -> None:
         "-i",
         "--interactive",
         action="store_true",
-        help="a prompt loop: type a prompt, read its continuation, until Ctrl-D",
+        help="a prompt loop: type a prompt, read its continuation, until Ctrl-D; with the "
+        "folder's chat template (tokenizer_config.json) a conversation rendered with it",
     )
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
     _decoding_options(parser)
@@ -1937,6 +1961,11 @@ def main(argv: list[str] | None = None) -> int:
         command_parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _check_arguments(command_parser, args)
     args.argv = argv
+    # Here, once, before any command can import torch: every command that runs a model gets
+    # OpenMP's PASSIVE wait policy (why: bloomlm.torch's docstring). Importing bloomlm.torch sets
+    # it and imports no torch, so `info` and the argument errors stay torch-free.
+    import bloomlm.torch  # noqa: F401
+
     try:
         return args.run(args)
     except KeyboardInterrupt:
