@@ -1,13 +1,20 @@
 """`bloomlm serve` under load: the continuous-batching server against one request at a time and
 against one static `generate` batch (the issue's serving targets).
 
-    python benchmarks/serve_bench.py                  # the full run: ~30-60 min on 2 cores
-    python benchmarks/serve_bench.py --quick          # a minute: checks the script, not the targets
+    python benchmarks/serve_bench.py                  # the full run: ~20-40 min on 2 cores
+    python benchmarks/serve_bench.py --quick          # seconds: checks the script, not the targets
+    python benchmarks/serve_bench.py --device cuda --dtypes bfloat16 --shape 1b7 \
+        --out SERVING_CUDA_1B7                        # on a GPU: its own table, README untouched
 
-Model: the bloom-560m shape (24 layers, hidden 1024, 16 heads, vocabulary 250880) with random
-weights, saved once under benchmarks/.cache/ with bloomlm-tiny's tokenizer (prompts are token
-ids; generated ids outside its vocabulary decode to nothing, which changes no count). Each dtype
-(float32, int8 weight-only) gets its own `bloomlm serve` subprocess on 127.0.0.1.
+--quick runs a tiny shape (2 layers, hidden 64, the tokenizer's 4096 ids) at 1 and 4 clients,
+writing under --work-dir (default benchmarks/.cache) and leaving README.md and benchmarks/ alone.
+
+Model: the bloom-560m shape (24 layers, hidden 1024, 16 heads, vocabulary 250880; `--shape 1b7`:
+hidden 2048) with random weights, saved once under --work-dir with bloomlm-tiny's tokenizer
+(prompts are token ids; generated ids outside its vocabulary decode to nothing, which changes no
+count). Each dtype (float32; int8: `--quantize int8`, W8A8 on x86 CPUs; bfloat16 / float16 on a
+GPU) gets its own `bloomlm serve` subprocess on 127.0.0.1 (`--device`: where the server and the
+in-process references run; timers synchronise the device).
 
 Load: closed loop. For each concurrency level C (1, 4, 16, 64) there are max(8, 2C) requests
 with prompts of 16-256 random token ids and 32-128 new tokens (ignore_eos: exact counts); C
@@ -26,7 +33,8 @@ rows x max_new_tokens / seconds: more tokens than the requests asked for, so an 
 Targets at C = 16: throughput >= 5x (a) and >= 0.8x (b); p99(TTFT / prefill alone) <= 3.
 
 Writes benchmarks/SERVING.json (every number) and benchmarks/SERVING.md (the table), and puts the
-table into README.md between the serve-bench markers. Only loopback traffic; every loop bounded.
+table into README.md between the serve-bench markers (with `--out NAME`: benchmarks/NAME.json and
+NAME.md only). Only loopback traffic; every loop bounded.
 """
 
 from __future__ import annotations
@@ -52,8 +60,18 @@ import torch
 HERE = pathlib.Path(__file__).resolve().parent
 ROOT = HERE.parent
 CACHE = HERE / ".cache"
-SHAPE_560M = {"vocab_size": 250880, "hidden_size": 1024, "n_layer": 24, "n_head": 16}
+SHAPES = {
+    "560m": {"vocab_size": 250880, "hidden_size": 1024, "n_layer": 24, "n_head": 16},
+    "1b7": {"vocab_size": 250880, "hidden_size": 2048, "n_layer": 24, "n_head": 16},
+    "quick": {"vocab_size": 4096, "hidden_size": 64, "n_layer": 2, "n_head": 4},
+}
 MARK_START, MARK_END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
+# The issue's anchor row: `transformers serve` (continuous batching) needs transformers 5.x, which
+# cannot share a venv with the 4.37.2 the tests check against.
+TRANSFORMERS_SERVE = (
+    "not run: `transformers serve` needs transformers 5.x, which cannot share this venv with the "
+    "transformers 4.37.2 the tests use as their reference"
+)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -61,15 +79,15 @@ MARK_START, MARK_END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
 # --------------------------------------------------------------------------------------------------
 
 
-def model_folder(layers: int) -> pathlib.Path:
-    """The 560m shape with random weights (`layers` of them), saved once."""
-    folder = CACHE / f"bloom-560m-shape-{layers}l-random"
+def model_folder(work_dir: pathlib.Path, shape: str, layers: int) -> pathlib.Path:
+    """`shape` with random weights (`layers` of them), saved once under `work_dir`."""
+    folder = work_dir / f"bloom-{shape}-shape-{layers}l-random"
     if (folder / "config.json").is_file():
         return folder
     import bloomlm
 
     torch.manual_seed(0)
-    config = bloomlm.BloomConfig(**{**SHAPE_560M, "n_layer": layers}, bos_token_id=1,
+    config = bloomlm.BloomConfig(**{**SHAPES[shape], "n_layer": layers}, bos_token_id=1,
                                  eos_token_id=2, pad_token_id=3)  # fmt: skip
     model = bloomlm.BloomForCausalLM(config).eval()
     model.save_pretrained(folder)
@@ -85,13 +103,16 @@ def model_folder(layers: int) -> pathlib.Path:
 
 
 class Server:
-    def __init__(self, folder: pathlib.Path, dtype: str, threads: int, max_model_len: int):
+    def __init__(self, folder: pathlib.Path, dtype: str, args: argparse.Namespace):
         command = [sys.executable, "-m", "bloomlm", "serve", "--model", str(folder), "--port",
-                   "0", "--threads", str(threads), "--max-model-len", str(max_model_len),
-                   "--log-level", "warning", "--max-waiting", "1024"]  # fmt: skip
+                   "0", "--threads", str(args.threads), "--max-model-len",
+                   str(args.max_model_len), "--log-level", "warning",
+                   "--max-waiting", "1024"]  # fmt: skip
         command += ["--quantize", "int8"] if dtype == "int8" else ["--dtype", dtype]
+        if args.device != "cpu":  # on the CPU, the command exactly as a user types it
+            command += ["--device", args.device]
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "HF_HUB_OFFLINE": "1"}
-        self.log = CACHE / f"server-{dtype}.log"
+        self.log = args.work_dir / f"server-{dtype}.log"
         with open(self.log, "wb") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + 600
@@ -192,25 +213,38 @@ def run_level(port: int, requests: list[tuple[list[int], int]], clients: int,
 # --------------------------------------------------------------------------------------------------
 
 
-def load_model(folder: pathlib.Path, dtype: str):
+def load_model(folder: pathlib.Path, dtype: str, device: str):
+    """The weights as the server loads them (`bloomlm serve --quantize int8` / `--dtype`)."""
     import bloomlm
 
-    kwargs = {"quantize": "int8"} if dtype == "int8" else {"torch_dtype": dtype}
+    kwargs: dict = {"torch_dtype": "float32", "quantize": "int8"} if dtype == "int8" else {
+        "torch_dtype": dtype}  # fmt: skip
+    if device != "cpu":
+        kwargs["device_map"] = device
     return bloomlm.BloomForCausalLM.from_pretrained(str(folder), **kwargs).eval()
 
 
-def prefill_seconds(model, prompt: list[int], repeats: int = 2) -> float:
+def synchronize(device: str) -> None:
+    """Wait for the device's queued work, so a timer measures it (a no-op on the CPU)."""
+    if device.startswith("cuda"):
+        torch.cuda.synchronize(device)
+
+
+def prefill_seconds(model, prompt: list[int], device: str, repeats: int = 2) -> float:
     """The fastest of `repeats` prefills of `prompt` alone."""
     best = float("inf")
     for _ in range(repeats):
         decoder = model.make_decoder(1, len(prompt) + 1)
+        ids = torch.tensor(prompt, device=model.device)
+        synchronize(device)
         start = time.perf_counter()
-        decoder.fill(0, torch.tensor(prompt))
+        decoder.fill(0, ids)
+        synchronize(device)
         best = min(best, time.perf_counter() - start)
     return best
 
 
-def static_batch(model, requests: list[tuple[list[int], int]]) -> dict:
+def static_batch(model, requests: list[tuple[list[int], int]], device: str) -> dict:
     width = max(len(p) for p, _ in requests)
     new = max(n for _, n in requests)
     ids = torch.full((len(requests), width), 3)
@@ -218,9 +252,15 @@ def static_batch(model, requests: list[tuple[list[int], int]]) -> dict:
     for row, (prompt, _) in enumerate(requests):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         mask[row, width - len(prompt) :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    model.generate(
+        ids[:2], attention_mask=mask[:2], max_new_tokens=2, do_sample=False, pad_token_id=3
+    )  # warm-up: first-call allocations stay out of the timing
+    synchronize(device)
     start = time.perf_counter()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
                          do_sample=False, pad_token_id=3)  # fmt: skip
+    synchronize(device)
     seconds = time.perf_counter() - start
     generated = (out.shape[1] - width) * len(requests)
     asked = sum(n for _, n in requests)
@@ -275,7 +315,7 @@ def bench_dtype(args: argparse.Namespace, folder: pathlib.Path, dtype: str) -> d
     levels = {c: workload(max(args.min_requests, 2 * c), rng, args.prompt_tokens,
                           args.new_tokens) for c in args.levels}  # fmt: skip
     target = 16 if 16 in levels else max(levels)
-    server = Server(folder, dtype, args.threads, args.max_model_len)
+    server = Server(folder, dtype, args)
     rows, plan = [], server.plan()
     try:
         run_level(server.port, workload(2, rng, (8, 8), (4, 4)), 1, args.timeout)  # warm-up
@@ -289,9 +329,9 @@ def bench_dtype(args: argparse.Namespace, folder: pathlib.Path, dtype: str) -> d
     finally:
         server.stop()
     torch.set_num_threads(args.threads)
-    model = load_model(folder, "float32" if dtype == "float32" else dtype)
-    prefill = [prefill_seconds(model, prompt) for prompt, _ in levels[target]]
-    static = static_batch(model, levels[target][:target])  # as many rows as clients
+    model = load_model(folder, dtype, args.device)
+    prefill = [prefill_seconds(model, prompt, args.device) for prompt, _ in levels[target]]
+    static = static_batch(model, levels[target][:target], args.device)  # rows = clients
     del model
     table = []
     for clients, level, rss in rows:
@@ -318,8 +358,7 @@ def bench_dtype(args: argparse.Namespace, folder: pathlib.Path, dtype: str) -> d
 def markdown(report: dict) -> str:
     lines = [
         f"Serving benchmark ({report['model']}, {report['threads']} threads, "
-        f"{report['machine']}; `python benchmarks/serve_bench.py"
-        f"{' --quick' if report['quick'] else ''}`):",
+        f"{report['machine']}; `{report['command']}`):",
         "",
         "| dtype | clients | requests | tokens/s | TTFT p50 / p99 (s) | ITL p50 / p99 (ms) | "
         "peak RSS (GiB) |",
@@ -358,60 +397,72 @@ def markdown(report: dict) -> str:
             f"({mark(met['ttft_over_prefill_p99 <= 3'])}) |"
         )
     lines += ["", *(f"- {r['dtype']}: {r['memory_plan']}" for r in report["results"])]
+    lines.append(f"- transformers serve (anchor row): {report['transformers_serve']}")
     return "\n".join(lines) + "\n"
 
 
-def write(report: dict, out: pathlib.Path) -> None:
+def write(report: dict, out: pathlib.Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    (out / "SERVING.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
-    (out / "SERVING.md").write_text("# Serving benchmark\n\n" + table)
+    (out / f"{name}.md").write_text("# Serving benchmark\n\n" + table)
     readme = ROOT / "README.md"
     text = readme.read_text()
-    if MARK_START in text and MARK_END in text and out == HERE:
+    if MARK_START in text and MARK_END in text and out == HERE and name == "SERVING":
         head, rest = text.split(MARK_START, 1)
         _, tail = rest.split(MARK_END, 1)
         readme.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{tail}")
     print(table)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="2 layers, levels 1 and 4, 4 requests, short prompts: checks the script "
-        "(written under benchmarks/.cache/quick, README untouched)",
+        help="a tiny shape, levels 1 and 4, 4 requests, short prompts: checks the script in "
+        "seconds (written under --work-dir/quick; README and benchmarks/ untouched)",
     )
-    parser.add_argument("--dtypes", default="float32,int8")
+    parser.add_argument("--dtypes", default="float32,int8", help="float32, int8, bfloat16, ...")
     parser.add_argument("--levels", default="1,4,16,64")
-    parser.add_argument("--layers", type=int, default=SHAPE_560M["n_layer"])
+    parser.add_argument("--shape", choices=("560m", "1b7"), default="560m")
+    parser.add_argument("--layers", type=int, help="default: the shape's (24)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1 (server and refs)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--min-requests", type=int, default=8)
     parser.add_argument("--max-model-len", type=int, default=512)
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per level")
-    args = parser.parse_args()
+    parser.add_argument(
+        "--work-dir", type=pathlib.Path, default=CACHE, help="model folders and server logs"
+    )
+    parser.add_argument(
+        "--out", default="SERVING", help="benchmarks/OUT.json and .md (README: only SERVING)"
+    )
+    args = parser.parse_args(argv)
     args.levels = [int(c) for c in args.levels.split(",")]
     args.prompt_tokens, args.new_tokens = (16, 256), (32, 128)
     out = HERE
+    shape = args.shape
     if args.quick:
-        args.layers, args.levels, args.min_requests = 2, [1, 4], 4
+        shape, args.levels, args.min_requests = "quick", [1, 4], 4
         args.prompt_tokens, args.new_tokens = (16, 48), (8, 16)
-        out = CACHE / "quick"
-    CACHE.mkdir(exist_ok=True)
-    folder = model_folder(args.layers)
+        out = args.work_dir / "quick"
+    layers = args.layers or SHAPES[shape]["n_layer"]
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    folder = model_folder(args.work_dir, shape, layers)
     report = {
-        "model": f"bloom-560m shape, {args.layers} layers, random weights",
+        "model": f"bloom-{shape} shape, {layers} layers, random weights, {args.device}",
+        "command": " ".join(["python benchmarks/serve_bench.py", *(argv or sys.argv[1:])]),
         "threads": args.threads,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}",
         "quick": args.quick,
         "load": "closed loop, streaming, prompts {}-{} tokens, {}-{} new tokens".format(
             *args.prompt_tokens, *args.new_tokens
         ),
-        "transformers_serve": "not run: no transformers 5.x in a separate venv here (see README)",
+        "transformers_serve": TRANSFORMERS_SERVE,
         "results": [bench_dtype(args, folder, d) for d in args.dtypes.split(",")],
     }
-    write(report, out)
+    write(report, out, args.out)
 
 
 if __name__ == "__main__":

@@ -77,3 +77,27 @@ def test_assisted_bench_runs_and_checks_ids(tmp_path):
     assert len(rows) == 4 * 6  # prompts x (2 libraries x 3 modes)
     assisted = [r for r in rows if (r["library"], r["mode"]) == ("bloomlm", "assisted")]
     assert all(0 <= r["kept"] <= r["drafted"] and r["target_passes"] >= 1 for r in assisted)
+
+
+def test_serve_bench_quick_mode_runs_end_to_end(tmp_path):
+    """benchmarks/serve_bench.py --quick: two real servers (float32, --quantize int8) on a tiny
+    shape, streaming clients at 1 and 4, the static batch and prefill references; every request
+    streamed the tokens it asked for (the script raises otherwise). README.md is left alone."""
+    readme = SCRIPT.parents[1] / "README.md"
+    before = readme.read_text()
+    cmd = [sys.executable, str(SCRIPT.parent / "serve_bench.py"), "--quick", "--threads", "1",
+           "--work-dir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    report = json.loads((tmp_path / "quick" / "SERVING.json").read_text())
+    assert [r["dtype"] for r in report["results"]] == ["float32", "int8"]
+    for result in report["results"]:
+        assert [row["clients"] for row in result["levels"]] == [1, 4]
+        for row in result["levels"]:
+            assert row["requests"] == max(4, 2 * row["clients"]) and row["tokens_per_s"] > 0
+            assert 8 * row["requests"] <= row["tokens"] <= 16 * row["requests"]
+        assert result["static_batch"]["rows"] == 4 and "concurrent sequences" in result[
+            "memory_plan"]  # fmt: skip
+        assert result["targets"]["ttft_over_prefill_p99"] > 0
+    assert "| int8 | 4 | 8 |" in (tmp_path / "quick" / "SERVING.md").read_text()
+    assert readme.read_text() == before

@@ -31,6 +31,7 @@ import torch
 
 import bloomlm
 from bloomlm.cli import main
+from bloomlm.serving import LLM, SamplingParams
 
 API_KEY = "test-key"
 MODEL = "bloomlm-tiny"
@@ -254,6 +255,20 @@ def test_prompt_lists_n_echo_stop_and_logprobs(client, tiny):
     )
     assert stopped.choices[0].text == full[: full.index(stop)]
     assert stopped.choices[0].finish_reason == "stop"
+
+
+def test_presence_and_frequency_penalties_reach_the_engine(client, tiny):
+    kwargs = dict(model=MODEL, prompt="A", max_tokens=20, temperature=0)
+    plain = client.completions.create(**kwargs, extra_body={"ignore_eos": True})
+    penalised = client.completions.create(
+        **kwargs, frequency_penalty=2.0, presence_penalty=1.0, extra_body={"ignore_eos": True}
+    )
+    params = SamplingParams(
+        max_tokens=20, temperature=0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=1.0
+    )
+    expected = LLM(*tiny, max_model_len=64).generate(["A"], params)[0].outputs[0].text
+    assert penalised.choices[0].text == expected
+    assert penalised.choices[0].text != plain.choices[0].text  # the tiny model repeats "A"
 
 
 def test_streaming_completions_and_chat_with_the_openai_client(client):
@@ -615,6 +630,41 @@ def test_an_engine_fault_fails_only_its_request_with_a_500(tiny, caplog):
     assert any("injected fault" in r.getMessage() or r.exc_info for r in caplog.records)
 
 
+def test_metrics_count_tokens_requests_and_latencies(tiny):
+    """/metrics on a server of its own, so every count is exact."""
+    prompt = "Once upon a time"
+    with in_process_server(tiny, -1) as url:
+        assert metric(url, "bloomlm_max_sequences") > 1
+        body = {"prompt": prompt, "n": 2, "max_tokens": 5, "temperature": 0.7, "seed": 1,
+                "ignore_eos": True}  # fmt: skip
+        status, answer, _ = post(url, "/v1/completions", body)
+        assert status == 200 and answer["usage"]["completion_tokens"] == 10
+        assert post(url, "/v1/completions", {"prompt": "hi", "max_tokens": 0})[0] == 400
+        wrong_key = {"Authorization": "Bearer wrong"}
+        assert post(url, "/v1/completions", {"prompt": "hi"}, headers=wrong_key)[0] == 401
+        counts = {
+            'bloomlm_requests_total{status="finished"}': 1,
+            'bloomlm_requests_total{status="rejected"}': 2,
+            'bloomlm_requests_total{status="error"}': 0,
+            "bloomlm_prompt_tokens_total": len(tiny[1](prompt)["input_ids"]),  # one prefill
+            "bloomlm_generation_tokens_total": 10,
+            "bloomlm_time_to_first_token_seconds_count": 1,  # per request
+            "bloomlm_inter_token_latency_seconds_count": 2 * 4,  # per continuation
+            "bloomlm_requests_running": 0,
+            "bloomlm_requests_waiting": 0,
+            "bloomlm_batch_occupancy": 0,
+        }
+        assert {name: metric(url, name) for name in counts} == counts
+    from bloomlm.serving.metrics import Metrics
+
+    gauges = Metrics()  # what one engine step reports, as the engine thread calls it
+    gauges.step_done(running=3, waiting=2, max_sequences=12)
+    text = gauges.render()[0].decode()
+    for line in ("bloomlm_requests_running 3.0", "bloomlm_requests_waiting 2.0",
+                 "bloomlm_batch_occupancy 0.25", "bloomlm_max_sequences 12.0"):  # fmt: skip
+        assert line in text.splitlines()
+
+
 def test_chat_uses_the_folders_chat_template_as_transformers_renders_it(tiny, tmp_path):
     folder = tmp_path / "with-template"
     shutil.copytree(pathlib.Path(bloomlm.__file__).parent / "assets" / MODEL, folder)
@@ -633,6 +683,12 @@ def test_chat_uses_the_folders_chat_template_as_transformers_renders_it(tiny, tm
     ]
     rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     assert rendered == "<s>[user] Hello</s>[assistant] Hi</s>[user] More</s>[assistant]"
+    from transformers import AutoTokenizer as TheirTokenizer
+
+    theirs = TheirTokenizer.from_pretrained(str(folder))
+    assert theirs.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) == (
+        rendered
+    )
     with in_process_server(tiny, -1, tokenizer) as url:
         status, body, _ = post(
             url, "/v1/chat/completions", {"messages": messages, "max_tokens": 8, "temperature": 0}
@@ -687,6 +743,59 @@ def test_serve_without_the_extra_names_the_install_line(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         main(["serve", "--kv-cache-memory", "lots"])
     assert "--kv-cache-memory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("options", "layer", "cache_dtype"),
+    [
+        (["--quantize", "int8"], "Int8Linear", torch.float32),
+        (["--quantize", "int8-weight-only"], "Int8WeightOnlyLinear", torch.float32),
+        (["--quantize", "fp16"], "Fp16Linear", torch.float32),  # fp16 weights, fp32 compute
+        (["--dtype", "bfloat16"], "Linear", torch.bfloat16),
+    ],
+)
+def test_serve_loads_the_model_as_the_model_options_say(
+    monkeypatch, capsys, options, layer, cache_dtype
+):
+    """`bloomlm serve --quantize` / `--dtype` (the shared model options): the engine serves the
+    quantized model, its KV cache and memory plan in the compute dtype, and a greedy request
+    returns what that model's `generate` returns. (run_server is replaced by one in-process
+    request, so no port is served.)"""
+    from bloomlm.serving import server as server_module
+
+    served: dict = {}
+
+    def serve_one_request(app, worker, sock, **kwargs) -> None:
+        sock.close()
+        engine = worker.engine
+        model, tokenizer = engine.model, engine.tokenizer
+        ids = tokenizer("Once upon a time")["input_ids"]
+        engine.add_request("q", ids, SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))
+        for _ in range(100):  # bounded: 1 prefill + 8 tokens
+            for output in engine.step():
+                served["tokens"] = output.outputs[0].token_ids
+            if not engine.has_work():
+                break
+        expected = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False,
+                                  suppress_tokens=[2])[0, len(ids):].tolist()  # fmt: skip
+        served.update(expected=expected, model=model, engine=engine)
+
+    monkeypatch.setattr(server_module, "run_server", serve_one_request)
+    threads = torch.get_num_threads()  # the CLI sets one thread for a tiny model
+    try:
+        argv = ["serve", "--port", "0", "--max-model-len", "64", "--kv-cache-memory", "8MiB"]
+        assert main([*argv, *options]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    model, engine = served["model"], served["engine"]
+    assert type(model.transformer.h[0].mlp.dense_h_to_4h).__name__ == layer
+    assert engine.decoder.cache.keys.dtype == cache_dtype
+    per_token = 2 * 4 * 192 * torch.empty((), dtype=cache_dtype).element_size()
+    assert engine.plan.bytes_per_token == per_token
+    printed = capsys.readouterr().out
+    assert f"KV cache: {per_token / 1024:.1f} KiB per token x 64 tokens" in printed
+    assert "stopped" in printed
+    assert served["tokens"] == served["expected"] and len(served["tokens"]) == 8
 
 
 # --------------------------------------------------------------------------------------------------
@@ -752,6 +861,7 @@ def test_the_playground_streams_what_the_api_returns(server, client, tmp_path):
         wait.until(lambda d: d.find_element(By.ID, "state").text.startswith(("done", "failed")))
         shown = driver.find_element(By.ID, "completion").get_property("textContent")
         tokens = int(driver.find_element(By.ID, "tokens").text)
+        rate = float(driver.find_element(By.ID, "rate").text)
         updates = driver.execute_script("return window.updates")
         error = driver.find_element(By.ID, "error").text
     finally:
@@ -768,4 +878,5 @@ def test_the_playground_streams_what_the_api_returns(server, client, tmp_path):
     )
     assert shown == expected.choices[0].text
     assert tokens == expected.usage.completion_tokens
+    assert rate > 0  # the page's tokens/s
     assert updates >= tokens // 2  # streamed, not written once at the end

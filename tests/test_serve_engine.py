@@ -14,7 +14,7 @@ import torch
 import bloomlm
 from bloomlm.serving import LLM, Engine, QueueFull, SamplingParams
 from bloomlm.serving.engine import EngineObserver
-from bloomlm.serving.memory import parse_bytes, plan_memory
+from bloomlm.serving.memory import available_memory, parse_bytes, plan_memory
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -386,6 +386,24 @@ def test_the_memory_plan_bounds_concurrent_sequences_by_the_budget(tiny):
     assert parse_bytes("2GiB") == 2**31 and parse_bytes("1.5k") == 1536
     with pytest.raises(ValueError, match="not a size"):
         parse_bytes("lots")
+
+
+def test_the_memory_plan_on_a_gpu_reads_its_free_memory(tiny, monkeypatch):
+    """On CUDA the budget is half the device's free memory (torch.cuda.mem_get_info; faked here,
+    so the CPU-only suite runs the code a GPU server runs)."""
+    asked = []
+
+    def mem_get_info(device):
+        asked.append(device)
+        return 3 * 2**30, 80 * 2**30  # (free, total)
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    cuda = torch.device("cuda", 0)
+    assert available_memory(cuda) == 3 * 2**30
+    plan = plan_memory(tiny[0].config, torch.bfloat16, cuda, 2048)
+    assert asked == [cuda, cuda] and plan.budget == 3 * 2**29
+    assert plan.max_sequences == 3 * 2**29 // (2 * 4 * 192 * 2 * 2048) - 1
+    assert "50% of 3.0 GiB available" in plan.describe()
 
 
 def test_llm_generate_keeps_the_prompts_order_and_takes_token_ids(tiny):

@@ -233,6 +233,7 @@ class Engine:
         self._inbox: deque[_Request] = deque()
         self._aborts: set[str] = set()
         self._touched: list[_Request] = []
+        self.observer.step_done(0, 0, self.max_sequences)  # the bound is known before any step
 
     # -- any thread ------------------------------------------------------------------------------
 

@@ -51,6 +51,8 @@ def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
 def available_memory(device: torch.device) -> int:
     """Bytes free for the cache now: the GPU's free memory, else the system's available memory."""
     if device.type == "cuda":
+        import torch  # here, not at the top: the CLI's size checks load this module without it
+
         return int(torch.cuda.mem_get_info(device)[0])
     try:
         with open("/proc/meminfo") as meminfo:
