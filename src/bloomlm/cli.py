@@ -169,6 +169,11 @@ def _size_check(value: str) -> str | None:
     return None
 
 
+def _count_option(group: Any, flag: str, minimum: int, **kwargs: Any) -> argparse.Action:
+    """An integer option of at least `minimum` (a count, a size, a port)."""
+    return _checked(group.add_argument(flag, type=int, **kwargs), _at_least(minimum))
+
+
 def _checked(action: argparse.Action, check: Check) -> argparse.Action:
     action.check = check  # run by _check_arguments once the command line is parsed
     return action
@@ -1275,6 +1280,7 @@ def _check_finetune(args: argparse.Namespace) -> str | None:
 SERVE_INSTALL = 'pip install "bloomlm[serve]"'
 
 
+# Over 40 lines: load, plan the KV memory, start the engine and the server, in that order.
 def _serve(args: argparse.Namespace) -> int:
     """Load the model, print the memory plan and the address, serve until SIGTERM / Ctrl-C."""
     try:
@@ -1343,12 +1349,15 @@ def _add_serve(commands: Any) -> None:
         f"cache memory budget, printed at start. Needs the serve extra: {SERVE_INSTALL}",
     )
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
-    net = parser.add_argument_group("server")
+    _server_options(parser.add_argument_group("server"))
+    _serving_engine_options(parser.add_argument_group("engine"))
+    _debug_option(parser)
+    parser.set_defaults(run=_serve, command_parser=parser)
+
+
+def _server_options(net: Any) -> None:
     net.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
-    _checked(
-        net.add_argument("--port", type=int, default=8000, help="port; 0 picks a free one"),
-        _at_least(0),
-    )
+    _count_option(net, "--port", 0, default=8000, help="port; 0 picks a free one")
     net.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*")
     net.add_argument("--served-model-name", help="the model's name in the API (default: --model)")
     _checked(
@@ -1366,25 +1375,24 @@ def _add_serve(commands: Any) -> None:
         "--log-level", choices=("critical", "error", "warning", "info", "debug"), default="info"
     )
     net.add_argument("--access-log", action="store_true", help="log every HTTP request")
-    engine = parser.add_argument_group("engine")
-    _checked(
-        engine.add_argument(
-            "--max-model-len",
-            type=int,
-            metavar="N",
-            help="most tokens per sequence, prompt included (default: the config's seq_length, "
-            f"else {DEFAULT_MODEL_LEN})",
-        ),
-        _at_least(2),
+
+
+# Over 40 lines: argparse declarations of the engine's limits.
+def _serving_engine_options(engine: Any) -> None:
+    _count_option(
+        engine,
+        "--max-model-len",
+        2,
+        metavar="N",
+        help="most tokens per sequence, prompt included (default: the config's seq_length, "
+        f"else {DEFAULT_MODEL_LEN})",
     )
-    _checked(
-        engine.add_argument(
-            "--max-batch",
-            type=int,
-            metavar="N",
-            help="most sequences running at once (default: as many as the KV cache budget holds)",
-        ),
-        _at_least(1),
+    _count_option(
+        engine,
+        "--max-batch",
+        1,
+        metavar="N",
+        help="most sequences running at once (default: as many as the KV cache budget holds)",
     )
     _checked(
         engine.add_argument(
@@ -1395,28 +1403,22 @@ def _add_serve(commands: Any) -> None:
         ),
         _size_text_check,
     )
-    _checked(
-        engine.add_argument(
-            "--max-waiting",
-            type=int,
-            default=256,
-            metavar="N",
-            help="most requests waiting to start; more get 429 with Retry-After",
-        ),
-        _at_least(0),
+    _count_option(
+        engine,
+        "--max-waiting",
+        0,
+        default=256,
+        metavar="N",
+        help="most requests waiting to start; more get 429 with Retry-After",
     )
-    _checked(
-        engine.add_argument(
-            "--prefill-chunk",
-            type=int,
-            default=512,
-            metavar="TOKENS",
-            help="prompt tokens prefilled between two decode steps (long prompts take several)",
-        ),
-        _at_least(1),
+    _count_option(
+        engine,
+        "--prefill-chunk",
+        1,
+        default=512,
+        metavar="TOKENS",
+        help="prompt tokens prefilled between two decode steps (long prompts take several)",
     )
-    _debug_option(parser)
-    parser.set_defaults(run=_serve, command_parser=parser)
 
 
 # -- the parser: one builder per subcommand, shared option groups first ----------------------------
@@ -1450,14 +1452,12 @@ def _model_options(parser: argparse.ArgumentParser, default: str | None, default
         help="weights dtype; auto = the checkpoint's (when not given: float32 on CPU, auto on "
         "other devices); int8 = deprecated alias of --quantize int8",
     )
-    _checked(
-        group.add_argument(
-            "--threads",
-            type=int,
-            help="CPU threads for torch (when not given: 1 for models under "
-            f"{SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, else one per core)",
-        ),
-        _at_least(1),
+    _count_option(
+        group,
+        "--threads",
+        1,
+        help="CPU threads for torch (when not given: 1 for models under "
+        f"{SMALL_MODEL_PARAMETERS // 1_000_000}M parameters, else one per core)",
     )
     _quantize_option(group)
 
@@ -1481,23 +1481,18 @@ def _text_inputs(parser: argparse.ArgumentParser, name: str, noun: str, help: st
 
 
 def _max_length_option(parser: argparse.ArgumentParser, default: int, what: str) -> None:
-    _checked(
-        parser.add_argument("--max-length", type=int, default=default, metavar="TOKENS", help=what),
-        _at_least(1),
-    )
+    _count_option(parser, "--max-length", 1, default=default, metavar="TOKENS", help=what)
 
 
 def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     engine = parser.add_argument_group("engine")
-    _checked(
-        engine.add_argument(
-            "--max-model-len",
-            type=int,
-            metavar="N",
-            help="most tokens per sequence, prompt included; a longer request is an error at "
-            f"once (default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
-        ),
-        _at_least(1),
+    _count_option(
+        engine,
+        "--max-model-len",
+        1,
+        metavar="N",
+        help="most tokens per sequence, prompt included; a longer request is an error at "
+        f"once (default: the config's seq_length, else {DEFAULT_MODEL_LEN})",
     )
     engine.add_argument(
         "--compile",
@@ -1509,6 +1504,7 @@ def _engine_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Over 40 lines: argparse declarations of generate's own options.
 def _add_generate(commands: Any) -> None:
     parser = commands.add_parser(
         "generate",
@@ -1536,10 +1532,7 @@ def _add_generate(commands: Any) -> None:
     _decoding_options(parser)
     _engine_arguments(parser)
     output = parser.add_argument_group("output")
-    _checked(
-        output.add_argument("--batch-size", type=int, default=8, help="prompts per batch"),
-        _at_least(1),
-    )
+    _count_option(output, "--batch-size", 1, default=8, help="prompts per batch")
     output.add_argument(
         "--only-new", action="store_true", help="print only the generated text, not the prompt"
     )
@@ -1553,18 +1546,14 @@ def _add_generate(commands: Any) -> None:
     output.add_argument(
         "--verbose", action="store_true", help="a final line on stderr: tokens, seconds, tokens/s"
     )
-    _checked(
-        parser.add_argument(
-            "--tensor-parallel", type=int, metavar="N",
-            help="split the model over N local processes (torch.distributed: gloo on CPU)",
-        ),
-        _at_least(1),
-    )  # fmt: skip
+    split = "split the model over N local processes (torch.distributed: gloo on CPU)"
+    _count_option(parser, "--tensor-parallel", 1, metavar="N", help=split)
     parser.add_argument("--tensor-parallel-rank", action="store_true", help=argparse.SUPPRESS)
     _debug_option(parser)
     parser.set_defaults(run=_generate, validate=_check_generate, command_parser=parser)
 
 
+# Over 40 lines: one argparse declaration per decoding option, nothing else.
 def _decoding_options(parser: argparse.ArgumentParser) -> None:
     """Flags default to None ("not given"): the folder's generation config or GENERATE_DEFAULTS
     then decide, and the help shows those defaults."""
@@ -1605,14 +1594,12 @@ def _decoding_options(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="never end at the end-of-text token: always --max-new-tokens",
     )
-    _checked(
-        group.add_argument(
-            "--seed",
-            type=int,
-            help="fix the random seed: sampling repeats exactly (each prompt draws from its own "
-            "generator: the same text whatever --batch-size)",
-        ),
-        _at_least(0),
+    _count_option(
+        group,
+        "--seed",
+        0,
+        help="fix the random seed: sampling repeats exactly (each prompt draws from its own "
+        "generator: the same text whatever --batch-size)",
     )
 
 
@@ -1632,15 +1619,9 @@ def _add_classify(commands: Any) -> None:
         "--threshold).",
     )
     _text_inputs(parser, "text", "texts", "texts")
-    _checked(
-        parser.add_argument("--batch-size", type=int, default=32, help="texts per batch"),
-        _at_least(1),
-    )
+    _count_option(parser, "--batch-size", 1, default=32, help="texts per batch")
     _max_length_option(parser, 512, "truncate each text to this many tokens")
-    _checked(
-        parser.add_argument("--top-k", type=int, default=1, help="print the K likeliest labels"),
-        _at_least(1),
-    )
+    _count_option(parser, "--top-k", 1, default=1, help="print the K likeliest labels")
     _checked(
         parser.add_argument(
             "--threshold",
@@ -1650,19 +1631,9 @@ def _add_classify(commands: Any) -> None:
         ),
         _between(0, 1),
     )
-    parser.add_argument(
-        "--jsonl",
-        action="store_true",
-        help='one JSON object per text: {"text", "label", "score", "scores", "labels"}',
-    )
+    jsonl = 'one JSON object per text: {"text", "label", "score", "scores", "labels"}'
     note = f"default: the embedded {DEFAULT_CLASSIFIER}, positive/negative"
-    _model_options(parser, DEFAULT_CLASSIFIER, note)
-    _debug_option(parser)
-    parser.set_defaults(
-        run=_classify,
-        validate=lambda args: _check_inputs(args, args.text, "text"),
-        command_parser=parser,
-    )
+    _text_command_end(parser, _classify, jsonl, DEFAULT_CLASSIFIER, note)
 
 
 def _add_tag(commands: Any) -> None:
@@ -1680,16 +1651,24 @@ def _add_tag(commands: Any) -> None:
         "or the most confident of its tokens; none: one row per token",
     )
     _max_length_option(parser, 512, "tag at most this many tokens of each text")
-    parser.add_argument(
-        "--jsonl",
-        action="store_true",
-        help='one JSON object per text: {"text", "words": [{"word", "label", "score", "start", '
-        '"end"}]} ("tokens" with --aggregation none)',
+    jsonl = (
+        'one JSON object per text: {"text", "words": [{"word", "label", "score", "start", '
+        '"end"}]} ("tokens" with --aggregation none)'
     )
-    _model_options(parser, None, "required: no tagging model ships with bloomlm")
+    note = "required: no tagging model ships with bloomlm"
+    _text_command_end(parser, _tag, jsonl, None, note)
+
+
+def _text_command_end(
+    parser: argparse.ArgumentParser, run: Any, jsonl: str, model: str | None, model_note: str
+) -> None:
+    """What `classify` and `tag` end with: --jsonl, the model options, --debug, and the check
+    that the texts come from exactly one place."""
+    parser.add_argument("--jsonl", action="store_true", help=jsonl)
+    _model_options(parser, model, model_note)
     _debug_option(parser)
     parser.set_defaults(
-        run=_tag,
+        run=run,
         validate=lambda args: _check_inputs(args, args.text, "text"),
         command_parser=parser,
     )
@@ -1708,15 +1687,13 @@ def _add_answer(commands: Any) -> None:
         "--context-file", metavar="FILE", help="read the context from FILE ('-': stdin)"
     )
     _max_length_option(parser, 384, "tokens per window (question + a part of the context)")
-    _checked(
-        parser.add_argument(
-            "--doc-stride",
-            type=int,
-            default=128,
-            metavar="TOKENS",
-            help="tokens each window shares with the previous one",
-        ),
-        _at_least(0),
+    _count_option(
+        parser,
+        "--doc-stride",
+        0,
+        default=128,
+        metavar="TOKENS",
+        help="tokens each window shares with the previous one",
     )
     parser.add_argument(
         "--json", action="store_true", help='print {"answer", "score", "start", "end"}'
@@ -1772,27 +1749,16 @@ def _add_info(commands: Any) -> None:
         "(architectures), head included.",
     )
     parser.add_argument("path", nargs="?", default=DEFAULT_LM, help="model folder or name")
-    _checked(
-        parser.add_argument("--batch", type=int, default=1, help="batch size for the estimate"),
-        _at_least(1),
-    )
-    _checked(
-        parser.add_argument(
-            "--length", type=int, default=2048, help="tokens per sequence, prompt + generated"
-        ),
-        _at_least(1),
+    _count_option(parser, "--batch", 1, default=1, help="batch size for the estimate")
+    _count_option(
+        parser, "--length", 1, default=2048, help="tokens per sequence, prompt + generated"
     )
     parser.add_argument(
         "--dtype", choices=DTYPES, default="auto", help="estimate for this dtype only (auto: all)"
     )
     parser.add_argument("--json", action="store_true", help="print one JSON object")
-    _checked(
-        parser.add_argument(
-            "--tensor-parallel", type=int, metavar="N",
-            help="also the N-way tensor-parallel plan and the bytes on each device",
-        ),
-        _at_least(1),
-    )  # fmt: skip
+    plan = "also the N-way tensor-parallel plan and the bytes on each device"
+    _count_option(parser, "--tensor-parallel", 1, metavar="N", help=plan)
     _debug_option(parser)
     parser.set_defaults(run=_info, command_parser=parser)
 
@@ -1865,6 +1831,7 @@ def _finetune_training(parser: argparse.ArgumentParser) -> None:
     option("--seed", int, 0, _at_least(0), "fixes the batch order and a new head's weights")
 
 
+# Over 40 lines: argparse declarations of the training options.
 def _add_finetune_task(tasks: Any, task: str) -> None:
     description, columns = _TASK_COLUMNS[task]
     parser = tasks.add_parser(
@@ -1894,7 +1861,7 @@ def _add_finetune_task(tasks: Any, task: str) -> None:
     _checked(
         parser.add_argument("--device", help=f"{DEVICES} (when not given: cpu)"), _device_check
     )
-    _checked(parser.add_argument("--threads", type=int, help="CPU threads for torch"), _at_least(1))
+    _count_option(parser, "--threads", 1, help="CPU threads for torch")
     group = parser.add_argument_group("columns")
     for flag, default, help in columns:
         group.add_argument(flag, default=default, help=help)

@@ -175,6 +175,7 @@ class BloomConfig(PretrainedConfigAPI):
 
     # -- validation -------------------------------------------------------------------------------
 
+    # Over 40 lines: one check per config field, each naming the field.
     def validate(self) -> None:
         """Raise ValueError naming the field when a value cannot describe a BLOOM model.
 

@@ -324,6 +324,7 @@ def _select_rows(x: jax.Array, rows_index: jax.Array, rows: int) -> jax.Array:
 # -- the entry point -------------------------------------------------------------------------------
 
 
+# Over 40 lines: transformers' Flax generate signature and its checks, then one dispatch.
 def generate(
     model: Any,
     input_ids: Any,
@@ -448,6 +449,7 @@ def _jitted_generate(key: tuple, mesh: jax.sharding.Mesh | None = None):
     module = module_for_key(key)
     static = ("max_length", "num_beams", "sampling", "processors", "num_return")
 
+    # Over 40 lines: one traced program (cache, step function, beam or sampling loop) for jit.
     @functools.partial(jax.jit, static_argnames=static)
     def run(
         params, input_ids, attention_mask, key, traced, *,

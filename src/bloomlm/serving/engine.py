@@ -192,6 +192,7 @@ class Engine:
     """Continuous batching over one model (see the module doc). `add_request`, `abort` and
     `num_waiting` may be called from any thread; `step` from one thread only."""
 
+    # Over 40 lines: the engine's state, each field with the reason it exists.
     def __init__(
         self,
         model: Any,

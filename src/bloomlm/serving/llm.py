@@ -31,6 +31,7 @@ _ENGINE_KEYWORDS = {
 _TOKEN_IDS = {"bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id"}
 
 
+# Over 40 lines: one generate keyword after another, mapped or refused.
 def params_from_generate(
     keywords: dict[str, Any], defaults: Any, seed: int | None, stop: Sequence[str]
 ) -> SamplingParams | None:

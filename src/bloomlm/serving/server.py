@@ -225,6 +225,7 @@ class _App:
         return self.tokenizer.decode([token_id])
 
 
+# Over 40 lines: the routes, each a few lines, in one place so the API reads as a table.
 def build_app(
     worker: EngineThread, tokenizer: Any, settings: ServerSettings, metrics: Metrics
 ) -> Starlette:
@@ -320,6 +321,7 @@ class _Job:
     top_logprobs: int | None = None  # chat: alternatives per token when logprobs is on
 
 
+# Over 40 lines: one OpenAI body field after another, each checked where it is read.
 def _sampling(body: _Body, state: _App, max_tokens: int | None, logprobs: int | None) -> Any:
     """The SamplingParams fields every endpoint shares, read and checked."""
     settings = state.settings

@@ -63,6 +63,7 @@ def _check_inputs_embeds(config: BloomConfig, inputs_embeds: torch.Tensor) -> No
         raise ValueError("inputs_embeds is empty; pass at least one position")
 
 
+# Over 40 lines: one check per cache property, each naming what was wrong.
 def check_past(
     config: BloomConfig, past_key_values, batch_size: int, n_head: int | None = None
 ) -> int:

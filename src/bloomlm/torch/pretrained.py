@@ -326,10 +326,9 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
     ):
         """Load a model folder (or hub name) written by transformers or bloomlm.
 
-        The model is built on the `meta` device and the checkpoint's tensors are assigned to it, so
-        no random weights are made first and memory-mapped safetensors stay mapped (one copy in
-        memory). Keyword arguments that name config fields override them (`num_labels=3`,
-        `problem_type=...`).
+        Built on the `meta` device, then the checkpoint's tensors are assigned to it: no random
+        weights first, and memory-mapped safetensors stay mapped (one copy in memory). Keywords
+        that name config fields override them (`num_labels=3`, `problem_type=...`).
         """
         if model_args:
             raise TypeError(f"{cls.__name__}.from_pretrained takes no extra positional arguments")
