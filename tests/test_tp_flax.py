@@ -11,7 +11,6 @@ by heads and rows, and each device holds 1/N of the split weights plus the repli
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import re
 import subprocess
@@ -30,6 +29,7 @@ from bloomlm.flax import model as modules
 from bloomlm.flax import sharding, weights
 from bloomlm.sharding_plan import plan_summary, tensor_parallel_plan
 from conftest import BOS_ID, EOS_ID, PAD_ID, make_inputs, randomize_
+from test_tp_torch import readme_example
 
 FLAX_TOL = 1e-4  # SPEC: Flax fp32
 WORKER = pathlib.Path(__file__).parent / "tp_flax_worker.py"
@@ -70,6 +70,7 @@ def results(tmp_path_factory) -> dict:
         "input_ids": input_ids.tolist(),
         "attention_mask": attention_mask.tolist(),
         "causal_lm_runs": [[[1, 8], False], [[2, 4], False], [[8, 1], False], [[2, 4], True]],
+        "readme_example": readme_example(1),
     }
     (root / "spec.json").write_text(json.dumps(spec))
     command = [sys.executable, str(WORKER), str(root / "spec.json"), str(root / "out.json")]
@@ -113,6 +114,8 @@ def test_causal_lm_equals_the_single_device_model(results, mesh):
     assert run["greedy_equal"] and run["sampled_equal"]
     new_tokens = np.array(run["greedy_new_tokens"])
     assert len(np.unique(new_tokens)) > 4  # a model that says something, so equality means much
+    if mesh == "2x4":
+        assert run["beam_equal"]  # once: beam search on rows and heads both split
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -237,15 +240,34 @@ def test_partition_rules_cover_only_known_paths():
         assert "model" in tuple(spec)
 
 
-def test_readme_mesh_example_works_as_written(tmp_path):
-    from test_tp_torch import readme_example
-
-    script = tmp_path / "jax_mesh.py"
-    script.write_text(readme_example(1))
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    done = subprocess.run(
-        [sys.executable, str(script)], capture_output=True, text=True, timeout=600, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    lines = done.stdout.strip().splitlines()
+def test_readme_mesh_example_works_as_written(results):
+    """Run as written in the worker's process with 8 simulated devices."""
+    lines = results["readme_example"].strip().splitlines()
     assert lines[0].startswith("A list is") and lines[-1] == "P(None, 'model')"
+
+
+def test_a_device_reads_only_its_slice(tmp_path, monkeypatch):
+    """`CheckpointSlice.read(index)` is `param[index]` in Flax's layout (a kernel is read as its
+    torch slice, transposed), straight from the (sharded) files and never more than the slice."""
+    folder = save_random(tmp_path, "BloomForCausalLM", **TP_CONFIG)
+    whole = flatten_dict(bloomlm.FlaxBloomForCausalLM.from_pretrained(folder).params)
+    config = BloomConfig(**TP_CONFIG)
+    slices = sharding.read_weight_slices(folder, config, set(whole), None, "unused")
+    assert set(slices) == set(whole)  # the tied LM head has no leaf of its own
+    reader = next(iter(slices.values())).reader
+    read_sizes = []
+
+    def counting_read(name, index=None):
+        tensor = type(reader).read(reader, name, index)
+        read_sizes.append(tensor.numel())
+        return tensor
+
+    monkeypatch.setattr(reader, "read", counting_read)
+    for path, leaf in slices.items():
+        # the second half of the first axis and the first half of the last, as a device's share
+        index = tuple(slice(n // 2, n) if axis == 0 else slice(0, max(1, n // 2))
+                      for axis, n in enumerate(leaf.shape))  # fmt: skip
+        part = leaf.read(index)
+        np.testing.assert_array_equal(part, np.asarray(whole[path])[index], err_msg=str(path))
+        assert read_sizes[-1] == part.size < np.asarray(whole[path]).size, path
+    assert len(read_sizes) == len(slices)

@@ -5,6 +5,7 @@ the same architecture as bigscience/bloom) for 8 and 16 ways, and `bloomlm info 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pathlib
 
@@ -175,3 +176,82 @@ def test_info_prints_the_plan(capsys, bloom):
 def test_info_refuses_a_size_that_splits_heads(capsys):
     assert main(["info", "--tensor-parallel", "4"]) == 1  # the embedded model has 6 heads
     assert "does not divide n_head 6" in capsys.readouterr().err
+
+
+# -- the README's numbers --------------------------------------------------------------------------
+
+ROOT = pathlib.Path(__file__).parents[1]
+UNITS = {"GiB": 2**30, "MiB": 2**20, "MB": 1e6}
+
+
+def readme_tables() -> list[list[list[str]]]:
+    """The tables of the README's "Larger than one device" section, as rows of cells."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Larger than one device", 1)[1].split("\n## ", 1)[0]
+    tables, rows = [], []
+    for line in [*section.splitlines(), ""]:
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            tables.append(rows)
+            rows = []
+    return tables
+
+
+def printed_bytes(cell: str) -> tuple[float, float]:
+    """("41.0 GiB") -> (bytes, half of the last printed digit in bytes)."""
+    if cell == "0":
+        return 0.0, 0.0
+    number, unit = cell.split()
+    decimals = len(number.partition(".")[2])
+    return float(number) * UNITS[unit], 0.5 * 10**-decimals * UNITS[unit]
+
+
+def test_readme_176b_memory_plan_is_the_plans(bloom):
+    """Every number of the README's 176B table is plan_summary's, as printed (bf16, 1 x 2048)."""
+    table = next(t for t in readme_tables() if t[0][0].startswith("bf16, batch 1 x 2048"))
+    assert table[0][1:] == ["1 device", "8 devices", "16 devices"]
+    rows = {row[0]: row[1:] for row in table[2:]}
+    checked = 0
+    for column, ways in enumerate((1, 8, 16)):
+        plan = plan_summary(bloom, ways, bytes_per_value=2, batch=1, length=2048)
+        exact = {
+            "weights per device": plan["bytes_per_device"]["weights"],
+            "KV cache per device": plan["bytes_per_device"]["kv_cache"],
+            "bytes each device sends per token (all-reduces + logits)": plan[
+                "communication_per_token"
+            ]["total"],
+        }
+        for label, value in exact.items():
+            shown, rounding = printed_bytes(rows[label][column])
+            assert abs(shown - value) <= rounding, (label, ways)
+            checked += 1
+        qkv = next(r for r in plan["rows"] if r["name"].endswith("query_key_value.weight"))
+        cell = rows["`query_key_value` per layer and device"][column]
+        assert cell.startswith(str(qkv["local_shape"])), cell
+        if ways > 1:
+            assert f"({plan['local_heads']} heads)" in cell
+    assert checked == 9
+
+
+def load_tp_bench():
+    spec = importlib.util.spec_from_file_location("tp_bench", ROOT / "benchmarks" / "tp_bench.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_benchmark_tables_are_the_committed_run():
+    """benchmarks/TP.md is tp_bench's table of the raw numbers in TP.json, its 176B rows are what
+    the plan computes today, and the README's benchmark tables are TP.md's rows."""
+    tp_bench = load_tp_bench()
+    results = json.loads((ROOT / "benchmarks" / "TP.json").read_text())
+    committed = (ROOT / "benchmarks" / "TP.md").read_text()
+    assert committed == "# Tensor parallelism benchmark\n\n" + tp_bench.table(results)
+    assert results["computed_176b"] == tp_bench.computed_176b()
+    benchmark_tables = [t for t in readme_tables() if "decode (ms/token)" in t[0]]
+    benchmark_tables += [t for t in readme_tables() if t[0][0] == "setup"]
+    assert len(benchmark_tables) == 3  # torch processes, JAX devices, 176B computed
+    for table in benchmark_tables:
+        for row in table:
+            assert "| " + " | ".join(row) + " |" in committed, row

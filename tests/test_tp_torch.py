@@ -3,10 +3,15 @@
 One `torchrun --nproc-per-node N` job per world size (2 and 4) runs every check on every rank
 (tests/tp_torch_worker.py) and hands back what it measured; the tests here assert on it. Checked:
 each class's outputs (and hidden states, gathered attentions, a head mask) equal the
-single-process model at the fp32 rule (1e-5), the same on every rank; a cache round trip; greedy
-and beam ids equal to one process, seeded sampling the same on every rank; head counts 16, 6 and
-28 (6 at N = 4 is refused); a sharded checkpoint; each rank's parameter bytes are the plan's
-(1/N of the split weights plus the replicated LayerNorms and biases); bad input.
+single-process model at the fp32 rule (1e-5), the same on every rank; a cache round trip; the ids
+of every decoding strategy (greedy, seeded sampling, beam, beam sampling, group and constrained
+beam search, contrastive search, prompt lookup, assisted decoding, guidance) equal to one process
+and the same on every rank; head counts 16, 6 and 28 (6 at N = 4 is refused); a sharded
+checkpoint, saved back from rank 0; each rank's parameter bytes are the plan's (1/N of the split
+weights plus the replicated LayerNorms and biases); meshes the user made; bad input, and what a
+split model refuses (compile=, save_pretrained without the gathered weights, resizing,
+quantizing, the serving engine); the README's torchrun example. Only the `bloomlm generate
+--tensor-parallel` test starts a job of its own (it tests the launcher).
 """
 
 from __future__ import annotations
@@ -75,13 +80,30 @@ def checkpoints(tmp_path_factory) -> dict:
     }
 
 
+@pytest.fixture(scope="module")
+def jobs() -> dict[int, list[dict]]:
+    """{world size: every rank's results}: one torchrun job per world size, run on first use."""
+    return {}
+
+
+def job_results(jobs: dict, checkpoints: dict, world: int) -> list[dict]:
+    if world not in jobs:
+        jobs[world] = run_job(checkpoints, world)
+    return jobs[world]
+
+
 @pytest.fixture(scope="module", params=[2, 4], ids=["2 ranks", "4 ranks"])
-def ranks(request, checkpoints) -> list[dict]:
-    """Every rank's results of one torchrun job of `request.param` processes."""
-    world = request.param
+def ranks(request, checkpoints, jobs) -> list[dict]:
+    """Every rank's results of the torchrun job of `request.param` processes."""
+    return job_results(jobs, checkpoints, request.param)
+
+
+def run_job(checkpoints: dict, world: int) -> list[dict]:
     root = pathlib.Path(checkpoints["root"])
     spec, out = root / f"spec{world}.json", root / f"out{world}.json"
-    spec.write_text(json.dumps({**checkpoints, "world_size": world}))
+    # The README's example is written for 2 processes (bloomlm-tiny has 6 heads).
+    example = readme_example(0) if world == 2 else None
+    spec.write_text(json.dumps({**checkpoints, "world_size": world, "readme_example": example}))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc-per-node", str(world), str(WORKER), str(spec), str(out)]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -138,6 +160,28 @@ def test_decoding_equals_one_process(ranks, n_head):
         assert len({t for row in run["greedy_new_tokens"] for t in row}) > 4  # not degenerate
 
 
+STRATEGIES = (  # generate's other loops (tp_torch_worker.check_strategies), each on 16 heads
+    "beam_sample",
+    "group_beam",
+    "constrained",
+    "contrastive",
+    "prompt_lookup",
+    "assisted",
+    "assisted_by_itself",
+    "guidance",
+    "samples_per_prompt",
+    "generators",
+)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_every_decoding_strategy_equals_one_process(ranks, strategy):
+    """[ids equal to one process, the same ids on every rank] for each rank."""
+    for rank in ranks:
+        assert set(rank["decoding"]["16"]["strategies"]) == set(STRATEGIES)
+        assert rank["decoding"]["16"]["strategies"][strategy] == [True, True]
+
+
 def test_sharded_checkpoint_loads_a_share(ranks):
     world = ranks[0]["world_size"]
     config = BloomConfig(**config_for("16"))
@@ -147,6 +191,8 @@ def test_sharded_checkpoint_loads_a_share(ranks):
         assert loading["parameter_bytes"] == expected
         assert loading["qkv_local_shape"] == [3 * 128 // world, 128]
         assert loading["gathered_state_dict_equal"]  # full_state_dict, e.g. to save on rank 0
+        assert loading["saved_on_rank_0_equal"]  # save_pretrained(state_dict=full_state_dict)
+        assert loading["storage_is_the_share"]  # no rank keeps a view of a whole tensor
 
 
 def test_a_missing_head_is_initialised_alike_on_every_rank(ranks):
@@ -166,7 +212,30 @@ def test_bad_input_says_what_is_wrong(ranks):
         assert f"tensor-parallel size {world} is larger than n_head 1" in errors["too_many_ranks"]
         assert "no 'model' dimension" in errors["no_model_axis"]
         assert "('data', 'tp')" in errors["no_model_axis"]
-        assert errors["model_axis_of_2d_mesh_ranks"] == world // 2
+
+
+def test_a_split_model_refuses_what_needs_it_whole(ranks):
+    """Refused with the way out, instead of failing inside DTensor (or, for the serving engine,
+    ranks that draw apart)."""
+    for rank in ranks:
+        errors = rank["errors"]
+        assert errors["compile"] == "compile= cannot be combined with tp_plan= or device_mesh="
+        assert "full_state_dict(model)" in errors["save"]
+        assert "is_main_process=rank == 0" in errors["save"]
+        assert "resize it in one process" in errors["resize"]
+        assert "quantize cannot be combined with tensor parallelism" in errors["quantize"]
+        assert "the serving engine runs one process" in errors["serving"]
+
+
+def test_a_mesh_the_user_made(ranks):
+    """`device_mesh=`: a 1-D mesh without names, and the "model" axis of a 2 x N/2 mesh."""
+    world = ranks[0]["world_size"]
+    for rank in ranks:
+        meshes = rank["meshes"]
+        assert set(meshes) == {"1-D", "2-D"}
+        assert meshes["1-D"]["ranks"] == world
+        assert meshes["2-D"]["ranks"] == world // 2
+        assert max(mesh["logits_diff"] for mesh in meshes.values()) <= FP32_TOL
 
 
 # -- in this process: no job needed ----------------------------------------------------------------
@@ -196,14 +265,21 @@ def test_bad_tensor_parallel_arguments(checkpoints, kwargs, message):
 # -- the command line ------------------------------------------------------------------------------
 
 
-def test_generate_command_splits_the_model(capsys):
+def test_generate_command_splits_the_model(capsys, tmp_path):
     """`bloomlm generate --tensor-parallel 2` starts two processes (torch.distributed.run's API) and
-    prints what one process prints: greedy, two prompts, the embedded 6-head model."""
-    prompts = ["A list is", "The weather today"]
-    options = ["--temperature", "0", "--max-new-tokens", "8", "--jsonl"]
-    assert main(["generate", *prompts, *options]) == 0
+    prints what one process prints (where the prompts run on the serving engine): two greedy
+    prompts and a sampled one with its seed, the embedded 6-head model."""
+    requests = [
+        {"prompt": "A list is", "temperature": 0},
+        {"prompt": "The weather today", "temperature": 0},
+        {"prompt": "Once upon a time", "temperature": 0.9, "seed": 7},
+    ]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps(request) + "\n" for request in requests))
+    options = ["--file", str(prompts), "--max-new-tokens", "8", "--jsonl"]
+    assert main(["generate", *options]) == 0
     one_process = capsys.readouterr().out
-    command = [sys.executable, "-m", "bloomlm", "generate", *prompts, *options]
+    command = [sys.executable, "-m", "bloomlm", "generate", *options]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run(
         [*command, "--tensor-parallel", "2"], capture_output=True, text=True, timeout=TIMEOUT,
@@ -211,12 +287,19 @@ def test_generate_command_splits_the_model(capsys):
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout == one_process
-    assert len(one_process.splitlines()) == 2
+    assert len(one_process.splitlines()) == 3
 
 
 def test_generate_command_refuses_a_split_of_heads(capsys):
     assert main(["generate", "A list is", "--tensor-parallel", "4"]) == 1
     assert "tensor-parallel size 4 does not divide n_head 6" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("option", [["--quantize", "int8"], ["--dtype", "int8"]])
+def test_generate_command_refuses_quantize_before_it_starts(capsys, option):
+    assert main(["generate", "A list is", "--tensor-parallel", "2", *option]) == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel splits float weights: drop --quantize / --dtype int8" in err
 
 
 def readme_example(index: int) -> str:
@@ -226,12 +309,9 @@ def readme_example(index: int) -> str:
     return section.split("```python\n")[index + 1].split("```", 1)[0]
 
 
-def test_readme_torchrun_example_works_as_written(tmp_path):
-    script = tmp_path / "tp_generate.py"
-    script.write_text(readme_example(0))
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(script)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=TIMEOUT, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    texts = ast.literal_eval(done.stdout.strip())  # rank 0 prints the decoded texts
+def test_readme_torchrun_example_works_as_written(checkpoints, jobs):
+    """Run as written inside the 2-process job (no job of its own)."""
+    first, *others = (rank["readme_example"] for rank in job_results(jobs, checkpoints, 2))
+    texts = ast.literal_eval(first.strip())  # rank 0 prints the decoded texts
     assert len(texts) == 2 and texts[0].startswith("A list is") and len(texts[0]) > 30
+    assert others == [""]  # the other rank prints nothing

@@ -8,15 +8,21 @@ one, so "equal" means equal to `from_pretrained(path)` without tp_plan.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import pathlib
 import sys
 import time
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 
 import bloomlm
+import bloomlm.serving
+from bloomlm.torch import quantize
 from bloomlm.torch.tensor_parallel import full_state_dict, local_parameter_bytes
 
 MAIN_FIELDS = {
@@ -109,6 +115,43 @@ def check_decoding(folder: str, ids, mask, every_strategy: bool) -> dict:
     results["sampled_equal"] = torch.equal(sampled, ref_sampled)
     beams = model.generate(ids, num_beams=2, **options)
     results["beam_equal"] = torch.equal(beams, ref.generate(ids, num_beams=2, **options))
+    results["strategies"] = check_strategies(model, ref, ids, mask)
+    return results
+
+
+def check_strategies(model, ref, ids, mask) -> dict:
+    """Every other decoding strategy of `generate` on the split model: {name: [ids equal to one
+    process, the same ids on every rank]}. Seeded alike where a strategy draws."""
+    options = dict(attention_mask=mask, max_new_tokens=6, pad_token_id=3)
+    no_repeat = dict(options, no_repeat_ngram_size=1)
+    one = dict(attention_mask=mask[-1:], max_new_tokens=6, pad_token_id=3)  # a single prompt
+    cases = {
+        "beam_sample": (ids, dict(no_repeat, num_beams=2, do_sample=True)),
+        "group_beam": (ids, dict(no_repeat, num_beams=4, num_beam_groups=2, diversity_penalty=0.5)),
+        "constrained": (ids, dict(no_repeat, num_beams=2, force_words_ids=[[17]])),
+        "contrastive": (ids, dict(options, penalty_alpha=0.6, top_k=4)),
+        "prompt_lookup": (ids[-1:], dict(one, prompt_lookup_num_tokens=3)),
+        "assisted": (ids[-1:], dict(one, assistant_model="one process")),
+        "assisted_by_itself": (ids[-1:], dict(one, assistant_model="itself")),
+        "guidance": (ids, dict(no_repeat, guidance_scale=1.5)),
+        "samples_per_prompt": (ids, dict(no_repeat, do_sample=True, num_return_sequences=2)),
+        "generators": (ids, dict(no_repeat, do_sample=True, generator="seeded")),
+    }
+    assistants = {"one process": ref}
+    results = {}
+    for name, (prompt, kwargs) in cases.items():
+        sequences = []
+        for which in (model, ref):
+            assistants["itself"] = which
+            call = dict(kwargs)
+            if "assistant_model" in call:
+                call["assistant_model"] = assistants[call["assistant_model"]]
+            if "generator" in call:  # one per prompt
+                call["generator"] = [torch.Generator().manual_seed(i) for i in range(len(prompt))]
+            torch.manual_seed(5)
+            sequences.append(which.generate(prompt, **call))
+        ours, theirs = sequences
+        results[name] = [torch.equal(ours, theirs), same_on_every_rank(ours)]
     return results
 
 
@@ -123,18 +166,27 @@ def check_missing_head(body_folder: str, ids, mask) -> dict:
     return {"missing_keys": info["missing_keys"], "same_on_every_rank": same_on_every_rank(logits)}
 
 
-def check_loading(folder: str) -> dict:
-    """Per-rank parameter bytes and peak memory while loading (a sharded checkpoint)."""
+def check_loading(folder: str, saved: str) -> dict:
+    """Per-rank parameter bytes and peak memory while loading (a sharded checkpoint); whether
+    each rank's tensors own only their share (no view of a whole tensor read by the way); the
+    gathered weights saved on rank 0 and read back."""
     before = peak_rss_mib()
     start = time.perf_counter()
     model = bloomlm.BloomForCausalLM.from_pretrained(folder, tp_plan="auto")
     seconds = time.perf_counter() - start
     local_qkv = model.transformer.h[0].self_attention.query_key_value.weight.to_local()
+    owned = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters()]
     whole = bloomlm.BloomForCausalLM.from_pretrained(folder).state_dict()
-    gathered = full_state_dict(model)
+    gathered = full_state_dict(model)  # every rank takes part in the gathering
+    model.save_pretrained(saved, state_dict=gathered, is_main_process=dist.get_rank() == 0)
+    dist.barrier()
+    reloaded = bloomlm.BloomForCausalLM.from_pretrained(saved).state_dict()
     return {
         "gathered_state_dict_equal": gathered.keys() == whole.keys()
         and all(torch.equal(gathered[k], whole[k]) for k in whole),
+        "saved_on_rank_0_equal": reloaded.keys() == whole.keys()
+        and all(torch.equal(reloaded[k], whole[k]) for k in whole),
+        "storage_is_the_share": all(t.untyped_storage().nbytes() == t.nbytes for t in owned),
         "parameter_bytes": local_parameter_bytes(model),
         "peak_rss_growth_mib": peak_rss_mib() - before,
         "seconds": seconds,
@@ -160,15 +212,52 @@ def check_errors(spec: dict) -> dict:
             lambda: causal_lm.from_pretrained(spec["heads"]["1"], tp_plan="auto")
         ),
     }
+    model = causal_lm.from_pretrained(spec["heads"]["16"], tp_plan="auto")
+    ids = torch.tensor(spec["input_ids"])
+    tokenizer = bloomlm.AutoTokenizer.from_pretrained("bloomlm-tiny")
+    errors.update({  # what a split model refuses, instead of failing inside DTensor
+        "compile": error_of(lambda: model.generate(ids, max_new_tokens=2, compile=True)),
+        "save": error_of(lambda: model.save_pretrained(spec["root"] + f"/unsaved{world}")),
+        "resize": error_of(lambda: model.resize_token_embeddings(300)),
+        "quantize": error_of(lambda: quantize.quantize_(model, "int8-weight-only")),
+        "serving": error_of(lambda: bloomlm.serving.LLM(model, tokenizer)),
+    })  # fmt: skip
     if world % 2 == 0:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("data", "tp"))
         errors["no_model_axis"] = error_of(
             lambda: causal_lm.from_pretrained(spec["heads"]["16"], device_mesh=mesh)
         )
-        mesh2d = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("data", "model"))
-        model = causal_lm.from_pretrained(spec["heads"]["16"], device_mesh=mesh2d)
-        errors["model_axis_of_2d_mesh_ranks"] = model.tensor_parallel_mesh.size()
     return errors
+
+
+def check_meshes(folder: str, ids, mask) -> dict:
+    """`device_mesh=`: a 1-D mesh without names, and the "model" axis of a 2 x N/2 mesh (each
+    "data" replica splits the model over its own ranks): logits against one process."""
+    world = dist.get_world_size()
+    ref = bloomlm.BloomForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        theirs = ref(ids, attention_mask=mask).logits
+    meshes = {"1-D": init_device_mesh("cpu", (world,))}
+    if world % 2 == 0:
+        meshes["2-D"] = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("data", "model"))
+    results = {}
+    for name, mesh in meshes.items():
+        model = bloomlm.BloomForCausalLM.from_pretrained(folder, device_mesh=mesh)
+        with torch.no_grad():
+            ours = model(ids, attention_mask=mask).logits
+        results[name] = {
+            "ranks": model.tensor_parallel_mesh.size(),
+            "logits_diff": relative_diff(ours, theirs),
+        }
+    return results
+
+
+def run_readme_example(code: str) -> str:
+    """The README's torchrun example, as written, in this torchrun job: what it prints."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(compile(code, "README.md", "exec"), {"__name__": "__main__"})
+    return printed.getvalue()
 
 
 def main(spec_path: str, out_path: str) -> None:
@@ -191,9 +280,13 @@ def main(spec_path: str, out_path: str) -> None:
         else:
             results["decoding"][n_head] = check_decoding(folder, ids, mask, n_head == "16")
     results["seconds"]["decoding"] = time.perf_counter() - start
-    results["loading"] = check_loading(spec["sharded"])
+    saved = str(pathlib.Path(spec["root"]) / f"saved{world}")
+    results["loading"] = check_loading(spec["sharded"], saved)
     results["missing_head"] = check_missing_head(spec["archs"]["BloomModel"], ids, mask)
+    results["meshes"] = check_meshes(spec["heads"]["16"], ids, mask)
     results["errors"] = check_errors(spec)
+    if spec.get("readme_example"):
+        results["readme_example"] = run_readme_example(spec["readme_example"])
     results["seconds"]["total"] = time.perf_counter() - start
     every_rank = [None] * world
     dist.all_gather_object(every_rank, results)

@@ -694,6 +694,8 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
         raise UsageError(
             "--tensor-parallel places each process itself (gloo on CPU): drop --device"
         )
+    if args.quantize or args.dtype == "int8":  # refused here, before N processes start
+        raise UsageError("--tensor-parallel splits float weights: drop --quantize / --dtype int8")
     ways = args.tensor_parallel
     check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
     # The processes run eager steps: the compiled decode step is not built for split weights.
@@ -832,9 +834,12 @@ def _generate_continuously(
 ) -> bool:
     """Run the requests on the continuous-batching engine (bloomlm.serving.LLM), at most
     --batch-size sequences at once, each prompt starting as soon as a row is free; results
-    printed in input order. False (nothing run) when one needs model.generate (beam search)."""
+    printed in input order. False (nothing run) when one needs model.generate (beam search,
+    a model split by --tensor-parallel)."""
     from bloomlm.serving.llm import LLM, params_from_generate
 
+    if getattr(generator.model, "tensor_parallel_mesh", None) is not None:
+        return False  # --tensor-parallel: the engine runs one process; model.generate splits
     defaults = generator.model.generation_config
     params = [params_from_generate(generator.keywords(r), defaults, r.seed, r.stop)
               for r in requests]  # fmt: skip

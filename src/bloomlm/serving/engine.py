@@ -205,6 +205,14 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         observer: EngineObserver | None = None,
     ):
+        if getattr(model, "tensor_parallel_mesh", None) is not None:
+            # Each rank would schedule and draw on its own (a request without a seed gets a
+            # random one), so the ranks would pick different tokens and their collectives diverge.
+            raise ValueError(
+                "the serving engine runs one process: a model split by tp_plan= / device_mesh= "
+                "is not supported (use model.generate in every rank, or bloomlm generate "
+                "--tensor-parallel N)"
+            )
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = (

@@ -121,6 +121,9 @@ class Decoder:
     def __init__(self, model: Any, rows: int, capacity: int, *, compile: bool | str = False):
         if rows < 1 or capacity < 1:
             raise ValueError(f"a Decoder needs rows >= 1 and capacity >= 1, got {rows}, {capacity}")
+        if compile and getattr(model, "tensor_parallel_mesh", None) is not None:
+            # as from_pretrained(compile=) with tp_plan=: the split model's steps run eager
+            raise ValueError("compile= cannot be combined with tp_plan= or device_mesh=")
         self.model = model
         self.rows = rows
         self.compiled = _CompiledStep.for_model(model, compile) if compile else None

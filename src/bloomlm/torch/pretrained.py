@@ -117,6 +117,11 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
             return old
         if isinstance(old, quantization.QuantizedEmbedding):
             raise ValueError("resize_token_embeddings needs a float model; quantize after resizing")
+        if getattr(self, "tensor_parallel_mesh", None) is not None:
+            raise ValueError(
+                "resize_token_embeddings needs a whole model, not one split by tp_plan= / "
+                "device_mesh=: resize it in one process, save it, then load it split"
+            )
         new_num_tokens = old.num_embeddings if new_num_tokens is None else new_num_tokens
         if pad_to_multiple_of is not None:
             new_num_tokens = -(-new_num_tokens // pad_to_multiple_of) * pad_to_multiple_of
@@ -293,6 +298,12 @@ class BloomPreTrainedModel(PreTrainedModelAPI, nn.Module):
                 generation_config.save_pretrained(staging)
 
     def _state_dict_to_save(self, state_dict: dict[str, torch.Tensor] | None) -> dict:
+        if state_dict is None and getattr(self, "tensor_parallel_mesh", None) is not None:
+            raise ValueError(
+                "this model is split over the ranks (tp_plan= / device_mesh=): gather it on "
+                "every rank with bloomlm.torch.tensor_parallel.full_state_dict(model) and pass "
+                "save_pretrained(..., state_dict=that, is_main_process=rank == 0)"
+            )
         state_dict = self.state_dict() if state_dict is None else state_dict
         if self.config.tie_word_embeddings:
             # The tied head is the embedding matrix: store it once, as transformers does.

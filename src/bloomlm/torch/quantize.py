@@ -459,6 +459,11 @@ def quantize_int8_(
 
 def _check_quantizable(model: nn.Module) -> None:
     config = model.config
+    if getattr(model, "tensor_parallel_mesh", None) is not None:
+        raise ValueError(
+            "quantize cannot be combined with tensor parallelism (tp_plan= / device_mesh=): the "
+            "split layers are DTensors; load the model in one process to quantize it"
+        )
     if config.slow_but_exact and config.pretraining_tp > 1:
         raise ValueError(
             "quantize cannot be combined with slow_but_exact=True and pretraining_tp > 1 (that "

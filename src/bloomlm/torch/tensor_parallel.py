@@ -10,9 +10,10 @@ The split is `bloomlm.sharding_plan`'s, applied with `parallelize_module`: `quer
 `dense_h_to_4h` ColwiseParallel, `dense` and `dense_4h_to_h` RowwiseParallel (one all-reduce
 each), the word embedding RowwiseParallel (vocab-parallel lookup, one all-reduce) and the tied LM
 head ColwiseParallel with its logits gathered, so every rank holds the same full logits and
-`generate` picks the same token on every rank (greedy, and sampling when every rank seeds torch
-alike; torch's default seed is the same in every process). LayerNorms and the small heads stay
-plain replicated tensors; the row-parallel biases become replicated DTensors, added once.
+`generate` picks the same token on every rank, in every decoding strategy (sampling ones when every
+rank seeds torch alike; torch's default seed is the same in every process). LayerNorms and the
+small heads stay plain replicated tensors; the row-parallel biases become replicated DTensors,
+added once.
 
 Loading reads each rank's slices straight from the safetensors files (`SliceReader`), so a rank
 never holds more than its share plus one tensor; a parameter the checkpoint lacks is initialised
@@ -28,6 +29,9 @@ Decoder read both, so the cache holds the local heads ([L, N, H/N, S, D]; BLOOM'
 [B * H/N, D, S] at the API). Attention probabilities (`output_attentions`) are gathered over the
 heads and a `head_mask` is sliced to the rank's heads, so outputs have the single-process shapes.
 The compiled decode step (`compile=`) is not offered with tensor parallelism (steps run eager).
+What needs the whole model refuses a split one (`tensor_parallel_mesh` is set) with a ValueError:
+`compile=`, `save_pretrained` without `state_dict=full_state_dict(model)`, quantizing, resizing the
+vocabulary, and the serving engine (one process; each rank would draw its own tokens).
 
 gloo (CPU) is tested here with 2 and 4 processes; NCCL (CUDA, one GPU per rank: LOCAL_RANK) takes
 the same code path and is untested unless run on two or more GPUs.
