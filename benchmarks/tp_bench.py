@@ -2,6 +2,7 @@
 
     python benchmarks/tp_bench.py            # 560m shape; writes benchmarks/TP.md and TP.json
     python benchmarks/tp_bench.py --quick    # tiny shape, prints the table only
+    python benchmarks/tp_bench.py --cuda     # on a CUDA GPU: adds the 7b1 bf16 row to TP.md/.json
 
 Measured (random weights of the shape, fp32, greedy, batch 1, a 32-token prompt):
   torch   1 process (no tensor parallelism), then 2 and 4 gloo processes under torchrun
@@ -18,6 +19,10 @@ per device, bytes each rank sends per token in the all-reduces (ring: 2 (N-1)/N 
 and a bandwidth-bound latency per token = weights per device / HBM bandwidth + bytes sent / link
 bandwidth + collectives x per-collective latency (the assumptions are printed with the table),
 next to the published DeepSpeed-Inference and text-generation-inference figures.
+
+`--cuda` (one prepared run, where a GPU is lent): the TP = 1 path of the 7b1 shape in bf16 on one
+CUDA GPU (random weights made on the GPU, no checkpoint written), decode ms per token as above
+and the peak GPU memory; the row is added to the committed TP.json and TP.md, the rest is kept.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ BLOOM_176B = ROOT / "tests" / "fixtures" / "bloom-176b"
 SHAPES = {
     "560m": dict(vocab_size=250880, hidden_size=1024, n_layer=24, n_head=16),
     "tiny": dict(vocab_size=1024, hidden_size=64, n_layer=2, n_head=8),
+    "7b1": dict(vocab_size=250880, hidden_size=4096, n_layer=30, n_head=32),  # --cuda only
 }
 PROMPT, NEW_TOKENS = 32, 32
 TORCH_RANKS, JAX_DEVICES = (1, 2, 4), (1, 2, 4, 8)
@@ -143,6 +149,38 @@ def jax_process(folder: str, out: str, devices: int) -> None:
     Path(out).write_text(json.dumps(result))
 
 
+def single_device_row(shape: str = "7b1", device: str = "cuda") -> dict:
+    """No tensor parallelism, one accelerator: the shape's random weights made on `device` in
+    bf16, decode ms per token (batch 1, greedy) and the peak memory the device allocated."""
+    import torch
+
+    from bloomlm import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    default_dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)  # made in bf16: no float32 copy of 7B weights
+    try:
+        with torch.device(device):
+            model = BloomForCausalLM(BloomConfig(**SHAPES[shape], pad_token_id=3)).eval()
+    finally:
+        torch.set_default_dtype(default_dtype)
+    ids = torch.randint(4, 1000, (1, PROMPT), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(device)
+    cuda = torch.device(device).type == "cuda"
+
+    def generate(new: int):
+        model.generate(ids, max_new_tokens=new, eos_token_id=None, pad_token_id=3)
+        if cuda:
+            torch.cuda.synchronize()
+
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    name = torch.cuda.get_device_name() if cuda else platform.machine()
+    ms = per_token_ms(generate)
+    peak = torch.cuda.max_memory_allocated() if cuda else float("nan")
+    return {"shape": shape, "device": name, "dtype": "bfloat16", "ms_per_token": ms,
+            "weights_gb": weights / 1e9, "peak_gb": peak / 1e9}  # fmt: skip
+
+
 # -- the driver ------------------------------------------------------------------------------------
 
 
@@ -204,6 +242,12 @@ def table(results: dict) -> str:
         ms = statistics.median(r["ms_per_token"] for r in per_rank)
         rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in per_rank)
         lines.append(f"| {ranks} | {load:.2f} | {load_mb} | {ms:.1f} | {rss} |")
+    if "gpu" in results:
+        gpu = results["gpu"]
+        lines += ["", f"One GPU, no tensor parallelism ({gpu['device']}), the {gpu['shape']} "
+                  f"shape in {gpu['dtype']}, batch 1, greedy: {gpu['ms_per_token']:.1f} ms/token, "
+                  f"{gpu['weights_gb']:.1f} GB of weights, peak GPU memory "
+                  f"{gpu['peak_gb']:.1f} GB."]  # fmt: skip
     lines += ["", "| JAX devices (1 process) | load (s) | decode (ms/token) "
               "| process peak RSS (MB) | parameters per device (MB) |",
               "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -224,8 +268,11 @@ def table(results: dict) -> str:
                  "read once per token, the KV cache and attention ignored (small at batch 1). An "
                  "A100 node holds 8 GPUs, so 16 are two nodes, and part of the traffic behind the "
                  "published 16-GPU figure crosses the slower network between them.")  # fmt: skip
-    lines.append(NOTES)
+    lines.append(NOTES.replace(NO_GPU, "") if "gpu" in results else NOTES)
     return "\n".join(lines) + "\n"
+
+
+NO_GPU = " No GPU was lent to the run that produced TP.md, so it has no measured GPU row."
 
 
 NOTES = """
@@ -246,10 +293,25 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape; print only")
     parser.add_argument("--table", metavar="JSON", help="print the table of an earlier run")
+    parser.add_argument(
+        "--cuda", action="store_true", help="on a CUDA GPU: add the 7b1 bf16 row to TP.md/.json"
+    )
     parser.add_argument("--role", nargs="+", help=argparse.SUPPRESS)  # a child process's job
     args = parser.parse_args(argv)
     if args.table:
         print(table(json.loads(Path(args.table).read_text())), end="")
+        return
+    if args.cuda:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise SystemExit("--cuda needs a CUDA GPU; none is visible to torch")
+        results = json.loads((HERE / "TP.json").read_text())
+        results["gpu"] = single_device_row("7b1", "cuda")
+        text = table(results)
+        print(text)
+        (HERE / "TP.md").write_text("# Tensor parallelism benchmark\n\n" + text)
+        (HERE / "TP.json").write_text(json.dumps(results, indent=2) + "\n")
         return
     if args.role:
         role, *rest = args.role

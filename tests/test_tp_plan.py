@@ -255,3 +255,22 @@ def test_benchmark_tables_are_the_committed_run():
     for table in benchmark_tables:
         for row in table:
             assert "| " + " | ".join(row) + " |" in committed, row
+
+
+def test_benchmark_gpu_row_runs_and_is_tabled():
+    """`tp_bench.py --cuda`'s measurement, run here on the CPU at the tiny shape (the GPU run is
+    the 7b1 shape), and its row in the table, which then drops the "no GPU" note."""
+    tp_bench = load_tp_bench()
+    tp_bench.NEW_TOKENS = 2  # (generate(3) - generate(1)) / 2: enough to run every line
+    row = tp_bench.single_device_row("tiny", "cpu")
+    assert row["shape"] == "tiny" and row["dtype"] == "bfloat16"
+    assert np.isfinite(row["ms_per_token"])  # timing noise may dominate 2 tokens: no sign check
+    assert torch.get_default_dtype() == torch.float32  # restored after making the bf16 model
+    results = json.loads((ROOT / "benchmarks" / "TP.json").read_text())
+    results["gpu"] = dict(row, device="NVIDIA H200", ms_per_token=21.25, peak_gb=15.02)
+    text = tp_bench.table(results)
+    assert "(NVIDIA H200), the tiny shape in bfloat16, batch 1, greedy: 21.2 ms/token" in text
+    assert "peak GPU memory 15.0 GB" in text
+    assert "no measured GPU row" not in text and "no measured GPU row" in tp_bench.table(
+        json.loads((ROOT / "benchmarks" / "TP.json").read_text())
+    )
