@@ -243,11 +243,7 @@ def table(results: dict) -> str:
         rss = " / ".join(f"{r['peak_rss_mb']:.0f}" for r in per_rank)
         lines.append(f"| {ranks} | {load:.2f} | {load_mb} | {ms:.1f} | {rss} |")
     if "gpu" in results:
-        gpu = results["gpu"]
-        lines += ["", f"One GPU, no tensor parallelism ({gpu['device']}), the {gpu['shape']} "
-                  f"shape in {gpu['dtype']}, batch 1, greedy: {gpu['ms_per_token']:.1f} ms/token, "
-                  f"{gpu['weights_gb']:.1f} GB of weights, peak GPU memory "
-                  f"{gpu['peak_gb']:.1f} GB."]  # fmt: skip
+        lines += ["", gpu_line(results["gpu"])]
     lines += ["", "| JAX devices (1 process) | load (s) | decode (ms/token) "
               "| process peak RSS (MB) | parameters per device (MB) |",
               "| ---: | ---: | ---: | ---: | ---: |"]  # fmt: skip
@@ -272,6 +268,14 @@ def table(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def gpu_line(gpu: dict) -> str:
+    return (
+        f"One GPU, no tensor parallelism ({gpu['device']}), the {gpu['shape']} shape in "
+        f"{gpu['dtype']}, batch 1, greedy: {gpu['ms_per_token']:.1f} ms/token, "
+        f"{gpu['weights_gb']:.1f} GB of weights, peak GPU memory {gpu['peak_gb']:.1f} GB."
+    )
+
+
 NO_GPU = " No GPU was lent to the run that produced TP.md, so it has no measured GPU row."
 
 
@@ -289,6 +293,20 @@ fall as 1/N. No GPU was lent to the run that produced TP.md, so it has no measur
 """
 
 
+def add_gpu_row() -> None:
+    """`--cuda`: measure the 7b1 row on this machine's GPU, add it to the committed run."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("--cuda needs a CUDA GPU; none is visible to torch")
+    results = json.loads((HERE / "TP.json").read_text())
+    results["gpu"] = single_device_row("7b1", "cuda")
+    text = table(results)
+    print(text)
+    (HERE / "TP.md").write_text("# Tensor parallelism benchmark\n\n" + text)
+    (HERE / "TP.json").write_text(json.dumps(results, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny shape; print only")
@@ -302,16 +320,7 @@ def main(argv: list[str] | None = None) -> None:
         print(table(json.loads(Path(args.table).read_text())), end="")
         return
     if args.cuda:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise SystemExit("--cuda needs a CUDA GPU; none is visible to torch")
-        results = json.loads((HERE / "TP.json").read_text())
-        results["gpu"] = single_device_row("7b1", "cuda")
-        text = table(results)
-        print(text)
-        (HERE / "TP.md").write_text("# Tensor parallelism benchmark\n\n" + text)
-        (HERE / "TP.json").write_text(json.dumps(results, indent=2) + "\n")
+        add_gpu_row()
         return
     if args.role:
         role, *rest = args.role

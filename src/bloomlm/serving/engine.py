@@ -188,6 +188,18 @@ class _Request:
 # --------------------------------------------------------------------------------------------------
 
 
+def _check_one_process(model: Any) -> None:
+    """ValueError for a model split over processes (tensor parallelism): each rank would schedule
+    and draw on its own (a request without a seed gets a random one), so the ranks would pick
+    different tokens and their collectives would diverge."""
+    if getattr(model, "tensor_parallel_mesh", None) is not None:
+        raise ValueError(
+            "the serving engine runs one process: a model split by tp_plan= / device_mesh= is "
+            "not supported (use model.generate in every rank, or bloomlm generate "
+            "--tensor-parallel N)"
+        )
+
+
 class Engine:
     """Continuous batching over one model (see the module doc). `add_request`, `abort` and
     `num_waiting` may be called from any thread; `step` from one thread only."""
@@ -205,14 +217,7 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         observer: EngineObserver | None = None,
     ):
-        if getattr(model, "tensor_parallel_mesh", None) is not None:
-            # Each rank would schedule and draw on its own (a request without a seed gets a
-            # random one), so the ranks would pick different tokens and their collectives diverge.
-            raise ValueError(
-                "the serving engine runs one process: a model split by tp_plan= / device_mesh= "
-                "is not supported (use model.generate in every rank, or bloomlm generate "
-                "--tensor-parallel N)"
-            )
+        _check_one_process(model)
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = (
