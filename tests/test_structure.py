@@ -7,6 +7,7 @@ and relative) imports, so a checker that stopped seeing such imports would fail 
 from __future__ import annotations
 
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +59,51 @@ def test_checker_reports_a_cycle_of_lazy_imports(tmp_path, capsys):
     assert "import cycle among 3 modules: bloomlm.a, bloomlm.b, bloomlm.sub.c" in report
     assert "bloomlm.sub.c:2 -> bloomlm.a" in report
     assert "bloomlm.d" not in report
+
+
+def test_the_readme_layout_names_every_module_and_script():
+    """README's Layout section is the map of the tree: a module, benchmark or script missing from
+    it (or one it names that is gone) fails here."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    layout = readme[readme.index("## Layout") :]
+    entries = layout[layout.index("```") : layout.rindex("```")]
+    package = ROOT / "src" / "bloomlm"
+    missing = []
+    for path in sorted(package.rglob("*.py")):
+        relative = path.relative_to(package).as_posix()
+        if path.name in ("__init__.py", "__main__.py"):
+            continue
+        folder_entry = relative.rsplit("/", 1)[0] + "/" if "/" in relative else None
+        named = relative in entries or (
+            folder_entry is not None
+            and folder_entry in entries
+            and f" {path.name}" in _entry(entries, folder_entry)
+        )
+        if not named:
+            missing.append(relative)
+    for folder in ("benchmarks", "scripts"):
+        missing += [p.name for p in sorted((ROOT / folder).glob("*.py")) if p.name not in entries]
+    assert not missing, f"README's Layout does not name: {missing}"
+    named_files = re.findall(r"\b([a-z_/]+\.py)\b", entries)
+    gone = [name for name in named_files if not _exists(name)]
+    assert not gone, f"README's Layout names files that do not exist: {gone}"
+
+
+def _entry(entries: str, folder: str) -> str:
+    """The text of the layout entry for `folder` (its line and the indented lines after it)."""
+    lines = entries.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith(folder))
+    block = [lines[start]]
+    for line in lines[start + 1 :]:
+        if line.startswith(" " * 10):  # a continuation line of the description column
+            block.append(line)
+        else:
+            break
+    return " " + " ".join(block).replace("(", " ").replace(",", " ")
+
+
+def _exists(name: str) -> bool:
+    roots = [ROOT / "src" / "bloomlm", ROOT / "benchmarks", ROOT / "scripts"]
+    if any((root / name).exists() for root in roots):
+        return True
+    return any(p.name == Path(name).name for root in roots for p in root.rglob("*.py"))
