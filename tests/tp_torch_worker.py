@@ -220,14 +220,35 @@ def check_errors(spec: dict) -> dict:
         "save": error_of(lambda: model.save_pretrained(spec["root"] + f"/unsaved{world}")),
         "resize": error_of(lambda: model.resize_token_embeddings(300)),
         "quantize": error_of(lambda: quantize.quantize_(model, "int8-weight-only")),
-        "serving": error_of(lambda: bloomlm.serving.LLM(model, tokenizer)),
     })  # fmt: skip
+    errors["serving"] = check_serving(model, tokenizer)
     if world % 2 == 0:
         mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("data", "tp"))
         errors["no_model_axis"] = error_of(
             lambda: causal_lm.from_pretrained(spec["heads"]["16"], device_mesh=mesh)
         )
     return errors
+
+
+def check_serving(model, tokenizer) -> str | dict:
+    """The serving engine of a split model: refused on ranks but 0 (the message says to follow);
+    on rank 0 it runs with the others replaying its decoder calls (lockstep), and its greedy
+    tokens equal model.generate's. Returns the refusal, or on rank 0 what was compared."""
+    from bloomlm.serving import SamplingParams, lockstep
+
+    prompt = [5, 17, 42, 9, 100]  # token ids: this model's vocabulary is 256
+    with torch.no_grad():  # collective: every rank runs it
+        alone = model.generate(torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    if dist.get_rank() != 0:
+        refusal = error_of(lambda: bloomlm.serving.LLM(model, tokenizer))
+        lockstep.follow(model)
+        return refusal
+    llm = bloomlm.serving.LLM(model, tokenizer, max_model_len=64, kv_cache_memory=2**20)
+    params = SamplingParams(max_tokens=8, temperature=0, n=2, ignore_eos=True)
+    outs = llm.generate([prompt, prompt], params)
+    llm.engine.close()
+    tokens = [c.token_ids for out in outs for c in out.outputs]
+    return {"equal": tokens == [alone[0, len(prompt) :].tolist()] * 4, "tokens": tokens}
 
 
 def check_meshes(folder: str, ids, mask) -> dict:

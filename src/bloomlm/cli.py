@@ -684,20 +684,11 @@ def _generate_tensor_parallel(args: argparse.Namespace) -> int:
     import os
     import tempfile
 
-    from bloomlm.config import BloomConfig
-    from bloomlm.sharding_plan import check_tensor_parallel
     from bloomlm.torch.tensor_parallel import launch
 
     if args.interactive:
         raise UsageError("--tensor-parallel reads its prompts before it starts: drop -i")
-    if args.device and not args.device.startswith("cpu"):
-        raise UsageError(
-            "--tensor-parallel places each process itself (gloo on CPU): drop --device"
-        )
-    if args.quantize or args.dtype == "int8":  # refused here, before N processes start
-        raise UsageError("--tensor-parallel splits float weights: drop --quantize / --dtype int8")
-    ways = args.tensor_parallel
-    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
+    ways = _tensor_parallel_argv_checks(args)
     # The processes run eager steps: the compiled decode step is not built for split weights.
     argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
     argv = _without_option(argv, "--compile") + ["--compile", "off"]
@@ -1297,7 +1288,10 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"bloomlm serve needs the serve extra ({err.name} is missing): {SERVE_INSTALL}",
               file=sys.stderr)  # fmt: skip
         return 2
+    if args.tensor_parallel:
+        return _serve_tensor_parallel(args)
     import copy
+    import os
 
     from bloomlm.serving.engine import Engine
     from bloomlm.serving.memory import parse_bytes
@@ -1306,6 +1300,8 @@ def _serve(args: argparse.Namespace) -> int:
     from bloomlm.serving.worker import EngineThread
 
     budget = parse_bytes(args.kv_cache_memory) if args.kv_cache_memory else None
+    if args.tensor_parallel_rank and os.environ.get("RANK", "0") != "0":
+        return _serve_follower(args)
     sock = bind(args.host, args.port)  # first: a taken port fails before the model loads
     model, tokenizer = _load("BloomForCausalLM", args)
     metrics = Metrics()
@@ -1328,9 +1324,91 @@ def _serve(args: argparse.Namespace) -> int:
     print(f"bloomlm serve: {engine.plan.describe()}", flush=True)
     print(f"bloomlm serve: {settings.model_name} on http://{shown}:{port} (playground: /, "
           "API: /v1, metrics: /metrics); Ctrl-C to stop", flush=True)  # fmt: skip
-    run_server(app, worker, sock, shutdown_timeout=args.shutdown_timeout,
-               log_level=args.log_level, access_log=args.access_log)  # fmt: skip
+    try:
+        run_server(app, worker, sock, shutdown_timeout=args.shutdown_timeout,
+                   log_level=args.log_level, access_log=args.access_log)  # fmt: skip
+    finally:
+        engine.close()  # --tensor-parallel: the other ranks' follow() returns
     print("bloomlm serve: stopped", flush=True)
+    return 0
+
+
+def _serve_tensor_parallel(args: argparse.Namespace) -> int:
+    """`serve --tensor-parallel N`: this command in N processes started through
+    torch.distributed.run's API (elastic_launch), the model split over them. Rank 0 binds the
+    port, runs the engine and HTTP; the others replay its decoder calls
+    (bloomlm.serving.lockstep) and exit when it stops.
+
+    Signals: every stop goes through torch's agent in this process, which forwards SIGTERM or
+    SIGINT once to each rank (rank 0 drains; the followers ignore it and exit when rank 0
+    releases them), waits --shutdown-timeout plus a margin, then re-raises it here: the normal
+    end of a server, exit 0. The ranks run in a process group of their own, so a Ctrl-C in the
+    terminal reaches the agent only: rank 0 would take a second SIGINT for "stop waiting"."""
+    import math
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from bloomlm.torch.tensor_parallel import launch
+
+    ways = _tensor_parallel_argv_checks(args)
+    argv = _without_option(args.argv, "--tensor-parallel") + ["--tensor-parallel-rank"]
+    if args.threads is None:  # the cores shared by the processes
+        import os
+
+        argv += ["--threads", str(max(1, (os.cpu_count() or 1) // ways))]
+    grace = math.ceil(args.shutdown_timeout) + 30
+    try:
+        launch(_serve_on_rank, ways, argv, shutdown_timeout=grace)
+    except SignalException as stop:
+        return 0 if stop.sigval in (signal.SIGTERM, signal.SIGINT) else 128 + int(stop.sigval)
+    return 0
+
+
+def _tensor_parallel_argv_checks(args: argparse.Namespace) -> int:
+    """The checks before --tensor-parallel N starts its processes (UsageError: exit 2); N."""
+    from bloomlm.config import BloomConfig
+    from bloomlm.sharding_plan import check_tensor_parallel
+
+    if args.device and not args.device.startswith("cpu"):
+        raise UsageError(
+            "--tensor-parallel places each process itself (gloo on CPU): drop --device"
+        )
+    if args.quantize or args.dtype == "int8":  # refused here, before N processes start
+        raise UsageError("--tensor-parallel splits float weights: drop --quantize / --dtype int8")
+    ways = args.tensor_parallel
+    check_tensor_parallel(BloomConfig.from_pretrained(args.model).n_head, ways)
+    return ways
+
+
+def _serve_on_rank(argv: list[str]) -> int:
+    """One process of `serve --tensor-parallel N`, in a process group of its own (see
+    _serve_tensor_parallel). It ends with os._exit: a server stops on a signal, after which
+    torch's agent waits for the processes to exit instead of collecting return values."""
+    import os
+
+    os.setpgrp()
+    code = 1
+    try:
+        code = main(argv)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def _serve_follower(args: argparse.Namespace) -> int:
+    """A rank other than 0 of `serve --tensor-parallel N`: load this rank's shard, replay rank
+    0's decoder calls until its server stops. Signals are rank 0's to handle: stopping here
+    would leave rank 0 waiting inside a collective."""
+    import signal
+
+    from bloomlm.serving.lockstep import follow
+
+    model, _ = _load("BloomForCausalLM", args)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    follow(model.eval())
     return 0
 
 
@@ -1356,6 +1434,10 @@ def _add_serve(commands: Any) -> None:
     _model_options(parser, DEFAULT_LM, f"default: the embedded {DEFAULT_LM}")
     _server_options(parser.add_argument_group("server"))
     _serving_engine_options(parser.add_argument_group("engine"))
+    split = ("split the model over N local processes (torch.distributed: gloo on CPU); the "
+             "first serves, the others follow its decoder calls")  # fmt: skip
+    _count_option(parser, "--tensor-parallel", 1, metavar="N", help=split)
+    parser.add_argument("--tensor-parallel-rank", action="store_true", help=argparse.SUPPRESS)
     _debug_option(parser)
     parser.set_defaults(run=_serve, command_parser=parser)
 

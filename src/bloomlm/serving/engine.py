@@ -31,6 +31,10 @@ request returns the tokens `model.generate(do_sample=False)` returns for its pro
 float rounding between batch shapes, about 1e-6 of the logits here, which can only flip a
 near-tie).
 
+A model split over processes (tensor parallelism) is served from rank 0: the engine drives it
+through `lockstep.LockstepModel`, whose decoder calls the other ranks replay (`follow(model)`);
+`close()` releases them. The memory plan then counts this rank's heads only.
+
 Faults: an exception in a prefill fails that request only; in the decode step, the requests in
 the batch; in one row's sampling or detokenizing, that row's request. Failed requests finish
 with finish_reason "error" and `error` set; the engine keeps serving.
@@ -188,16 +192,23 @@ class _Request:
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_one_process(model: Any) -> None:
-    """ValueError for a model split over processes (tensor parallelism): each rank would schedule
-    and draw on its own (a request without a seed gets a random one), so the ranks would pick
-    different tokens and their collectives would diverge."""
-    if getattr(model, "tensor_parallel_mesh", None) is not None:
+def _lead_if_split(model: Any) -> Any:
+    """The model the engine drives: `model` itself, or for a model split over processes (tensor
+    parallelism) on rank 0 its lockstep proxy, whose decoder calls the other ranks replay
+    (lockstep.py). Elsewhere a ValueError: each rank would schedule and draw on its own (a
+    request without a seed gets a random one), the ranks would pick different tokens and their
+    collectives would diverge."""
+    from bloomlm.serving import lockstep
+
+    if isinstance(model, lockstep.LockstepModel) or not lockstep.is_split(model):
+        return model
+    if lockstep.mesh_rank(model) != 0:
         raise ValueError(
-            "the serving engine runs one process: a model split by tp_plan= / device_mesh= is "
-            "not supported (use model.generate in every rank, or bloomlm generate "
-            "--tensor-parallel N)"
+            "the serving engine of a model split by tp_plan= / device_mesh= runs on rank 0 only: "
+            "on this rank call bloomlm.serving.lockstep.follow(model), which replays rank 0's "
+            "decoder calls"
         )
+    return lockstep.LockstepModel(model)
 
 
 class Engine:
@@ -217,7 +228,7 @@ class Engine:
         prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
         observer: EngineObserver | None = None,
     ):
-        _check_one_process(model)
+        model = _lead_if_split(model)
         config = model.config
         self.model, self.tokenizer = model, tokenizer
         self.max_model_len = (
@@ -225,7 +236,8 @@ class Engine:
         )
         self.plan: MemoryPlan = plan_memory(config, model.dtype, model.device, self.max_model_len,
                                             kv_cache_memory=kv_cache_memory,
-                                            max_batch=max_sequences)  # fmt: skip
+                                            max_batch=max_sequences,
+                                            tensor_parallel=_ways(model))  # fmt: skip
         self.max_sequences = self.plan.max_sequences
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -248,6 +260,13 @@ class Engine:
         self._aborts: set[str] = set()
         self._touched: list[_Request] = []
         self.observer.step_done(0, 0, self.max_sequences)  # the bound is known before any step
+
+    def close(self) -> None:
+        """Release the other ranks of a split model (their `follow` returns); idempotent, and
+        nothing to do for a model in one process. No step may run after it."""
+        close = getattr(self.model, "close", None)
+        if close is not None:
+            close()
 
     # -- any thread ------------------------------------------------------------------------------
 
@@ -609,6 +628,12 @@ class Engine:
             arrival_time=request.arrival,
             first_token_time=request.first_token_at,
         )
+
+
+def _ways(model: Any) -> int:
+    """How many processes the model is split over (1: not split)."""
+    mesh = getattr(model, "tensor_parallel_mesh", None)
+    return 1 if mesh is None else int(mesh.size())
 
 
 def _token_logprob(log_probs: torch.Tensor, token: int, top: int) -> TokenLogprob:

@@ -7,6 +7,10 @@ after the model is loaded (the device's free memory on a GPU, MemAvailable on Li
 keeps one more row for the prompt being prefilled, so it runs budget // bytes_per_row - 1
 sequences at most (and at most --max-batch). The cache grows with the load, in power-of-two
 numbers of rows and columns, so an idle server holds little of its budget.
+
+A model split over N processes (tensor parallelism) keeps H/N heads per rank, so a token takes
+1/N of those bytes on each; the budget is per rank (per device), and on the CPU, where the N
+processes share the machine's memory, the default is the fraction of the available memory / N.
 """
 
 from __future__ import annotations
@@ -40,12 +44,13 @@ def human(n_bytes: float) -> str:
     return f"{n_bytes:.1f} GiB"
 
 
-def kv_bytes_per_token(config: Any, dtype: torch.dtype) -> int:
-    """Bytes of keys and values one token takes in every layer."""
+def kv_bytes_per_token(config: Any, dtype: torch.dtype, tensor_parallel: int = 1) -> int:
+    """Bytes of keys and values one token takes in every layer (on each of `tensor_parallel`
+    ranks: their H/N heads)."""
     import torch
 
     element = torch.empty((), dtype=dtype).element_size()
-    return 2 * config.n_layer * config.hidden_size * element
+    return 2 * config.n_layer * config.hidden_size // tensor_parallel * element
 
 
 def available_memory(device: torch.device) -> int:
@@ -74,15 +79,17 @@ class MemoryPlan:
     budget_source: str
     max_sequences: int
     limited_by: str
+    tensor_parallel: int = 1
 
     @property
     def bytes_per_sequence(self) -> int:
         return self.bytes_per_token * self.max_model_len
 
     def describe(self) -> str:
+        each = f" on each of {self.tensor_parallel} ranks" if self.tensor_parallel > 1 else ""
         return (
             f"KV cache: {human(self.bytes_per_token)} per token x {self.max_model_len} tokens "
-            f"= {human(self.bytes_per_sequence)} per sequence; budget {human(self.budget)} "
+            f"= {human(self.bytes_per_sequence)} per sequence{each}; budget {human(self.budget)} "
             f"({self.budget_source}): up to {self.max_sequences} concurrent sequences "
             f"({self.limited_by})"
         )
@@ -96,15 +103,20 @@ def plan_memory(
     *,
     kv_cache_memory: int | None = None,
     max_batch: int | None = None,
+    tensor_parallel: int = 1,
 ) -> MemoryPlan:
-    """How many sequences fit; a ValueError when not even one does."""
-    per_token = kv_bytes_per_token(config, dtype)
+    """How many sequences fit (on each rank of a model split `tensor_parallel` ways); a
+    ValueError when not even one does."""
+    per_token = kv_bytes_per_token(config, dtype, tensor_parallel)
     if kv_cache_memory is not None:
         budget, source = kv_cache_memory, "--kv-cache-memory"
     else:
         free = available_memory(device)
-        budget = int(free * KV_MEMORY_FRACTION)
+        shared = tensor_parallel if device.type == "cpu" else 1  # the ranks share the RAM
+        budget = int(free * KV_MEMORY_FRACTION) // shared
         source = f"{KV_MEMORY_FRACTION:.0%} of {human(free)} available"
+        if shared > 1:
+            source += f" / {shared} processes"
     rows = budget // (per_token * max_model_len) - 1  # one row prefills the next prompt
     if rows < 1:
         raise ValueError(
@@ -115,7 +127,7 @@ def plan_memory(
     limited_by = "the memory budget"
     if max_batch is not None and max_batch < rows:
         rows, limited_by = max_batch, "--max-batch"
-    return MemoryPlan(per_token, max_model_len, budget, source, rows, limited_by)
+    return MemoryPlan(per_token, max_model_len, budget, source, rows, limited_by, tensor_parallel)
 
 
 __all__ = ["MemoryPlan", "available_memory", "kv_bytes_per_token", "parse_bytes", "plan_memory"]

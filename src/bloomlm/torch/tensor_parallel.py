@@ -301,11 +301,18 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 # --------------------------------------------------------------------------------------------------
 
 
-def launch(function: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+def launch(
+    function: Callable[..., Any],
+    world_size: int,
+    *args: Any,
+    shutdown_timeout: int = 30,
+) -> list[Any]:
     """Run `function(*args)` in `world_size` processes on this machine, each with torchrun's
     environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT), through torch.distributed.run's
     API (elastic_launch); returns each rank's return value, rank 0 first. `function` must be
-    importable by name (a module-level function): the processes are spawned."""
+    importable by name (a module-level function): the processes are spawned. SIGTERM, SIGINT,
+    SIGHUP or SIGQUIT here is forwarded to every process, which get `shutdown_timeout` seconds to
+    exit before they are killed; then it is raised here (torch's SignalException)."""
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
@@ -314,6 +321,7 @@ def launch(function: Callable[..., Any], world_size: int, *args: Any) -> list[An
         min_nodes=1, max_nodes=1, nproc_per_node=world_size, run_id=uuid.uuid4().hex,
         rdzv_backend="c10d", rdzv_endpoint="127.0.0.1:0", max_restarts=0,
         monitor_interval=0.1, start_method="spawn",
+        shutdown_timeout=shutdown_timeout,
     )  # fmt: skip
     results = elastic_launch(config, function)(*args)
     return [results[rank] for rank in range(world_size)]
