@@ -212,7 +212,20 @@ def load(rounds: int, threads: int) -> list[str]:
 
 # -- decode ------------------------------------------------------------------------------------
 
-DECODE_SCRIPT = """
+# Times each of a script's `tasks` (one warm-up call, then the median of `reps`) and prints them
+# as one RESULT line: the tail of every timing script below.
+_TIME_TASKS = """out = {}
+for name, task in tasks.items():
+    task()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter(); task(); times.append(time.perf_counter() - start)
+    out[name] = statistics.median(times)
+print("RESULT " + json.dumps(out))
+"""
+
+DECODE_SCRIPT = (
+    """
 import sys, time, json, statistics
 import torch
 from bloomlm import BloomForCausalLM
@@ -226,17 +239,12 @@ def gen(x, n):
 tasks = {"prefill-1x128": lambda: gen(long[1], 1), "prefill-8x128": lambda: gen(long[8], 1),
          "decode-1": lambda: gen(ids[1], 32), "decode-8": lambda: gen(ids[8], 32),
          "first-1": lambda: gen(ids[1], 1), "first-8": lambda: gen(ids[8], 1)}
-out = {}
-for name, task in tasks.items():
-    task()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter(); task(); times.append(time.perf_counter() - start)
-    out[name] = statistics.median(times)
-print("RESULT " + json.dumps(out))
 """
+    + _TIME_TASKS
+)
 
-CT2_SCRIPT = """
+CT2_SCRIPT = (
+    """
 import sys, time, json, statistics
 import ctranslate2
 import numpy as np
@@ -255,15 +263,9 @@ p128 = {b: prompt(b, 128) for b in (1, 8)}
 tasks = {"prefill-1x128": lambda: gen(p128[1], 1), "prefill-8x128": lambda: gen(p128[8], 1),
          "decode-1": lambda: gen(p32[1], 32), "decode-8": lambda: gen(p32[8], 32),
          "first-1": lambda: gen(p32[1], 1), "first-8": lambda: gen(p32[8], 1)}
-out = {}
-for name, task in tasks.items():
-    task()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter(); task(); times.append(time.perf_counter() - start)
-    out[name] = statistics.median(times)
-print("RESULT " + json.dumps(out))
 """
+    + _TIME_TASKS
+)
 
 
 def run_script(script: str, args: list[str], threads: int) -> dict:

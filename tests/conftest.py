@@ -575,3 +575,12 @@ def on_a_terminal(command: list[str], cwd: pathlib.Path) -> str:
     assert process.wait(timeout=120) == 0
     os.close(leader)
     return b"".join(chunks).decode().replace("\r\n", "\n")
+
+
+def generate_alone(tiny: tuple, prompt: str, max_new_tokens: int, **kwargs) -> str:
+    """The continuation `model.generate` gives `prompt` alone, `tiny` = (model, tokenizer): what
+    a server (one process or split) must return for the same request."""
+    model, tokenizer = tiny
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    out = model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)[0, ids.shape[1] :]
+    return tokenizer.decode(out, skip_special_tokens=True)

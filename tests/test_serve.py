@@ -32,6 +32,7 @@ import torch
 import bloomlm
 from bloomlm.cli import main
 from bloomlm.serving import LLM, SamplingParams
+from conftest import generate_alone
 
 API_KEY = "test-key"
 MODEL = "bloomlm-tiny"
@@ -128,13 +129,6 @@ def client(server: Server) -> openai.OpenAI:
 def tiny():
     model = bloomlm.BloomForCausalLM.from_pretrained(MODEL, torch_dtype="float32").eval()
     return model, bloomlm.AutoTokenizer.from_pretrained(MODEL)
-
-
-def generate_alone(tiny, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    model, tokenizer = tiny
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)[0, ids.shape[1] :]
-    return tokenizer.decode(out, skip_special_tokens=True)
 
 
 def post(

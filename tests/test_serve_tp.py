@@ -25,6 +25,7 @@ import pytest
 import torch
 
 import bloomlm
+from conftest import generate_alone
 
 MODEL = "bloomlm-tiny"  # 6 heads: 2 ranks of 3
 PACKAGE_ROOT = str(pathlib.Path(bloomlm.__file__).resolve().parent.parent)
@@ -123,13 +124,6 @@ def tiny():
     return model, bloomlm.AutoTokenizer.from_pretrained(MODEL)
 
 
-def alone(tiny, prompt: str, max_new_tokens: int, **kwargs) -> str:
-    model, tokenizer = tiny
-    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
-    out = model.generate(ids, max_new_tokens=max_new_tokens, **kwargs)[0, ids.shape[1] :]
-    return tokenizer.decode(out, skip_special_tokens=True)
-
-
 def test_split_server_completions_equal_one_process(split_server, tiny):
     assert "on each of 2 ranks" in split_server.log.read_text()  # the plan counts 3 heads
     prompts = ["Once upon a time", "The capital of France is"]
@@ -146,16 +140,16 @@ def test_split_server_completions_equal_one_process(split_server, tiny):
         thread.join(timeout=120)
     for prompt, result in zip(prompts, results):
         assert result is not None
-        assert result["choices"][0]["text"] == alone(tiny, prompt, 12, do_sample=False)
+        assert result["choices"][0]["text"] == generate_alone(tiny, prompt, 12, do_sample=False)
     both = complete(split_server.url, {"prompt": "A list is", "max_tokens": 10, "n": 2,
                                        "temperature": 0})  # fmt: skip
-    expected = alone(tiny, "A list is", 10, do_sample=False)
+    expected = generate_alone(tiny, "A list is", 10, do_sample=False)
     assert [c["text"] for c in both["choices"]] == [expected, expected]
     sampling = {"temperature": 0.7, "top_p": 0.9, "top_k": 30}
     sampled = complete(split_server.url, {"prompt": "Once", "max_tokens": 10, "seed": 11,
                                           "ignore_eos": True, **sampling})  # fmt: skip
     generator = [torch.Generator().manual_seed(11)]
-    assert sampled["choices"][0]["text"] == alone(tiny, "Once", 10, do_sample=True,
+    assert sampled["choices"][0]["text"] == generate_alone(tiny, "Once", 10, do_sample=True,
                                                   suppress_tokens=[2], generator=generator,
                                                   **sampling)  # fmt: skip
 
