@@ -1,9 +1,12 @@
-"""Where an int8 (W8A8) `generate` spends its time: torch.profiler over decode b8, prefill 8x128
-and decode b1 at the 560m shape (the checkpoint bench.py makes), top ops by self CPU time.
+"""Where int8 (W8A8) spends its time at the 560m shape (the checkpoint bench.py makes): the load
+(`from_pretrained(quantize="int8")` under cProfile, one thread), then torch.profiler over a
+`generate` of decode b8, prefill 8x128 and decode b1, top ops by self CPU time.
 
     python benchmarks/int8_profile.py     # run alone; RESULTS.md cites its output
 """
 
+import cProfile
+import pstats
 import time
 
 import torch
@@ -15,7 +18,16 @@ FOLDER = "/tmp/bloomlm-bench/bloom-560m"
 CASES = {"decode-8": (8, 32, 32), "prefill-8x128": (8, 128, 1), "decode-1": (1, 32, 32)}
 
 
+def profile_load() -> None:
+    torch.set_num_threads(1)
+    profiler, start = cProfile.Profile(), time.perf_counter()
+    profiler.runcall(BloomForCausalLM.from_pretrained, FOLDER, quantize="int8")
+    print(f"== load (1 thread): {time.perf_counter() - start:.3f} s")
+    pstats.Stats(profiler).sort_stats("cumulative").print_stats(25)
+
+
 def main() -> None:
+    profile_load()
     torch.set_num_threads(2)
     model = BloomForCausalLM.from_pretrained(FOLDER, quantize="int8")
     generator = torch.Generator().manual_seed(0)
