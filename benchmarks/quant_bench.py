@@ -69,8 +69,8 @@ def kernel_ops(x, weight, bias, q, scale, w8a8, fp16) -> dict:
     return {
         "fp32": lambda: F.linear(x, weight, bias),
         "wo": lambda: int8_linear(x, q, scale) + bias,
-        "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, w8a8._packed),
-        "static": lambda: static(scaled, w8a8._input_scale, w8a8._zero_point, w8a8._packed),
+        "dynamic": lambda: torch.ops.quantized.linear_dynamic(x, w8a8._packed[0]),
+        "static": lambda: static(scaled, w8a8._input_scale, w8a8._zero_point, w8a8._packed[0]),
         "row": lambda: w8a8(x),
         "fp16": lambda: fp16(x),
     }

@@ -101,3 +101,23 @@ def test_serve_bench_quick_mode_runs_end_to_end(tmp_path):
         assert result["targets"]["ttft_over_prefill_p99"] > 0
     assert "| int8 | 4 | 8 |" in (tmp_path / "quick" / "SERVING.md").read_text()
     assert readme.read_text() == before
+
+
+def test_cli_int8_bench_quick_mode_times_every_command(tmp_path):
+    """benchmarks/cli_int8.py --quick: the real `bloomlm generate` on a tiny float32 folder and on
+    its `convert --quantize int8` copy, every command of the table; the int8 folder's kernel is the
+    one the CLI says it picked (weight-only for 8 tokens, W8A8 for 8 x 40)."""
+    cmd = [sys.executable, str(SCRIPT.parent / "cli_int8.py"), "--quick",
+           "--work-dir", str(tmp_path), "--out-dir", str(tmp_path)]  # fmt: skip
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    records = json.loads((tmp_path / "CLI_INT8.quick.json").read_text())["records"]
+    commands = ["fp32", "int8", "int8 --quantize int8", "int8 weight-only", "fp32 --quantize int8"]
+    for run in ("1 x 8", "8 x 40"):
+        timed = {r["command"]: r for r in records if r["run"] == run}
+        assert sorted(timed) == sorted(commands), timed
+        assert all(r["seconds"] > 0 and r["peak_rss_mb"] > 0 for r in timed.values())
+    notes = {r["run"]: r["kernel_note"] for r in records if r["command"] == "int8"}
+    assert "run weight-only (up to 8 new tokens" in notes["1 x 8"], notes
+    assert "run W8A8 (up to 320 new tokens" in notes["8 x 40"], notes
+    assert "| 8 x 40 | " in (tmp_path / "CLI_INT8.quick.md").read_text()

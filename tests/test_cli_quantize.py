@@ -17,7 +17,7 @@ import torch
 import bloomlm
 from bloomlm import AutoTokenizer, BloomForCausalLM, BloomForSequenceClassification
 from bloomlm.checkpoint_names import QUANTIZE_MODES
-from bloomlm.cli import build_parser, main
+from bloomlm.cli import W8A8_MIN_TOKENS, build_parser, main
 from bloomlm.tasks import classify
 from bloomlm.torch.quantize import fbgemm_available
 
@@ -67,16 +67,29 @@ def test_convert_quantize_int8_then_generate_from_it(tmp_path):
     assert not (folder / "model.safetensors").exists()
     assert json.loads((folder / "config.json").read_text())["quantization"]["format"] == "int8"
 
-    generated = bloomlm_command(
-        "generate", "--model", "tiny-int8", "--temperature", "0", "--repetition-penalty", "1",
-        "--max-new-tokens", "8", PROMPT, cwd=tmp_path,
-    )  # fmt: skip
-    assert generated.returncode == 0, generated.stderr
+    def generate(*extra: str) -> tuple[str, str]:
+        generated = bloomlm_command(
+            "generate", "--model", "tiny-int8", "--temperature", "0", "--repetition-penalty", "1",
+            "--verbose", *extra, PROMPT, cwd=tmp_path,
+        )  # fmt: skip
+        assert generated.returncode == 0, generated.stderr
+        return generated.stdout.strip(), generated.stderr
+
     tokenizer = AutoTokenizer.from_pretrained("bloomlm-tiny")
-    # what the folder holds is exactly what quantizing at load gives: same tokens
+    # --quantize int8 (W8A8): what the folder holds is exactly what quantizing at load gives
+    text, err = generate("--max-new-tokens", "8", "--quantize", "int8")
     expected = greedy(BloomForCausalLM.from_pretrained("bloomlm-tiny", quantize="int8"), tokenizer)
-    assert generated.stdout.strip() == expected.strip()
+    assert text == expected.strip() and "int8 weights run" not in err
     assert greedy(BloomForCausalLM.from_pretrained(folder), tokenizer) == expected
+    # No --quantize, a short run: the weight-only kernel, which packs nothing at load (issue 12,
+    # item 30: the int8 folder is then not slower end to end than float32)
+    text, err = generate("--max-new-tokens", "8")
+    weight_only = BloomForCausalLM.from_pretrained(folder, quantize="int8-weight-only")
+    assert text == greedy(weight_only, tokenizer).strip()
+    assert "int8 weights run weight-only (up to 8 new tokens" in err
+    # a run long enough to repay fbgemm's packing: W8A8
+    _, err = generate("--max-new-tokens", str(W8A8_MIN_TOKENS))
+    assert f"int8 weights run W8A8 (up to {W8A8_MIN_TOKENS} new tokens" in err
 
 
 def test_dtype_int8_is_a_deprecated_alias(call_main):

@@ -10,6 +10,7 @@ import json
 import struct
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -22,6 +23,7 @@ from bloomlm.torch.quantize import (
     Fp16Linear,
     Int8Linear,
     Int8WeightOnlyLinear,
+    Packer,
     QuantizedEmbedding,
     activation_bits,
     int8_linear,
@@ -105,8 +107,9 @@ def test_int8_rows_never_depend_on_the_batch(bits):
     for size in (1, 3, 8, 17):
         assert torch.equal(layer(x[:size]), batched[:size])
     # fbgemm's own dynamic linear (one scale per call) fails this very check
-    dynamic = torch.ops.quantized.linear_dynamic(x, layer._packed)
-    assert not torch.equal(torch.ops.quantized.linear_dynamic(x[:1], layer._packed)[0], dynamic[0])
+    (packed,) = layer._packed
+    dynamic = torch.ops.quantized.linear_dynamic(x, packed)
+    assert not torch.equal(torch.ops.quantized.linear_dynamic(x[:1], packed)[0], dynamic[0])
 
 
 def test_an_int8_model_is_batch_invariant(folder):
@@ -293,6 +296,65 @@ def test_load_state_dict_into_a_packed_model(folder):
     assert layer.is_packed and torch.equal(target.state_dict()[name], state[name])
 
 
+@pytest.mark.parametrize("cls", [Int8Linear, Fp16Linear])
+def test_a_layer_packed_in_pieces_computes_what_one_piece_does(cls, monkeypatch):
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(64, 300)
+    whole = cls.from_linear(linear)
+    whole.pack_()
+    # 3 pieces (128, 128, 44 rows), as the 560m LM head is packed in 4
+    monkeypatch.setattr(quantization, "_INT8_PIECE_ELEMENTS", 64 * 128)
+    monkeypatch.setattr(quantization, "_FP16_PIECE_ELEMENTS", 64 * 128)
+    pieces = cls.from_linear(linear)
+    saved = {name: tensor.clone() for name, tensor in pieces.state_dict().items()}
+    pieces.pack_()
+    assert len(whole._packed) == 1 and len(pieces._packed) == 3
+    x = torch.randn(5, 64)
+    assert torch.equal(pieces(x), whole(x))
+    state = pieces.state_dict()  # unpacked from the pieces, in order
+    assert state.keys() == saved.keys()
+    assert all(torch.equal(state[name], saved[name]) for name in saved)
+
+
+def test_packer_packs_on_worker_threads_and_reports_their_errors(monkeypatch):
+    threads = set()
+    pack_piece = Int8Linear.pack_piece
+
+    def recording(piece, scratch):
+        threads.add(threading.current_thread().name)
+        return pack_piece(piece, scratch)
+
+    monkeypatch.setattr(Int8Linear, "pack_piece", staticmethod(recording))
+    layers = [Int8Linear(*quantize_rows(torch.randn(64, 32)), None) for _ in range(7)]
+    expected = [layer.state_dict()["weight"].clone() for layer in layers]
+    with Packer(threads=2) as packer:
+        for layer in layers:
+            packer.submit(layer)
+    assert all(layer.is_packed and layer.weight is None for layer in layers)
+    assert threads and all(name.startswith("bloomlm-pack") for name in threads), threads
+    assert all(torch.equal(layer.state_dict()["weight"], w) for layer, w in zip(layers, expected))
+
+    def failing(piece, scratch):
+        raise RuntimeError("fbgemm failed")
+
+    monkeypatch.setattr(Int8Linear, "pack_piece", staticmethod(failing))
+    layer = Int8Linear(*quantize_rows(torch.randn(64, 32)), None)
+    with pytest.raises(RuntimeError, match="fbgemm failed"), Packer(threads=2) as packer:
+        packer.submit(layer)
+    assert not layer.is_packed and layer.weight is not None  # nothing half-installed
+
+
+def test_a_model_loads_alike_whatever_the_pieces_and_threads(folder, monkeypatch):
+    ids = _ids()
+    with torch.no_grad():
+        reference = BloomForCausalLM.from_pretrained(folder, quantize="int8")(ids).logits
+        monkeypatch.setattr(quantization, "_INT8_PIECE_ELEMENTS", 64 * 100)  # head: 3 pieces
+        monkeypatch.setattr(torch, "get_num_threads", lambda: 3)  # the packer's default workers
+        model = BloomForCausalLM.from_pretrained(folder, quantize="int8")
+        assert len(model.lm_head._packed) == 3
+        assert torch.equal(model(ids).logits, reference)
+
+
 # VmHWM, not getrusage's ru_maxrss: a child inherits its parent's maxrss across fork and exec.
 PEAK_RSS = """
 import sys, torch
@@ -323,8 +385,14 @@ def test_quantized_and_bf16_loads_peak_below_float32(tmp_path):
         )
         assert out.returncode == 0, out.stderr
         peaks[mode] = int(out.stdout.split()[-1])
-    assert peaks["int8"] < peaks["none"] - 150, peaks
-    # fp16 saves 200 MB of weights; fbgemm's packing keeps ~60 MB of its temporaries (measured)
-    assert peaks["fp16"] < peaks["none"] - 80, peaks
+    # 60, not the 260 this shape saves: fbgemm allocates each packed weight on a packing thread
+    # (quantize.Packer), in that thread's malloc arena, where the memory the unpacked weights
+    # free on the loading thread cannot be reused: measured 386-515 MB here, 369 when packing ran
+    # on the loading thread (the 560m's peak went down, 1307 -> 1236-1280 MB, as its head now
+    # packs in pieces). Kept float copies (+400 MB) would still put int8 above this bound.
+    assert peaks["int8"] < peaks["none"] - 60, peaks
+    # fp16 saves 200 MB of weights; fbgemm's packing keeps ~60 MB of its temporaries, and the
+    # packing threads' arenas (above) up to ~40 MB more (measured 508-568 MB, 529 on one thread)
+    assert peaks["fp16"] < peaks["none"] - 40, peaks
     # a float32 checkpoint loaded as bfloat16 is converted block by block, never held whole
     assert peaks["bf16"] < peaks["none"] - 100, peaks

@@ -302,8 +302,14 @@ def _json_line(value: Any) -> str:
 # -- loading ---------------------------------------------------------------------------------------
 
 
-def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: Any) -> tuple:
-    """(model, tokenizer) for `args.model` with --dtype, --device and --threads applied.
+def _load(
+    model_class_name: str,
+    args: argparse.Namespace,
+    run_tokens: int | None = None,
+    **tokenizer_kwargs: Any,
+) -> tuple:
+    """(model, tokenizer) for `args.model` with --dtype, --device and --threads applied;
+    `run_tokens` (the most tokens generate makes) picks the kernel of a saved int8 folder.
 
     Refuses a folder whose weights lack part of the model: its answers would come from random
     weights (a head never trained for this task, most often).
@@ -315,7 +321,7 @@ def _load(model_class_name: str, args: argparse.Namespace, **tokenizer_kwargs: A
     import bloomlm
 
     kwargs: dict[str, Any] = {}
-    quantize = _quantize_arg(args)
+    quantize = _quantize_arg(args) or _saved_int8_kernel(args, config, run_tokens)
     if quantize is not None:
         kwargs["quantize"] = quantize
     if args.dtype not in (None, "int8"):
@@ -418,6 +424,23 @@ def _refuse_flax_only(name: str) -> None:
         )
 
 
+def _saved_int8_kernel(args: argparse.Namespace, config: Any, tokens: int | None) -> str | None:
+    """The int8 kernel for a folder saved with int8 weights when no --quantize says: W8A8 for
+    runs that make at least W8A8_MIN_TOKENS tokens, weight-only below (None: the library's
+    choice, W8A8, for runs of unknown length). Noted in `args.kernel_note` for --verbose."""
+    saved = (getattr(config, "quantization", None) or {}).get("format")
+    if saved != "int8" or tokens is None or args.device not in (None, "cpu"):
+        return None
+    if tokens >= W8A8_MIN_TOKENS:
+        args.kernel_note = f"int8 weights run W8A8 (up to {tokens} new tokens: packing pays)"
+        return "int8"
+    args.kernel_note = (
+        f"int8 weights run weight-only (up to {tokens} new tokens, under the {W8A8_MIN_TOKENS} "
+        "where packing for W8A8 pays; --quantize int8 forces W8A8)"
+    )
+    return "int8-weight-only"
+
+
 def _quantize_arg(args: argparse.Namespace) -> str | None:
     """`--quantize`, or the deprecated `--dtype int8` (its alias, with a warning on stderr)."""
     if getattr(args, "dtype", None) != "int8":
@@ -446,6 +469,12 @@ def _require_model(args: argparse.Namespace, what: str, task: str) -> None:
 # "Compiled decoding").
 COMPILE_MIN_STEPS = 4096
 DEFAULT_MODEL_LEN = 2048  # the usable length when neither --max-model-len nor the config says
+# A folder saved with int8 weights (`convert --quantize int8`) holds what both int8 kernels run.
+# W8A8 decodes faster but packs its weights for fbgemm at load (measured on the 560m shape, 2
+# cores: load 3.8 s vs 0.15 s weight-only), so generate runs it only when the run makes at least
+# this many tokens (prompts x --max-new-tokens): the whole command broke even at about 200 tokens
+# both at 1 x 200 and at 8 x 40 (benchmarks/CLI_INT8.md, which measures it both ways).
+W8A8_MIN_TOKENS = 256
 
 
 # Plain classes rather than dataclasses here: importing `dataclasses` (and `inspect`) would cost
@@ -633,10 +662,15 @@ def _engine_options(args: argparse.Namespace, model: Any, prompts: int) -> dict[
     """`generate()`'s engine keywords: the usable length (a longer request fails at once) and
     whether to compile the decode step (`--compile auto`: when the run is long enough to pay)."""
     usable = args.max_model_len or getattr(model.config, "seq_length", None) or DEFAULT_MODEL_LEN
-    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
-    steps = -(-prompts // args.batch_size) * new_tokens
+    steps = _decode_steps(args, prompts)
     compile = {"on": True, "off": False}.get(args.compile, steps >= COMPILE_MIN_STEPS)
     return {"max_model_len": usable, "compile": compile}
+
+
+def _decode_steps(args: argparse.Namespace, prompts: int) -> int:
+    """The most decode steps the run takes: batches x --max-new-tokens."""
+    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
+    return -(-prompts // args.batch_size) * new_tokens
 
 
 def _seeded_generators(seed: int | None, device: Any, count: int) -> Any:
@@ -659,7 +693,9 @@ def _generate(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
     started = time.perf_counter()
-    model, tokenizer = _load("BloomForCausalLM", args)
+    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
+    run_tokens = None if args.interactive else max(1, len(requests)) * new_tokens
+    model, tokenizer = _load("BloomForCausalLM", args, run_tokens=run_tokens)
     stats = _Stats(loaded_in=time.perf_counter() - started)
     generator = _Generator(model, tokenizer, _folder_settings(args.model), stats)
     generator.engine = _engine_options(args, model, max(1, len(requests)))
@@ -674,6 +710,8 @@ def _generate(args: argparse.Namespace) -> int:
         _generate_batches(args, generator, requests)
     if args.verbose:
         print(f"bloomlm generate: {stats.report()}", file=sys.stderr)
+        if getattr(args, "kernel_note", None):
+            print(f"bloomlm generate: {args.kernel_note}", file=sys.stderr)
     return 0
 
 
@@ -1555,7 +1593,10 @@ def _quantize_option(group: Any) -> None:
         "--quantize",
         choices=QUANTIZE_MODES,
         help="int8 = int8 weights and activations (fbgemm on x86 CPUs; weight-only elsewhere), "
-        "int8-weight-only, fp16 = float16 weights with float32 compute",
+        "int8-weight-only, fp16 = float16 weights with float32 compute (default: none; a folder "
+        "saved quantized loads in its own format, and `generate` runs a saved int8 folder "
+        f"weight-only for runs of under {W8A8_MIN_TOKENS} new tokens (prompts x "
+        "--max-new-tokens), where packing for int8 would cost more than it saves)",
     )
 
 
