@@ -143,7 +143,7 @@ def main() -> None:
     meta = {"shape": shape, "rounds": rounds, "cpu": bench.cpu_info(), "uptime_start": uptime,
             "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
             "python": platform.python_version()}  # fmt: skip
-    out = args.out_dir / ("CLI_INT8.quick" if args.quick else "CLI_INT8")
+    out = args.out_dir / ("CLI_INT8-quick" if args.quick else "CLI_INT8")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     cpu = meta["cpu"]
     notes = sorted({f"- {r['run']}: {r['kernel_note']}" for r in records

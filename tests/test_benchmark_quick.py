@@ -111,7 +111,7 @@ def test_cli_int8_bench_quick_mode_times_every_command(tmp_path):
            "--work-dir", str(tmp_path), "--out-dir", str(tmp_path)]  # fmt: skip
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
-    records = json.loads((tmp_path / "CLI_INT8.quick.json").read_text())["records"]
+    records = json.loads((tmp_path / "CLI_INT8-quick.json").read_text())["records"]
     commands = ["fp32", "int8", "int8 --quantize int8", "int8 weight-only", "fp32 --quantize int8"]
     for run in ("1 x 8", "8 x 40"):
         timed = {r["command"]: r for r in records if r["run"] == run}
@@ -120,4 +120,4 @@ def test_cli_int8_bench_quick_mode_times_every_command(tmp_path):
     notes = {r["run"]: r["kernel_note"] for r in records if r["command"] == "int8"}
     assert "run weight-only (up to 8 new tokens" in notes["1 x 8"], notes
     assert "run W8A8 (up to 320 new tokens" in notes["8 x 40"], notes
-    assert "| 8 x 40 | " in (tmp_path / "CLI_INT8.quick.md").read_text()
+    assert "| 8 x 40 | " in (tmp_path / "CLI_INT8-quick.md").read_text()

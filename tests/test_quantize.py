@@ -355,6 +355,19 @@ def test_a_model_loads_alike_whatever_the_pieces_and_threads(folder, monkeypatch
         assert torch.equal(model(ids).logits, reference)
 
 
+def test_a_saved_int8_folder_loads_weight_only_from_the_mapped_file(folder, tmp_path):
+    # Nothing to quantize or pack: the file is mapped, not streamed; int8 weights the mapping puts
+    # on 8-byte boundaries are copied, as torch's AVX-512 int8 kernel crashes on them.
+    BloomForCausalLM.from_pretrained(folder, quantize="int8").save_pretrained(tmp_path)
+    model = BloomForCausalLM.from_pretrained(tmp_path, quantize="int8-weight-only")
+    weights = [m.weight for _, m in quantization.quantized_modules(model)]
+    assert all(w.dtype == torch.int8 and w.data_ptr() % 16 == 0 for w in weights)
+    streamed = BloomForCausalLM.from_pretrained(folder, quantize="int8-weight-only")
+    ids = _ids()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, streamed(ids).logits)
+
+
 # VmHWM, not getrusage's ru_maxrss: a child inherits its parent's maxrss across fork and exec.
 PEAK_RSS = """
 import sys, torch

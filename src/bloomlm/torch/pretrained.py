@@ -663,7 +663,12 @@ def _converted(
     target = dtype if tensor.is_floating_point() else tensor.dtype
     if isinstance(tensor, checkpoint.StreamedTensor):
         return {key: _read_blocks(tensor, target)}
-    return {key: tensor.to(target)}
+    out = tensor.to(target)
+    if out.dtype == torch.int8 and out.data_ptr() % 16:
+        # Mapped from a file whose data offsets are 8-byte aligned at best; torch 2.13's AVX-512
+        # int8 kernels crash below 16 bytes (measured: offsets 1 and 8 crash, 16/32/48 run).
+        out = out.clone()
+    return {key: out}
 
 
 def _read_blocks(tensor: checkpoint.StreamedTensor, dtype: torch.dtype) -> torch.Tensor:
