@@ -471,7 +471,7 @@ COMPILE_MIN_STEPS = 4096
 DEFAULT_MODEL_LEN = 2048  # the usable length when neither --max-model-len nor the config says
 # A folder saved with int8 weights (`convert --quantize int8`) holds what both int8 kernels run.
 # W8A8 decodes faster but packs its weights for fbgemm at load (measured on the 560m shape, 2
-# cores: load 3.8 s vs 0.15 s weight-only), so generate runs it only when the run makes at least
+# cores: load 3.8-4.3 s vs 0.15 s weight-only), so generate runs it only when the run makes at least
 # this many tokens (prompts x --max-new-tokens): the whole command broke even at about 200 tokens
 # both at 1 x 200 and at 8 x 40 (benchmarks/CLI_INT8.md, which measures it both ways).
 W8A8_MIN_TOKENS = 256

@@ -35,7 +35,7 @@ Saved checkpoints (`save_pretrained`) hold `weight` (int8 or float16) and `weigh
 int8 only) per quantized layer, never fbgemm's packed layout, which depends on the CPU. So "int8"
 and "fp16" pack at every load: in pieces of rows (fbgemm packs a large matrix far faster in blocks)
 on worker threads (`Packer`); measured on the 560m shape, 2 cores: a saved int8 folder loads in
-3.8 s (9.2 s packing whole matrices on one thread), against 0.15 s for "int8-weight-only", which
+3.8-4.3 s (9.2 s packing whole matrices on one thread), against 0.15 s for "int8-weight-only", which
 packs nothing. `bloomlm generate` therefore runs a saved int8 folder weight-only for short runs.
 """
 
