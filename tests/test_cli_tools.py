@@ -338,9 +338,12 @@ def test_save_steps_then_ctrl_c_then_resume_equals_one_uninterrupted_run(
     whole = run(*common, "--out", "whole")
     assert whole.stdout.startswith("best model: epoch ")
 
+    # Ctrl-C as a terminal delivers it: SIGINT at its default in the child, even where this suite
+    # runs in a background job (whose shell starts every child with SIGINT ignored).
     with subprocess.Popen(
         [*console_script, *common, "--out", "cut", "--save-steps", "3"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=tmp_path,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as process:  # fmt: skip
         for line in process.stderr:
             if line.startswith("saved the state at step"):
