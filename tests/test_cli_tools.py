@@ -325,6 +325,12 @@ def _write_sentiment(path, copies: int) -> None:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows * copies))
 
 
+SIGINT_DEFAULT = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 def test_save_steps_then_ctrl_c_then_resume_equals_one_uninterrupted_run(
     run, console_script, tiny, tmp_path
 ):
@@ -338,12 +344,13 @@ def test_save_steps_then_ctrl_c_then_resume_equals_one_uninterrupted_run(
     whole = run(*common, "--out", "whole")
     assert whole.stdout.startswith("best model: epoch ")
 
-    # Ctrl-C as a terminal delivers it: SIGINT at its default in the child, even where this suite
-    # runs in a background job (whose shell starts every child with SIGINT ignored).
+    # Ctrl-C as a terminal delivers it: SIGINT at its default in the command, even where this
+    # suite runs in a background job (whose shell starts every child with SIGINT ignored); reset
+    # by an exec wrapper, as a preexec_fn would fork a process that has JAX's threads.
     with subprocess.Popen(
-        [*console_script, *common, "--out", "cut", "--save-steps", "3"],
+        [sys.executable, "-c", SIGINT_DEFAULT, *console_script, *common, "--out", "cut",
+         "--save-steps", "3"],
         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True, env=ENV, cwd=tmp_path,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     ) as process:  # fmt: skip
         for line in process.stderr:
             if line.startswith("saved the state at step"):
