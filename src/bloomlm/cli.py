@@ -669,8 +669,12 @@ def _engine_options(args: argparse.Namespace, model: Any, prompts: int) -> dict[
 
 def _decode_steps(args: argparse.Namespace, prompts: int) -> int:
     """The most decode steps the run takes: batches x --max-new-tokens."""
-    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
-    return -(-prompts // args.batch_size) * new_tokens
+    return -(-prompts // args.batch_size) * _max_new_tokens(args)
+
+
+def _max_new_tokens(args: argparse.Namespace) -> int:
+    """--max-new-tokens, else the CLI's default: the run length the start-up estimates use."""
+    return args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
 
 
 def _seeded_generators(seed: int | None, device: Any, count: int) -> Any:
@@ -693,8 +697,7 @@ def _generate(args: argparse.Namespace) -> int:
 
         torch.manual_seed(args.seed)
     started = time.perf_counter()
-    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
-    run_tokens = None if args.interactive else max(1, len(requests)) * new_tokens
+    run_tokens = None if args.interactive else max(1, len(requests)) * _max_new_tokens(args)
     model, tokenizer = _load("BloomForCausalLM", args, run_tokens=run_tokens)
     stats = _Stats(loaded_in=time.perf_counter() - started)
     generator = _Generator(model, tokenizer, _folder_settings(args.model), stats)
@@ -969,7 +972,7 @@ def _interactive(args: argparse.Namespace, generator: _Generator) -> None:
 def _too_long(args: argparse.Namespace, generator: _Generator, prompt: str) -> bool:
     """Whether `prompt` and --max-new-tokens overflow the usable length (_engine_options)."""
     usable = generator.engine.get("max_model_len")
-    new_tokens = args.max_new_tokens or GENERATE_DEFAULTS["max_new_tokens"]
+    new_tokens = _max_new_tokens(args)
     if usable is None:
         return False
     return len(generator.tokenizer(prompt)["input_ids"]) + new_tokens > usable

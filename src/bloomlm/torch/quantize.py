@@ -142,12 +142,6 @@ def _per_channel_quantized(weight: torch.Tensor, scale: torch.Tensor) -> torch.T
         )
 
 
-def _pack_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.ScriptObject:
-    """fbgemm's prepacked form of an int8 matrix with per-row scales (no bias: it is added after
-    the per-row rescaling)."""
-    return torch.ops.quantized.linear_prepack(_per_channel_quantized(weight, scale), None)
-
-
 def _unpack_int8(packed: torch.ScriptObject) -> tuple[torch.Tensor, torch.Tensor]:
     qweight, _ = torch.ops.quantized.linear_unpack(packed)
     return qweight.int_repr(), qweight.q_per_channel_scales().float()
@@ -187,6 +181,13 @@ class _QuantizedLinear(nn.Module):
     def packs(self) -> bool:
         """Whether this layer runs on fbgemm-packed weights (on this machine, on the CPU)."""
         return fbgemm_available()
+
+    @property
+    def packable(self) -> bool:
+        """Whether there is something to pack now: a layer that packs, its weight loaded on the
+        CPU (a model on the meta device, or moved elsewhere, packs nothing)."""
+        weight = self.weight
+        return self.packs and weight is not None and not weight.is_meta and weight.is_cpu
 
     def pack_(self, keep_weight: bool = False, scratch: Scratch | None = None) -> None:
         """Prepack the weight for fbgemm; drop this module's reference unless `keep_weight`.
@@ -365,7 +366,7 @@ class Fp16Linear(_QuantizedLinear):
         return cls(weight, None if linear.bias is None else linear.bias.detach())
 
     def pack_(self, keep_weight: bool = False, scratch: Scratch | None = None) -> None:
-        if fbgemm_available() and self.weight is not None and self.weight.device.type == "cpu":
+        if self.packable:
             super().pack_(keep_weight, scratch)
 
     def pieces(self) -> list[tuple[torch.Tensor, ...]]:
@@ -556,7 +557,7 @@ class Packer:
     fbgemm's prepack runs on one core and releases the GIL, so packing a model's layers on
     `threads` workers (default: torch's intra-op threads) takes about 1/threads of the time. The
     packed pieces are installed into their module on the caller's thread, oldest first, and at
-    most 2 x threads layers wait unpacked, so memory stays bounded while a load streams on.
+    most `threads` layers wait unpacked, so memory stays bounded while a load streams on.
     Use it as a context manager: leaving the block installs everything still pending.
     """
 
@@ -568,9 +569,8 @@ class Packer:
         self._pending = collections.deque()
 
     def submit(self, module: _QuantizedLinear, keep_weight: bool = False) -> None:
-        """Queue `module`'s weight for packing (nothing to do for a layer that never packs)."""
-        weight = module.weight
-        if not module.packs or weight is None or weight.is_meta or weight.device.type != "cpu":
+        """Queue `module`'s weight for packing (nothing to do unless `module.packable`)."""
+        if not module.packable:
             return
         futures = [self._pool.submit(self._pack, module, piece) for piece in module.pieces()]
         self._pending.append((module, keep_weight, futures))
