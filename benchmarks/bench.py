@@ -674,12 +674,17 @@ def write(data: dict, out_dir: Path) -> None:
     notes = _notes_section(md_path.read_text() if md_path.exists() else "")
     report, readme_block = render(data, notes)
     md_path.write_text(report)
-    text = README.read_text()
-    if out_dir.resolve() == HERE and MARK_START in text and MARK_END in text:
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        README.write_text(f"{head}{MARK_START}\n{readme_block}{MARK_END}{tail}")
+    if out_dir.resolve() == HERE:
+        replace_readme_block(MARK_START, MARK_END, readme_block)
     print(report)
+
+
+def replace_readme_block(start: str, end: str, block: str) -> None:
+    """README.md with `block` between its `start` and `end` markers (left alone without them)."""
+    text = README.read_text()
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        README.write_text(f"{head}{start}\n{block}{end}{rest.split(end, 1)[1]}")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 import bench
 
 HERE = Path(__file__).resolve().parent
-README = HERE.parent / "README.md"
+README_MARKS = ("<!-- cli-int8:start -->", "<!-- cli-int8:end -->")
 PROMPT = "Once upon a time, in a village by the sea,"
 COMMANDS = {
     "fp32": ("fp32", []),
@@ -93,8 +93,7 @@ def generate_command(folder: Path, extra: list[str], prompts: int, tokens: int, 
 def measure(paths: dict[str, Path], runs: dict, rounds: int, work: Path) -> list[dict]:
     prompts_file = work / "prompts.txt"
     prompts_file.write_text("".join(f"{PROMPT} ({i})\n" for i in range(8)), encoding="utf-8")
-    prefixes = ("OMP_", "GOMP_", "KMP_", "MKL_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env = bench.child_env({})  # no inherited OpenMP/MKL variables: the CLI sets its own
     records = []
     for round_ in range(rounds):
         for run, (prompts, tokens) in runs.items():
@@ -136,13 +135,12 @@ def main() -> None:
     shape, runs = ("tiny", QUICK_RUNS) if args.quick else ("560m", RUNS)
     rounds = 1 if args.quick else args.rounds
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    uptime = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    started = uptime()
     paths = folders(shape, args.work_dir)
     with tempfile.TemporaryDirectory(dir=args.work_dir) as scratch:
         records = measure(paths, runs, rounds, Path(scratch))
-    meta = {"shape": shape, "rounds": rounds, "cpu": bench.cpu_info(), "uptime_start": uptime,
-            "uptime_end": subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(),
-            "python": platform.python_version()}  # fmt: skip
+    meta = {"shape": shape, "rounds": rounds, "cpu": bench.cpu_info(), "uptime_start": started,
+            "uptime_end": uptime(), "python": platform.python_version()}  # fmt: skip
     out = args.out_dir / ("CLI_INT8-quick" if args.quick else "CLI_INT8")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "records": records}, indent=1))
     cpu = meta["cpu"]
@@ -159,15 +157,11 @@ def main() -> None:
     )
     print(out.with_suffix(".md").read_text())
     if not args.quick:
-        write_readme_table(table(records, runs))
+        bench.replace_readme_block(*README_MARKS, table(records, runs) + "\n")
 
 
-def write_readme_table(text: str) -> None:
-    """The table into README.md, between its cli-int8 markers."""
-    start, end = "<!-- cli-int8:start -->", "<!-- cli-int8:end -->"
-    readme = README.read_text()
-    head, rest = readme.split(start)
-    README.write_text(f"{head}{start}\n{text}\n{end}{rest.split(end, 1)[1]}")
+def uptime() -> str:
+    return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
 if __name__ == "__main__":

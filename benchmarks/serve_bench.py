@@ -55,6 +55,7 @@ import sys
 import threading
 import time
 
+import bench
 import torch
 
 HERE = pathlib.Path(__file__).resolve().parent
@@ -66,6 +67,8 @@ SHAPES = {
     "quick": {"vocab_size": 4096, "hidden_size": 64, "n_layer": 2, "n_head": 4},
 }
 MARK_START, MARK_END = "<!-- serve-bench:start -->", "<!-- serve-bench:end -->"
+# Everything from this line on in SERVING.md is written by hand and kept when the file is rewritten.
+NOTES_MARK = "<!-- notes: kept when serve_bench.py rewrites this file -->"
 # The anchor row: `transformers serve` (continuous batching) needs transformers 5.x, which
 # cannot share a venv with the 4.37.2 the tests check against.
 TRANSFORMERS_SERVE = (
@@ -405,13 +408,12 @@ def write(report: dict, out: pathlib.Path, name: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1) + "\n")
     table = markdown(report)
-    (out / f"{name}.md").write_text("# Serving benchmark\n\n" + table)
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if MARK_START in text and MARK_END in text and out == HERE and name == "SERVING":
-        head, rest = text.split(MARK_START, 1)
-        _, tail = rest.split(MARK_END, 1)
-        readme.write_text(f"{head}{MARK_START}\n{table}{MARK_END}{tail}")
+    md = out / f"{name}.md"
+    previous = md.read_text() if md.exists() else ""
+    notes = "\n" + previous[previous.index(NOTES_MARK) :] if NOTES_MARK in previous else ""
+    md.write_text("# Serving benchmark\n\n" + table + notes)
+    if out == HERE and name == "SERVING":
+        bench.replace_readme_block(MARK_START, MARK_END, table)
     print(table)
 
 

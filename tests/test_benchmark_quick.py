@@ -102,6 +102,19 @@ def test_serve_bench_quick_mode_runs_end_to_end(tmp_path):
     assert "| int8 | 4 | 8 |" in (tmp_path / "quick" / "SERVING.md").read_text()
     assert readme.read_text() == before
 
+    # Hand-written notes after the notes mark survive a rewrite of the file (the table is new).
+    sys.path.insert(0, str(SCRIPT.parent))
+    try:
+        import serve_bench
+    finally:
+        sys.path.remove(str(SCRIPT.parent))
+    md = tmp_path / "quick" / "SERVING.md"
+    md.write_text("stale table\n" + serve_bench.NOTES_MARK + "\nN1: why a target is missed\n")
+    serve_bench.write(report, tmp_path / "quick", "SERVING")
+    text = md.read_text()
+    assert "stale table" not in text and "| int8 | 4 | 8 |" in text
+    assert text.endswith(serve_bench.NOTES_MARK + "\nN1: why a target is missed\n")
+
 
 def test_cli_int8_bench_quick_mode_times_every_command(tmp_path):
     """benchmarks/cli_int8.py --quick: the real `bloomlm generate` on a tiny float32 folder and on
